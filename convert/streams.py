@@ -1,0 +1,53 @@
+"""Stream tensors on disk: `streams.safetensors` beside an MLX model folder, described by
+the `speculative_streaming` block of its config.json.
+
+Tensor names (all float32, hidden = the model's hidden_size):
+    streams.embeddings    (num_streams, hidden)   stream-identifier embeddings P[j]
+    streams.pruning_down  (pruning_rank, hidden)  early-exit adapter, down projection
+    streams.pruning_up    (hidden, pruning_rank)  early-exit adapter, up projection
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.errors import ConversionError
+
+STREAMS_FILE = "streams.safetensors"
+CONFIG_KEY = "speculative_streaming"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a config."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_streams(model, folder: str | Path) -> Path:
+    """Write the model's stream parameters and their config block into `folder`."""
+    if model.stream_args is None:
+        raise ConversionError("the model has no streams to save")
+    folder = Path(folder)
+    tensors = {f"streams.{k}": v for k, v in tree_flatten(model.streams.parameters())}
+    tmp = folder / f".{STREAMS_FILE}.tmp-{os.getpid()}"
+    mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
+    os.replace(tmp, folder / STREAMS_FILE)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config[CONFIG_KEY] = model.stream_args.to_dict()
+    write_json_atomic(config_path, config)
+    return folder / STREAMS_FILE
+
+
+def init_streams(model, stream_args: StreamArgs | None = None, seed: int = 0) -> None:
+    """Attach freshly initialised (untrained) streams to `model`, reproducibly."""
+    mx.random.seed(seed)
+    model.attach_streams(stream_args or StreamArgs())
+    mx.eval(model.streams.parameters())

@@ -1,0 +1,13 @@
+"""specstream-mlx: Speculative Streaming on MLX, one model drafting and verifying itself.
+
+    from specstream_mlx import load, stream_generate
+    model, tokenizer = load()          # the embedded SmolLM2-135M-Instruct
+    for r in stream_generate(model, tokenizer, "Hello!", max_tokens=64):
+        print(r.text, end="")
+"""
+
+from .generate import GenerationResponse, generate, stream_generate
+from .loader import load
+
+__all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
+__version__ = "0.1.0"

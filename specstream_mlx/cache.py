@@ -1,0 +1,82 @@
+"""Preallocated KV cache written at explicit slots, with commit of an accepted path.
+
+Slots 0 .. offset-1 hold committed tokens. A pass writes its main rows at slots
+offset .. offset+n-1 ("pending"); `commit(path)` keeps the pending rows `path` and moves
+them to offset .. offset+len(path)-1. Rejected rows need no cleanup: the next pass
+overwrites them. Example: pending rows [root, a, b, c] with a accepted and then c
+(path [0, 1, 3]): slot offset+2 receives row 3, and offset grows by 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys and values of every layer, (B, kv_heads, capacity, head_dim) each.
+
+    Storage grows by `step` slots at a time (never per decode step).
+    """
+
+    step = 256
+
+    def __init__(self, num_layers: int):
+        self.keys: list[mx.array | None] = [None] * num_layers
+        self.values: list[mx.array | None] = [None] * num_layers
+        self.offset = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def _grow(self, layer: int, k: mx.array, v: mx.array, end: int) -> None:
+        size = -(-end // self.step) * self.step
+        old_k, old_v = self.keys[layer], self.values[layer]
+        B, H, _, D = k.shape
+        new_k = mx.zeros((B, H, size, D), dtype=k.dtype)
+        new_v = mx.zeros((B, H, size, v.shape[3]), dtype=v.dtype)
+        if old_k is not None:
+            n = old_k.shape[2]
+            new_k[..., :n, :] = old_k
+            new_v[..., :n, :] = old_v
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+    def write(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write pending rows k, v (B, kv_heads, n, head_dim) at slots offset..offset+n-1.
+
+        Returns keys and values of slots 0 .. offset+n-1 for attention.
+        """
+        end = self.offset + k.shape[2]
+        if self.keys[layer] is None or end > self.keys[layer].shape[2]:
+            self._grow(layer, k, v, end)
+        self.keys[layer][..., self.offset : end, :] = k
+        self.values[layer][..., self.offset : end, :] = v
+        return self.keys[layer][..., :end, :], self.values[layer][..., :end, :]
+
+    def commit(self, path: Sequence[int]) -> None:
+        """Keep pending rows `path` (increasing indices from 0) as the next committed slots."""
+        n = len(path)
+        if list(path) != list(range(n)):  # already contiguous: nothing to copy
+            src = mx.array(path, dtype=mx.int32) + self.offset
+            lo, hi = self.offset, self.offset + n
+            for k, v in zip(self.keys, self.values, strict=True):
+                if k is not None:  # in-place update of the stored array
+                    k[..., lo:hi, :] = mx.take(k, src, axis=2)
+                    v[..., lo:hi, :] = mx.take(v, src, axis=2)
+        self.offset += n
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` committed tokens; returns how many were dropped."""
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    def state(self) -> list[mx.array]:
+        """Every stored array (for mx.eval)."""
+        return [a for a in self.keys + self.values if a is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state())

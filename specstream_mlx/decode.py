@@ -1,0 +1,202 @@
+"""The decode loop: prefill, one single-pass draft/verify step, and the token generator.
+
+One speculative step: feed [root] + draft tree; one forward pass gives the main stream's
+choice after every node (verification) and, at the last accepted node, the streams'
+candidates for the next tree (drafting). The accepted node is found on the device, so
+the step reads back once. Plain decoding is the same step with an empty tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import KVCache
+from .errors import InputError
+from .tree import DraftTree
+
+# Maps log-probabilities (rows, vocab) to one token per row (rows,).
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass
+class Draft:
+    """The streams' proposal at the last accepted position.
+
+    candidates: (gamma, k) token ids, best first; logprobs: (gamma, k).
+    """
+
+    candidates: np.ndarray
+    logprobs: np.ndarray
+
+
+# Builds the next tree from a draft and the tokens so far (prompt + generated).
+Drafter = Callable[[Draft, list[int]], DraftTree]
+
+
+@dataclass
+class StepResult:
+    """Outcome of one pass: accepted drafted tokens, then the correction token."""
+
+    tokens: list[int]
+    num_drafted: int
+    draft: Draft | None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token; `passes` counts forward passes so far (prefill included)."""
+
+    token: int
+    from_draft: bool
+    passes: int
+
+
+def budget_drafter(budget: int) -> Drafter:
+    """The default drafter: the `budget` most probable nodes of the candidate tree."""
+
+    def draft_tree(draft: Draft, history: list[int]) -> DraftTree:
+        return DraftTree.from_candidates(draft.candidates, draft.logprobs, budget)
+
+    return draft_tree
+
+
+def choose(logits: mx.array, sampler: Sampler | None) -> mx.array:
+    """Main-stream choice per row: logits (rows, vocab) -> (rows,); None means greedy."""
+    if sampler is None:
+        return mx.argmax(logits, axis=-1)
+    return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+
+def stream_candidates(model, hs: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Top-k of each stream: hs (gamma, hidden) -> tokens, logprobs (gamma, k), best first."""
+    logits = model.head(hs)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    vals = mx.take_along_axis(logprobs, idx, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
+
+
+def last_accepted(tokens, targets, parents, mask, depths) -> mx.array:
+    """Deepest node whose whole path matches the targets, computed on the device.
+
+    tokens, targets, parents, depths: (L,); mask: (L, L) ancestors-and-self.
+    """
+    ok = (tokens == targets[parents]) | (mx.arange(tokens.shape[0]) == 0)
+    path_ok = (mask.astype(mx.float32) @ (~ok).astype(mx.float32)) == 0
+    return mx.argmax(mx.where(path_ok, depths, -1))
+
+
+def prefill(model, cache: KVCache, prompt: list[int], chunk: int, streams: bool):
+    """Run the prompt through the model in chunks, committing its K/V.
+
+    Returns the last row's logits (vocab,) and its stream rows (gamma, hidden) or None.
+    """
+    for start in range(0, len(prompt), chunk):
+        piece = prompt[start : start + chunk]
+        last = start + chunk >= len(prompt)
+        positions = mx.arange(cache.offset, cache.offset + len(piece), dtype=mx.int32)
+        h = model.lower(mx.array([piece], dtype=mx.int32), positions, None, cache)
+        rows = mx.array([len(piece) - 1], dtype=mx.int32) if (last and streams) else None
+        h, hs = model.upper(h, positions, None, cache, rows)
+        cache.commit(range(len(piece)))
+        if not last:
+            mx.eval(cache.state())
+    return model.head(h[0, -1]), (hs[0, 0] if hs is not None else None)
+
+
+def speculative_step(
+    model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int
+) -> StepResult:
+    """Verify `tree` after `root` and draft the next candidates, in one forward pass."""
+    L = len(tree)
+    streams = model.stream_args is not None and top_k > 0
+    tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
+    positions = mx.array(cache.offset + tree.depths)
+    mask = mx.array(tree.mask)
+    h = model.lower(tokens[None], positions, mask, cache)
+    rows = mx.arange(L, dtype=mx.int32) if streams else None
+    h, hs = model.upper(h, positions, mask, cache, rows)
+    targets = choose(model.head(h[0]), sampler)
+    outputs = [targets]
+    if streams:
+        parents = mx.array([0] + tree.parents, dtype=mx.int32)
+        last = last_accepted(tokens, targets, parents, mask, positions)
+        outputs += list(stream_candidates(model, hs[0, last], top_k))
+    mx.eval(*outputs)  # the step's one read-back
+    path, bonus = tree.accept(targets.tolist())
+    cache.commit(path)
+    draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
+    accepted = [tree.tokens[i - 1] for i in path[1:]]
+    return StepResult(accepted + [bonus], len(accepted), draft)
+
+
+def generate_step(
+    model,
+    prompt: list[int],
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    speculative: bool = True,
+    tree_budget: int | None = None,
+    top_k: int | None = None,
+    prefill_chunk: int = 512,
+    drafter: Drafter | None = None,
+    cache: KVCache | None = None,
+) -> Iterator[TokenEvent]:
+    """Generate token ids after `prompt`, speculatively when the model has streams.
+
+    sampler None is greedy. `drafter` replaces the default budget tree (tests use it to
+    force perfect drafts). The cache, when given, must be empty; on exit (also when the
+    caller stops early) it holds exactly the prompt and the tokens yielded so far.
+    """
+    if not prompt:
+        raise InputError("the prompt is empty")
+    if max_tokens <= 0:
+        raise InputError(f"max_tokens must be > 0, got {max_tokens}")
+    context = model.args.max_position_embeddings
+    if len(prompt) >= context:
+        raise InputError(
+            f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
+        )
+    sa = model.stream_args
+    streams = speculative and sa is not None
+    top_k = (top_k or sa.top_k) if streams else 0
+    budget = (sa.tree_budget if tree_budget is None else tree_budget) if streams else 0
+    drafter = drafter or budget_drafter(budget)
+    cache = cache if cache is not None else KVCache(len(model.layers))
+    history = list(prompt)
+    yielded = 0
+    try:
+        logits, hs = prefill(model, cache, prompt, prefill_chunk, streams)
+        root = choose(logits[None], sampler)[0]
+        draft = None
+        if streams:
+            cand, lp = stream_candidates(model, hs, top_k)
+            mx.eval(root, cand, lp)
+            draft = Draft(np.array(cand), np.array(lp))
+        root, passes = root.item(), 1
+        yielded += 1
+        history.append(root)
+        yield TokenEvent(root, False, passes)
+        while yielded < max_tokens and cache.offset + 1 < context:
+            room = context - cache.offset - 1  # rows the context still holds after root
+            tree = drafter(draft, history) if streams and room > 0 else DraftTree()
+            if len(tree.tokens) > room:
+                tree = DraftTree()
+            result = speculative_step(model, cache, root, tree, sampler, top_k)
+            passes += 1
+            for i, token in enumerate(result.tokens):
+                yielded += 1
+                history.append(token)
+                yield TokenEvent(token, i < result.num_drafted, passes)
+                if yielded >= max_tokens:
+                    return
+            root, draft = result.tokens[-1], result.draft
+    finally:
+        # Drop committed tokens the caller never received (early break, max_tokens).
+        cache.trim(cache.offset - min(cache.offset, len(prompt) + yielded))

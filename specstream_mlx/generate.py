@@ -1,0 +1,159 @@
+"""Tokens to text: stream_generate() yields one response per token, generate() a string."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .cache import KVCache
+from .decode import Drafter, generate_step
+from .errors import InputError
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token and the running statistics of the generation.
+
+    text: the new text piece; token: its id; from_draft: True when the token was a
+    drafted token accepted by verification, False for the token a pass commits itself.
+    """
+
+    text: str
+    token: int
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    passes: int
+    tokens_per_pass: float
+    drafted_tokens: int
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop", "length", or None while generating
+
+
+def encode_prompt(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
+    """Token ids of a prompt; with `chat`, wrap it as a user turn via the chat template."""
+    if isinstance(prompt, list):
+        return prompt
+    if not prompt or not prompt.strip():
+        raise InputError("the prompt is empty")
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return list(tokenizer.encode(prompt))
+
+
+def peak_memory_gb() -> float:
+    """Peak memory MLX allocated so far, in GB."""
+    return mx.get_peak_memory() / 1e9
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k_sampling: int = 0,
+    speculative: bool = True,
+    tree_budget: int | None = None,
+    top_k: int | None = None,
+    chat: bool = True,
+    stop: list[str] | None = None,
+    drafter: Drafter | None = None,
+    cache: KVCache | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate text for `prompt` (a string, chat-formatted when `chat`, or token ids).
+
+    temp 0 is greedy: the output equals plain greedy decoding token for token. With
+    temp > 0 the tokens follow the model's sampling distribution exactly. `tree_budget`
+    and `top_k` (draft candidates per stream) default to the model's stream config.
+    Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
+    """
+    ids = encode_prompt(tokenizer, prompt, chat)
+    sampler = make_sampler(temp, top_p, min_p, top_k=top_k_sampling) if temp > 0 else None
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    text, drafted, n = "", 0, 0
+    tic = time.perf_counter()
+    steps = generate_step(
+        model,
+        ids,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        speculative=speculative,
+        tree_budget=tree_budget,
+        top_k=top_k,
+        drafter=drafter,
+        cache=cache,
+    )
+    prompt_tps = gen_tic = 0.0
+    for event in steps:
+        if n == 0:
+            gen_tic = time.perf_counter()
+            prompt_tps = len(ids) / (gen_tic - tic)
+        n += 1
+        drafted += event.from_draft
+        finish = "stop" if event.token in eos else ("length" if n >= max_tokens else None)
+        if event.token not in eos:
+            detok.add_token(event.token)
+        if finish:
+            detok.finalize()
+        piece = detok.last_segment
+        text += piece
+        if stop and finish is None and any(s in text for s in stop):
+            finish = "stop"
+        elapsed = time.perf_counter() - gen_tic
+        yield GenerationResponse(
+            text=piece,
+            token=event.token,
+            from_draft=event.from_draft,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            # The first token comes from the prefill; rate the tokens after it.
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            passes=event.passes,
+            tokens_per_pass=n / event.passes,
+            drafted_tokens=drafted,
+            peak_memory=peak_memory_gb(),
+            finish_reason=finish,
+        )
+        if finish:
+            break
+
+
+def generate(model, tokenizer, prompt: str | list[int], *, verbose: bool = False,
+             **kwargs) -> str:
+    """The generated text as one string; `verbose` prints it as it comes and the stats.
+
+    Keyword arguments are those of `stream_generate`.
+    """
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    """One line of statistics, as the CLI prints it after an answer."""
+    return (
+        f"[{r.generation_tokens} tokens, {r.passes} passes, "
+        f"{r.tokens_per_pass:.2f} tokens/pass, {r.generation_tps:.1f} tokens/s, "
+        f"prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tokens/s, "
+        f"peak memory {r.peak_memory:.2f} GB]"
+    )

@@ -1,0 +1,183 @@
+"""load(path) -> (model, tokenizer): config, quantization, weights, precision, streams."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+
+from .config import StreamArgs
+from .convert.streams import CONFIG_KEY, STREAMS_FILE
+from .errors import ModelLoadError, SpecstreamError
+from .models import ARCHITECTURES, get_classes
+
+PRECISIONS = ("auto", "native", "float32", "float16", "bfloat16")
+
+
+def resolve_path(path_or_hub_id: str | Path | None) -> Path:
+    """A local model folder; the embedded default model for None; else a hub download."""
+    if path_or_hub_id is None:
+        from .convert.embedded import ensure_embedded_model
+
+        return ensure_default_streams(ensure_embedded_model())
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelLoadError(f"model folder not found: {text}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo ...
+        raise ModelLoadError(
+            f"{text} is neither a local folder nor a downloadable hub model ({e})"
+        ) from e
+
+
+def ensure_default_streams(path: Path) -> Path:
+    """Give the embedded model untrained streams so the speculative path always runs."""
+    if not (path / STREAMS_FILE).exists():
+        from .convert.streams import init_streams, save_streams
+
+        model, _ = _load_weights(path, read_config(path))
+        init_streams(model)
+        save_streams(model, path)
+    return path
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a model folder, checked for a supported model_type and its keys."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{config_path}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    _, args_cls = get_classes(model_type)
+    for key in args_cls.required:
+        if key not in config:
+            raise ModelLoadError(f"{config_path}: missing key {key!r}")
+    return config
+
+
+def _load_weights(path: Path, config: dict) -> tuple[nn.Module, dict]:
+    """Build the model through mlx-lm's loader (quantization, sharded safetensors)."""
+    if not list(path.glob("model*.safetensors")):
+        raise ModelLoadError(f"{path} has no model*.safetensors weights")
+
+    def classes(config: dict):
+        return get_classes(config["model_type"])
+
+    try:
+        return load_model(path, get_model_classes=classes)
+    except SpecstreamError:
+        raise
+    except Exception as e:  # corrupt file, missing or mis-shaped tensor
+        raise ModelLoadError(f"cannot load weights from {path}: {e}") from e
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for m in model.modules())
+
+
+def set_precision(model: nn.Module, precision: str) -> str:
+    """Apply a precision choice; returns what the weights now are, e.g. "float32".
+
+    "auto": on the CPU, quantized and half-precision kernels cost time linear in the
+    rows of a pass while fp32 goes through BLAS, so use float32 there; elsewhere keep
+    the checkpoint's own precision.
+    """
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "float32" if mx.default_device() == mx.cpu else "native"
+    if precision != "native":
+        if is_quantized(model):
+            dequantize_model(model)
+        dtype = getattr(mx, precision)
+        model.update(
+            tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                     model.parameters())
+        )
+        return precision
+    return describe_precision(model)
+
+
+def describe_precision(model: nn.Module) -> str:
+    """"4-bit (group 32)" for quantized models, else the dtype of the embeddings."""
+    for m in model.modules():
+        if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            return f"{m.bits}-bit (group {m.group_size})"
+    return str(model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
+
+
+def load_streams(model: nn.Module, path: Path, config: dict) -> None:
+    """Attach the streams described in config.json and stored in streams.safetensors."""
+    block = config.get(CONFIG_KEY)
+    file = path / STREAMS_FILE
+    if block is None:
+        if file.exists():
+            raise ModelLoadError(f"{file} exists but config.json has no {CONFIG_KEY!r} block")
+        warnings.warn(
+            f"{path} has no speculative streams: decoding plainly (one token per pass)",
+            stacklevel=3,
+        )
+        return
+    model.attach_streams(StreamArgs.from_dict(block))
+    if not file.exists():
+        raise ModelLoadError(f"config.json describes streams but {file} is missing")
+    try:
+        tensors = mx.load(str(file))
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {file}: {e}") from e
+    expected = dict(tree_flatten(model.streams.parameters()))
+    for name, value in expected.items():
+        key = f"streams.{name}"
+        if key not in tensors:
+            raise ModelLoadError(f"{file}: missing tensor {key!r}")
+        if tensors[key].shape != value.shape:
+            raise ModelLoadError(
+                f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"the model needs {tuple(value.shape)}"
+            )
+    dtype = model.model.norm.weight.dtype
+    model.streams.load_weights([(k.removeprefix("streams."), v.astype(dtype))
+                                for k, v in tensors.items()], strict=False)
+    mx.eval(model.streams.parameters())
+
+
+def load(
+    path_or_hub_id: str | Path | None = None, *, precision: str = "auto"
+) -> tuple[nn.Module, TokenizerWrapper]:
+    """Load a model folder (or hub id, or the embedded SmolLM2 when None).
+
+    Returns the model (with streams when the folder has them) and mlx-lm's tokenizer
+    wrapper. `model.precision` says which weights are in use.
+    """
+    path = resolve_path(path_or_hub_id)
+    config = read_config(path)
+    model, _ = _load_weights(path, config)
+    model.precision = set_precision(model, precision)
+    load_streams(model, path, config)
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from e
+    mx.eval(model.parameters())
+    return model, tokenizer

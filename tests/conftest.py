@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny seeded models of every architecture, and the --real switch."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.models import get_classes
+
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 97,
+    "max_position_embeddings": 512,
+}
+TINY_CONFIGS = {
+    "llama": {**TINY, "model_type": "llama", "tie_word_embeddings": False},
+    "qwen2": {**TINY, "model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen3": {
+        **TINY, "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+    },
+    "llama3": {
+        **TINY,
+        "model_type": "llama",
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--real", action="store_true", help="also run real-model tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--real"):
+        return
+    skip = pytest.mark.skip(reason="real-model test: run with --real")
+    for item in items:
+        if "real" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_model(name: str = "llama", seed: int = 0, streams: StreamArgs | None = None):
+    """A seeded random model of the given tiny config (fp32), optionally with streams.
+
+    Weights are scaled up so that logits are far from uniform and argmax ties are rare.
+    """
+    config = dict(TINY_CONFIGS[name])
+    model_cls, args_cls = get_classes(config["model_type"])
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    params = [(k, v * 3.0 if v.ndim == 2 else v) for k, v in tree_flatten(model.parameters())]
+    model.load_weights(params)
+    if streams is not None:
+        model.attach_streams(streams)
+        model.streams.embeddings = mx.random.normal(model.streams.embeddings.shape)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def reference_model(name: str, model: nn.Module):
+    """mlx-lm's implementation of the same architecture with the same weights."""
+    import importlib
+
+    config = dict(TINY_CONFIGS[name])
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    ref = module.Model(module.ModelArgs.from_dict(config))
+    weights = [(k, v) for k, v in tree_flatten(model.parameters()) if not k.startswith("streams")]
+    ref.load_weights(weights)
+    return ref
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def arch(request) -> str:
+    return request.param
