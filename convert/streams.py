@@ -36,7 +36,7 @@ def save_streams(model, folder: str | Path) -> Path:
         raise ConversionError("the model has no streams to save")
     folder = Path(folder)
     tensors = {f"streams.{k}": v for k, v in tree_flatten(model.streams.parameters())}
-    tmp = folder / f".{STREAMS_FILE}.tmp-{os.getpid()}"
+    tmp = folder / f".tmp-{os.getpid()}-{STREAMS_FILE}"  # MLX keeps the .safetensors suffix
     mx.save_safetensors(str(tmp), tensors, metadata={"format": "mlx"})
     os.replace(tmp, folder / STREAMS_FILE)
     config_path = folder / "config.json"

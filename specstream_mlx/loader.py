@@ -127,6 +127,17 @@ def describe_precision(model: nn.Module) -> str:
     return str(model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
 
 
+def describe_model(model: nn.Module) -> str:
+    """One line: architecture, precision and streams, as the CLI shows it."""
+    sa = model.stream_args
+    streams = (
+        f"{sa.num_streams} streams in the top {sa.msa_layers} layers, tree budget "
+        f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
+    )
+    precision = getattr(model, "precision", describe_precision(model))
+    return f"{model.model_type}, {len(model.layers)} layers, {precision} weights, {streams}"
+
+
 def load_streams(model: nn.Module, path: Path, config: dict) -> None:
     """Attach the streams described in config.json and stored in streams.safetensors."""
     block = config.get(CONFIG_KEY)

@@ -1,0 +1,79 @@
+"""Chat with a model in the terminal: multi-turn, streamed, a statistics line per answer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import mlx.core as mx
+
+from .cli_args import generate_kwargs
+from .errors import InputError
+from .generate import format_stats, stream_generate
+from .loader import describe_model, load
+
+GREEN, RESET = "\033[32m", "\033[0m"
+HELP = "Commands: /reset clears the conversation, /quit (or Ctrl-D) leaves."
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--show-draft", action="store_true",
+                        help="colour the tokens that came from accepted drafts")
+
+
+def answer(model, tokenizer, messages: list[dict], kwargs: dict, show_draft: bool) -> str:
+    """Stream one assistant answer to stdout; Ctrl-C stops it early. Returns its text."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text, last = "", None
+    try:
+        for last in stream_generate(model, tokenizer, list(ids), **kwargs):
+            piece = last.text
+            text += piece
+            if show_draft and last.from_draft and piece:
+                piece = f"{GREEN}{piece}{RESET}"
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print()
+    if last is not None:
+        print(format_stats(last), file=sys.stderr)
+    return text
+
+
+def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
+              show_draft: bool = False, read=input) -> None:
+    """Read turns until /quit, Ctrl-D or Ctrl-C at the prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            query = read(">> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if query.strip() in ("/quit", "/exit"):
+            return
+        if query.strip() == "/reset":
+            messages = messages[:1] if system else []
+            print("[conversation cleared]")
+            continue
+        if not query.strip():
+            print(HELP)
+            continue
+        messages.append({"role": "user", "content": query})
+        try:
+            reply = answer(model, tokenizer, messages, kwargs, show_draft)
+        except InputError as e:
+            messages.pop()
+            print(f"error: {e}. Use /reset to start a new conversation.", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer = load(args.model, precision=args.precision)
+    print(f"[{describe_model(model)}]\n{HELP}", file=sys.stderr)
+    chat_loop(model, tokenizer, generate_kwargs(args), args.system, args.show_draft)
+    return 0

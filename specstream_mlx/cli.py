@@ -1,0 +1,47 @@
+"""`specstream chat|generate`: each subcommand module parses its flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from . import chat, generate_cli
+from .cli_args import add_model_args
+from .errors import SpecstreamError
+
+SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specstream", description="Speculative Streaming on MLX: fast self-drafting decoding."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=module.__doc__.splitlines()[0])
+        add_model_args(p)
+        module.configure_parser(p)
+        p.set_defaults(run=module.main)
+    return parser
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"note: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = _note
+    try:
+        return args.run(args) or 0
+    except SpecstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Flags shared by the subcommands that load a model and decode, and their mapping."""
+
+from __future__ import annotations
+
+import argparse
+
+from .loader import PRECISIONS
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every subcommand that loads a model and decodes."""
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="weights at load time; auto = float32 on CPU, as stored elsewhere")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--tree-budget", type=int, default=None,
+                        help="draft nodes per pass (default: the model's stream config)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="draft candidates per stream (default: the model's stream config)")
+    parser.add_argument("--no-speculative", action="store_true",
+                        help="plain decoding, one token per pass (the baseline)")
+
+
+def generate_kwargs(args: argparse.Namespace) -> dict:
+    """stream_generate keyword arguments from the shared flags."""
+    return {
+        "max_tokens": args.max_tokens,
+        "temp": args.temp,
+        "top_p": args.top_p,
+        "speculative": not args.no_speculative,
+        "tree_budget": args.tree_budget,
+        "top_k": args.top_k,
+    }
