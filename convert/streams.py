@@ -5,6 +5,9 @@ Tensor names (all float32, hidden = the model's hidden_size):
     streams.embeddings    (num_streams, hidden)   stream-identifier embeddings P[j]
     streams.pruning_down  (pruning_rank, hidden)  early-exit adapter, down projection
     streams.pruning_up    (hidden, pruning_rank)  early-exit adapter, up projection
+    streams.adapters.{i}.{proj}_a  (adapter_rank, in)   stream-only LoRA of MSA layer i
+    streams.adapters.{i}.{proj}_b  (out, adapter_rank)  (layer N - N_s + i), proj one of
+        q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; applied to stream rows only
 """
 
 from __future__ import annotations

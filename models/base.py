@@ -21,12 +21,31 @@ g = 2, main rows blind to streams. Columns: p0 | m0 m1 | s1.1 s1.2
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from specstream_mlx.config import StreamArgs
 from specstream_mlx.errors import ModelLoadError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Rows:
+    """What every layer needs to know about the rows of one pass.
+
+    positions: (R,) int32 position of each row; mask: (R, keys) bool, "causal" or None;
+    cache: the KV cache or None; n_main: the first n_main rows are main rows, the rest
+    stream rows.
+    """
+
+    positions: mx.array
+    mask: mx.array | str | None
+    cache: object | None
+    n_main: int
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
@@ -109,19 +128,21 @@ class Attention(nn.Module):
             args.max_position_embeddings,
         )
 
-    def __call__(self, x, positions, mask, cache, layer: int, n_main: int) -> mx.array:
-        """x: (B, R, hidden) rows; positions: (R,); mask: (R, keys) bool, "causal" or None.
+    def __call__(self, x: mx.array, rows: Rows, layer: int, adapter=None) -> mx.array:
+        """x: (B, R, hidden) -> (B, R, hidden).
 
-        The first `n_main` rows are main rows: their K/V go to `cache` (slots after its
-        offset); the others are stream rows whose K/V live only in this call.
+        Main rows' K/V go to the cache (slots after its offset); stream rows' K/V live
+        only in this call. `adapter` (StreamAdapter) changes stream rows only.
         """
         B, R, _ = x.shape
-        q = self.q_proj(x).reshape(B, R, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, R, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, R, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        n_main, cache = rows.n_main, rows.cache
+        q = project(self, "q_proj", x, adapter, n_main).reshape(B, R, self.n_heads, -1)
+        k = project(self, "k_proj", x, adapter, n_main).reshape(B, R, self.n_kv_heads, -1)
+        v = project(self, "v_proj", x, adapter, n_main).reshape(B, R, self.n_kv_heads, -1)
+        v = v.transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions)
+        q, k = apply_rope(self.rope, q, rows.positions), apply_rope(self.rope, k, rows.positions)
         if cache is not None:
             keys, values = cache.write(layer, k[:, :, :n_main], v[:, :, :n_main])
             if R > n_main:
@@ -129,8 +150,49 @@ class Attention(nn.Module):
                 values = mx.concatenate([values, v[:, :, n_main:]], axis=2)
         else:
             keys, values = k, v
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, R, -1))
+        out = mx.fast.scaled_dot_product_attention(
+            q, keys, values, scale=self.scale, mask=rows.mask
+        )
+        return project(self, "o_proj", out.transpose(0, 2, 1, 3).reshape(B, R, -1), adapter, n_main)
+
+
+def project(module: nn.Module, name: str, x: mx.array, adapter, n_main: int) -> mx.array:
+    """module.<name>(x), plus the stream-only adapter's update on rows n_main: onwards."""
+    y = getattr(module, name)(x)
+    if adapter is None or x.shape[1] == n_main:
+        return y
+    delta = adapter.delta(name, x[:, n_main:])
+    return mx.concatenate([y[:, :n_main], y[:, n_main:] + delta], axis=1)
+
+
+class StreamAdapter(nn.Module):
+    """Low-rank updates of one MSA layer's projections that act on stream rows only.
+
+    For each projection p: delta = scale * (x @ p_a.T) @ p_b.T, with p_a (rank, in) and
+    p_b (out, rank); p_b starts at zero, so a fresh adapter changes nothing. Main rows
+    never see it: the base model stays exact (lossless mode).
+    """
+
+    def __init__(self, args, rank: int, scale: float):
+        super().__init__()
+        hidden = args.hidden_size
+        q_out = args.num_attention_heads * (args.head_dim or hidden // args.num_attention_heads)
+        kv_out = args.num_key_value_heads * (args.head_dim or hidden // args.num_attention_heads)
+        dims = {
+            "q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+            "o_proj": (q_out, hidden), "gate_proj": (hidden, args.intermediate_size),
+            "up_proj": (hidden, args.intermediate_size),
+            "down_proj": (args.intermediate_size, hidden),
+        }
+        self.scale = scale
+        for name, (d_in, d_out) in dims.items():
+            setattr(self, f"{name}_a", mx.random.normal((rank, d_in)) * d_in**-0.5)
+            setattr(self, f"{name}_b", mx.zeros((d_out, rank)))
+
+    def delta(self, name: str, x: mx.array) -> mx.array:
+        """x: (B, rows, in) -> (B, rows, out)."""
+        a, b = self[f"{name}_a"], self[f"{name}_b"]
+        return ((x @ a.T) @ b.T) * self.scale
 
 
 class MLP(nn.Module):
@@ -140,8 +202,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, n_main: int = 0, adapter=None) -> mx.array:
+        gate = project(self, "gate_proj", x, adapter, n_main)
+        h = nn.silu(gate) * project(self, "up_proj", x, adapter, n_main)
+        return project(self, "down_proj", h, adapter, n_main)
 
 
 class TransformerBlock(nn.Module):
@@ -152,9 +216,9 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, positions, mask, cache, layer: int, n_main: int) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), positions, mask, cache, layer, n_main)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x: mx.array, rows: Rows, layer: int, adapter=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), rows, layer, adapter)
+        return h + self.mlp(self.post_attention_layernorm(h), rows.n_main, adapter)
 
 
 class Streams(nn.Module):
@@ -165,12 +229,22 @@ class Streams(nn.Module):
     state entering the stream layers; LMHead(o(h)) estimates the next token early.
     """
 
-    def __init__(self, args: StreamArgs, hidden: int):
+    def __init__(self, args: StreamArgs, model_args):
         super().__init__()
+        hidden = model_args.hidden_size
         self.embeddings = mx.random.normal((args.num_streams, hidden)) * 0.02
         if args.pruning_rank > 0:
             self.pruning_down = mx.random.normal((args.pruning_rank, hidden)) * hidden**-0.5
             self.pruning_up = mx.zeros((hidden, args.pruning_rank))
+        if args.adapter_rank > 0:  # adapters[i] belongs to MSA layer i (layer N - N_s + i)
+            self.adapters = [
+                StreamAdapter(model_args, args.adapter_rank, args.adapter_scale)
+                for _ in range(args.msa_layers)
+            ]
+
+    def adapter(self, i: int):
+        """The stream-only adapter of MSA layer i, or None."""
+        return self.adapters[i] if "adapters" in self else None
 
     def early_exit(self, h: mx.array) -> mx.array:
         """h: (..., hidden) -> (..., hidden), the pruning adapter's estimate input."""
@@ -217,7 +291,7 @@ class DecoderModel(nn.Module):
         """Add freshly initialised stream parameters (load trained ones afterwards)."""
         stream_args.validate(len(self.layers))
         self.stream_args = stream_args
-        self.streams = Streams(stream_args, self.args.hidden_size)
+        self.streams = Streams(stream_args, self.args)
 
     @property
     def split(self) -> int:
@@ -249,10 +323,10 @@ class DecoderModel(nn.Module):
         """
         L = tokens.shape[1]
         prefix = cache.offset if cache is not None else 0
-        mask = sdpa_mask(tree_mask, prefix, L)
+        rows = Rows(positions, sdpa_mask(tree_mask, prefix, L), cache, L)
         h = self.model.embed_tokens(tokens)
         for i in range(self.split):
-            h = self.layers[i](h, positions, mask, cache, i, L)
+            h = self.layers[i](h, rows, i)
         return h
 
     def upper(self, h, positions, tree_mask=None, cache=None, stream_rows=None):
@@ -263,9 +337,9 @@ class DecoderModel(nn.Module):
         """
         B, L, _ = h.shape
         prefix = cache.offset if cache is not None else 0
-        if stream_rows is None or self.stream_args is None:
-            mask = sdpa_mask(tree_mask, prefix, L)
-            rows_pos = positions
+        streams = stream_rows is not None and self.stream_args is not None
+        if not streams:
+            rows = Rows(positions, sdpa_mask(tree_mask, prefix, L), cache, L)
         else:
             g = self.stream_args.num_streams
             mask = msa_mask(
@@ -275,12 +349,13 @@ class DecoderModel(nn.Module):
                 self.stream_args.main_sees_streams,
             )
             stream_pos = positions[stream_rows][:, None] + mx.arange(1, g + 1)
-            rows_pos = mx.concatenate([positions, stream_pos.reshape(-1)])
+            rows = Rows(mx.concatenate([positions, stream_pos.reshape(-1)]), mask, cache, L)
             # S[t, j] = M[t] + P[j]: (B, S, g, hidden)
             s = mx.take(h, stream_rows, axis=1)[:, :, None, :] + self.streams.embeddings
             h = mx.concatenate([h, s.reshape(B, -1, h.shape[-1])], axis=1)
         for i in range(self.split, len(self.layers)):
-            h = self.layers[i](h, rows_pos, mask, cache, i, L)
+            adapter = self.streams.adapter(i - self.split) if streams else None
+            h = self.layers[i](h, rows, i, adapter)
         h = self.model.norm(h)
         if h.shape[1] == L:
             return h, None
