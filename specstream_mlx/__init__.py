@@ -6,8 +6,12 @@
         print(r.text, end="")
 """
 
-from .generate import GenerationResponse, generate, stream_generate
-from .loader import load
+from .blas import preload_openblas
+
+preload_openblas()  # must precede the first import of mlx.core
+
+from .generate import GenerationResponse, generate, stream_generate  # noqa: E402
+from .loader import load  # noqa: E402
 
 __all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
 __version__ = "0.1.0"

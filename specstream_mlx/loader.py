@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
+from .blas import blas_info
 from .config import StreamArgs
 from .convert.streams import CONFIG_KEY, STREAMS_FILE
 from .errors import ModelLoadError, SpecstreamError
@@ -135,7 +136,10 @@ def describe_model(model: nn.Module) -> str:
         f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
     )
     precision = getattr(model, "precision", describe_precision(model))
-    return f"{model.model_type}, {len(model.layers)} layers, {precision} weights, {streams}"
+    device = str(mx.default_device()).removeprefix("Device(").split(",")[0]
+    blas = f" via {blas_info()}" if mx.default_device() == mx.cpu else ""
+    return (f"{model.model_type}, {len(model.layers)} layers, {precision} weights on "
+            f"{device}{blas}, {streams}")
 
 
 def load_streams(model: nn.Module, path: Path, config: dict) -> None:

@@ -1,0 +1,114 @@
+"""The embedded SmolLM2-135M-Instruct end to end (run with --real): import, peer check
+against mlx-lm, sensible answers, and greedy speculative == greedy plain on real text."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from specstream_mlx import generate, load
+from specstream_mlx.convert.embedded import ensure_embedded_model
+from specstream_mlx.decode import Draft, generate_step
+from specstream_mlx.tree import DraftTree
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPECSTREAM_HOME", str(tmp_path_factory.mktemp("home")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def smollm(home):
+    return load()
+
+
+def real_text_tokens(tokenizer, n: int) -> list[int]:
+    """n tokens of real Python source from the standard library."""
+    return tokenizer.encode(inspect.getsource(json))[:n]
+
+
+def test_default_model_has_untrained_streams_and_fp32_on_cpu(smollm):
+    model, _ = smollm
+    assert model.stream_args is not None
+    if mx.default_device() == mx.cpu:
+        assert model.precision == "float32"
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float32
+
+
+@pytest.mark.parametrize("precision", ["native", "float32"])
+def test_next_token_argmax_agrees_with_mlx_lm(home, precision):
+    """Same converted folder, same precision: mlx-lm and our model pick the same tokens."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from specstream_mlx.loader import set_precision
+
+    model, tokenizer = load(precision=precision)
+    ref, _ = mlx_lm_load(str(ensure_embedded_model()))
+    set_precision(ref, precision)
+    ids = mx.array([real_text_tokens(tokenizer, 256)])
+    ours, _ = model(ids)
+    theirs = ref(ids)
+    agree = np.mean(np.array(mx.argmax(ours, -1) == mx.argmax(theirs, -1)))
+    assert agree == 1.0
+    assert mx.allclose(ours, theirs, atol=1e-3, rtol=1e-3)
+
+
+def test_answers_a_simple_question(smollm):
+    model, tokenizer = smollm
+    text = generate(model, tokenizer, "What is the capital of France?", max_tokens=24)
+    assert "Paris" in text
+
+
+@pytest.mark.parametrize("budget", [0, 6, 15])
+def test_greedy_speculative_equals_plain_on_real_prompt(smollm, budget):
+    model, tokenizer = smollm
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a Python function that reverses a string."}],
+        add_generation_prompt=True,
+    )
+    plain = [e.token for e in generate_step(model, prompt, max_tokens=64, speculative=False)]
+    spec = [e.token for e in generate_step(model, prompt, max_tokens=64, tree_budget=budget)]
+    assert spec == plain
+
+
+def test_perfect_drafts_on_real_text(smollm):
+    """Drafts that contain the true continuation (as a second sibling, so accepted paths
+    are not contiguous in the tree) are accepted in long runs and change nothing."""
+    model, tokenizer = smollm
+    prompt = real_text_tokens(tokenizer, 120)
+    plain = [e.token for e in generate_step(model, prompt, max_tokens=64, speculative=False)]
+    gamma = model.stream_args.num_streams
+
+    def oracle(draft: Draft, history: list[int]) -> DraftTree:
+        done = len(history) - len(prompt)
+        truth = plain[done : done + gamma]
+        tokens, parents = [], []
+        for depth, tok in enumerate(truth):
+            decoy = int(draft.candidates[depth, 0])
+            parent = len(tokens) if depth else 0  # the previous true token's node
+            if decoy != tok:
+                tokens.append(decoy)
+                parents.append(parent)
+            tokens.append(tok)
+            parents.append(parent)
+        return DraftTree(tokens, parents)
+
+    events = list(generate_step(model, prompt, max_tokens=64, drafter=oracle))
+    assert [e.token for e in events] == plain
+    assert len(events) / events[-1].passes > 3.0
+    assert sum(e.from_draft for e in events) > 40
+
+
+def test_streams_block_recorded(smollm):
+    folder = ensure_embedded_model()
+    block = json.loads((folder / "config.json").read_text())["speculative_streaming"]
+    assert block["num_streams"] == smollm[0].stream_args.num_streams
