@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import specstream_mlx  # noqa: F401  first: it preloads OpenBLAS before mlx.core loads
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
