@@ -69,7 +69,7 @@ class KVCache:
 
     def trim(self, n: int) -> int:
         """Forget the last `n` committed tokens; returns how many were dropped."""
-        n = min(n, self.offset)
+        n = max(0, min(n, self.offset))
         self.offset -= n
         return n
 

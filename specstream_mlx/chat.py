@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import mlx.core as mx
-
-from .cli_args import generate_kwargs
+from .cli_args import check_args, generate_kwargs
 from .errors import InputError
 from .generate import format_stats, stream_generate
 from .loader import describe_model, load
@@ -42,8 +40,9 @@ def answer(model, tokenizer, messages: list[dict], kwargs: dict, show_draft: boo
 
 
 def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
-              show_draft: bool = False, read=input) -> None:
-    """Read turns until /quit, Ctrl-D or Ctrl-C at the prompt."""
+              show_draft: bool = False, read=None) -> None:
+    """Read turns (from `read`, default input()) until /quit, Ctrl-D or Ctrl-C."""
+    read = read or input
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -71,8 +70,7 @@ def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    check_args(args)
     model, tokenizer = load(args.model, precision=args.precision)
     print(f"[{describe_model(model)}]\n{HELP}", file=sys.stderr)
     chat_loop(model, tokenizer, generate_kwargs(args), args.system, args.show_draft)

@@ -6,11 +6,13 @@ import argparse
 import sys
 import warnings
 
-from . import chat, generate_cli
+from . import chat, convert_cli, generate_cli
 from .cli_args import add_model_args
 from .errors import SpecstreamError
 
 SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
+# Subcommands that do not decode: no model and sampling flags.
+TOOL_SUBCOMMANDS = {"convert": convert_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,9 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="specstream", description="Speculative Streaming on MLX: fast self-drafting decoding."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in SUBCOMMANDS.items():
+    for name, module in {**SUBCOMMANDS, **TOOL_SUBCOMMANDS}.items():
         p = sub.add_parser(name, help=module.__doc__.splitlines()[0])
-        add_model_args(p)
+        if name in SUBCOMMANDS:
+            add_model_args(p)
         module.configure_parser(p)
         p.set_defaults(run=module.main)
     return parser

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+import mlx.core as mx
+
+from .errors import InputError
 from .loader import PRECISIONS
 
 
@@ -35,3 +38,13 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         "tree_budget": args.tree_budget,
         "top_k": args.top_k,
     }
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad values before a model is loaded, and seed the sampler."""
+    if args.max_tokens <= 0:
+        raise InputError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if args.temp < 0:
+        raise InputError(f"--temp must be >= 0, got {args.temp}")
+    if args.seed is not None:
+        mx.random.seed(args.seed)

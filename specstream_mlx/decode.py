@@ -48,11 +48,13 @@ class StepResult:
 
 @dataclass
 class TokenEvent:
-    """One generated token; `passes` counts forward passes so far (prefill included)."""
+    """One generated token; `passes` counts forward passes so far (prefill included);
+    `final` marks the last token when max_tokens or the context ends generation."""
 
     token: int
     from_draft: bool
     passes: int
+    final: bool = False
 
 
 def budget_drafter(budget: int) -> Drafter:
@@ -91,7 +93,16 @@ def last_accepted(tokens, targets, parents, mask, depths) -> mx.array:
     return mx.argmax(mx.where(path_ok, depths, -1))
 
 
-def prefill(model, cache: KVCache, prompt: list[int], chunk: int, streams: bool):
+def rows_needing_streams(model, n: int, draft: bool) -> mx.array | None:
+    """Main rows of an n-row pass that carry stream rows: all of them when main rows see
+    their streams (the model's output depends on them), else all when drafting."""
+    sa = model.stream_args
+    if sa is None or not (draft or sa.main_sees_streams):
+        return None
+    return mx.arange(n, dtype=mx.int32)
+
+
+def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
     """Run the prompt through the model in chunks, committing its K/V.
 
     Returns the last row's logits (vocab,) and its stream rows (gamma, hidden) or None.
@@ -101,26 +112,27 @@ def prefill(model, cache: KVCache, prompt: list[int], chunk: int, streams: bool)
         last = start + chunk >= len(prompt)
         positions = mx.arange(cache.offset, cache.offset + len(piece), dtype=mx.int32)
         h = model.lower(mx.array([piece], dtype=mx.int32), positions, None, cache)
-        rows = mx.array([len(piece) - 1], dtype=mx.int32) if (last and streams) else None
+        rows = rows_needing_streams(model, len(piece), False)
+        if rows is None and last and draft:  # only the last row drafts
+            rows = mx.array([len(piece) - 1], dtype=mx.int32)
         h, hs = model.upper(h, positions, None, cache, rows)
         cache.commit(range(len(piece)))
         if not last:
             mx.eval(cache.state())
-    return model.head(h[0, -1]), (hs[0, 0] if hs is not None else None)
+    return model.head(h[0, -1]), (hs[0, -1] if hs is not None else None)
 
 
 def speculative_step(
     model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int
 ) -> StepResult:
-    """Verify `tree` after `root` and draft the next candidates, in one forward pass."""
-    L = len(tree)
+    """Verify `tree` after `root` and, with top_k > 0, draft the next candidates, in one
+    forward pass."""
     streams = model.stream_args is not None and top_k > 0
     tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
     positions = mx.array(cache.offset + tree.depths)
     mask = mx.array(tree.mask)
     h = model.lower(tokens[None], positions, mask, cache)
-    rows = mx.arange(L, dtype=mx.int32) if streams else None
-    h, hs = model.upper(h, positions, mask, cache, rows)
+    h, hs = model.upper(h, positions, mask, cache, rows_needing_streams(model, len(tree), streams))
     targets = choose(model.head(h[0]), sampler)
     outputs = [targets]
     if streams:
@@ -151,8 +163,9 @@ def generate_step(
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
     sampler None is greedy. `drafter` replaces the default budget tree (tests use it to
-    force perfect drafts). The cache, when given, must be empty; on exit (also when the
-    caller stops early) it holds exactly the prompt and the tokens yielded so far.
+    force perfect drafts). Prompt plus generated tokens never exceed the context. The
+    cache, when given, must be empty; on exit (also when the caller stops early) it holds
+    the prompt and every yielded token but the last, which would be fed next.
     """
     if not prompt:
         raise InputError("the prompt is empty")
@@ -163,6 +176,7 @@ def generate_step(
         raise InputError(
             f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
         )
+    max_tokens = min(max_tokens, context - len(prompt))
     sa = model.stream_args
     streams = speculative and sa is not None
     top_k = (top_k or sa.top_k) if streams else 0
@@ -182,21 +196,20 @@ def generate_step(
         root, passes = root.item(), 1
         yielded += 1
         history.append(root)
-        yield TokenEvent(root, False, passes)
-        while yielded < max_tokens and cache.offset + 1 < context:
-            room = context - cache.offset - 1  # rows the context still holds after root
-            tree = drafter(draft, history) if streams and room > 0 else DraftTree()
-            if len(tree.tokens) > room:
-                tree = DraftTree()
+        yield TokenEvent(root, False, passes, yielded >= max_tokens)
+        while yielded < max_tokens:
+            # Drafts deeper than the tokens still allowed could never be emitted.
+            tree = drafter(draft, history) if streams else DraftTree()
+            tree = tree.truncate(max_tokens - yielded - 1)
             result = speculative_step(model, cache, root, tree, sampler, top_k)
             passes += 1
             for i, token in enumerate(result.tokens):
                 yielded += 1
                 history.append(token)
-                yield TokenEvent(token, i < result.num_drafted, passes)
+                yield TokenEvent(token, i < result.num_drafted, passes, yielded >= max_tokens)
                 if yielded >= max_tokens:
                     return
             root, draft = result.tokens[-1], result.draft
     finally:
         # Drop committed tokens the caller never received (early break, max_tokens).
-        cache.trim(cache.offset - min(cache.offset, len(prompt) + yielded))
+        cache.trim(cache.offset - (len(prompt) + max(yielded - 1, 0)))

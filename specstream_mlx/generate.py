@@ -103,15 +103,16 @@ def stream_generate(
             prompt_tps = len(ids) / (gen_tic - tic)
         n += 1
         drafted += event.from_draft
-        finish = "stop" if event.token in eos else ("length" if n >= max_tokens else None)
+        finish = "stop" if event.token in eos else ("length" if event.final else None)
         if event.token not in eos:
             detok.add_token(event.token)
+        piece = detok.last_segment  # reading it consumes it
+        if stop and finish is None and any(s in text + piece for s in stop):
+            finish = "stop"
         if finish:
             detok.finalize()
-        piece = detok.last_segment
+            piece += detok.last_segment
         text += piece
-        if stop and finish is None and any(s in text for s in stop):
-            finish = "stop"
         elapsed = time.perf_counter() - gen_tic
         yield GenerationResponse(
             text=piece,

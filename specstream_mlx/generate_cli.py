@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import mlx.core as mx
-
-from .cli_args import generate_kwargs
+from .cli_args import check_args, generate_kwargs
 from .generate import format_stats, stream_generate
 from .loader import describe_model, load
 
@@ -19,8 +17,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    check_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load(args.model, precision=args.precision)
     print(f"[{describe_model(model)}]", file=sys.stderr)

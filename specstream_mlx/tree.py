@@ -82,6 +82,15 @@ class DraftTree:
                     order += 1
         return cls(tokens, parents)
 
+    def truncate(self, max_depth: int) -> DraftTree:
+        """The nodes at depth <= max_depth (parents come first, so the result is a tree)."""
+        if not self.tokens or self.depths.max() <= max_depth:
+            return self
+        keep = [i for i in range(1, len(self)) if self.depths[i] <= max_depth]
+        index = {old: new for new, old in enumerate(keep, start=1)} | {0: 0}
+        return DraftTree([self.tokens[i - 1] for i in keep],
+                         [index[self.parents[i - 1]] for i in keep])
+
     def accept(self, targets: list[int]) -> tuple[list[int], int]:
         """Walk from the root following children whose token equals the target.
 

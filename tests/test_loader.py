@@ -1,0 +1,312 @@
+"""load(folder): weights, tokenizer and streams round-trip; precision choices; and a clear
+ModelLoadError, naming the problem, for every way a folder can be broken."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS
+from mlx.utils import tree_flatten
+from tiny_folder import make_tiny_folder
+
+from specstream_mlx import load
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
+from specstream_mlx.errors import ModelLoadError
+from specstream_mlx.loader import describe_model, is_quantized
+from specstream_mlx.models import ARCHITECTURES, get_classes
+
+STREAMS = StreamArgs(num_streams=3, msa_layers=2, pruning_rank=4)
+PROMPT = mx.array([[1, 40, 75, 76, 3, 87, 75, 72, 2]])
+
+
+def load_quietly(folder, **kwargs):
+    """load() without the plain-decoding warning of stream-less folders."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load(folder, **kwargs)
+
+
+def logits(model) -> np.ndarray:
+    return np.array(model(PROMPT)[0].astype(mx.float32))
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+
+
+def param_dtypes(model) -> set:
+    return {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype,
+                                                                                     mx.floating)}
+
+
+@pytest.fixture
+def plain_folder(tmp_path):
+    return make_tiny_folder(tmp_path / "plain")[0]
+
+
+@pytest.fixture
+def streams_folder(tmp_path):
+    return make_tiny_folder(tmp_path / "streams", streams=STREAMS)
+
+
+# --- round trips -------------------------------------------------------------------------
+
+
+def test_folder_without_streams_loads_with_a_plain_decoding_warning(plain_folder):
+    with pytest.warns(UserWarning, match="plain"):
+        model, tokenizer = load(plain_folder)
+    assert model.stream_args is None
+    assert "streams" not in model
+    assert tokenizer.eos_token_ids == {2}
+
+
+def test_streams_round_trip(streams_folder):
+    folder, original = streams_folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a folder with streams loads without a warning
+        model, _ = load(folder)
+    assert model.stream_args == STREAMS
+    saved = dict(tree_flatten(original.streams.parameters()))
+    loaded = dict(tree_flatten(model.streams.parameters()))
+    assert sorted(saved) == sorted(loaded) == ["embeddings", "pruning_down", "pruning_up"]
+    for name, value in saved.items():
+        np.testing.assert_array_equal(np.array(loaded[name]), np.array(value), err_msg=name)
+
+
+def test_loaded_logits_equal_the_original_model(streams_folder):
+    folder, original = streams_folder
+    model, _ = load(folder, precision="float32")
+    np.testing.assert_array_equal(logits(model), logits(original))
+    # ... and the stream rows too.
+    h = mx.array([[3, 17, 42]])
+    _, s_loaded = model(h, stream_rows=mx.array([2], dtype=mx.int32))
+    _, s_original = original(h, stream_rows=mx.array([2], dtype=mx.int32))
+    np.testing.assert_array_equal(np.array(s_loaded), np.array(s_original))
+
+
+# --- precision ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def half_folder(tmp_path):
+    """Weights stored in float16, with streams (stored in float32 by save_streams)."""
+    return make_tiny_folder(tmp_path / "half", streams=STREAMS, dtype=mx.float16)[0]
+
+
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [("float32", mx.float32), ("bfloat16", mx.bfloat16), ("float16", mx.float16),
+     ("native", mx.float16)],
+)
+def test_precision_casts_every_parameter(half_folder, precision, dtype):
+    model, _ = load(half_folder, precision=precision)
+    assert param_dtypes(model) == {dtype}  # streams follow the base weights
+    assert model.precision == str(dtype).removeprefix("mlx.core.")
+    assert str(dtype).removeprefix("mlx.core.") in describe_model(model)
+
+
+def test_auto_precision_on_cpu_is_float32(half_folder):
+    if mx.default_device() != mx.cpu:
+        pytest.skip("auto keeps the stored precision off the CPU")
+    model, _ = load(half_folder)
+    assert model.precision == "float32"
+    assert param_dtypes(model) == {mx.float32}
+
+
+def test_invalid_precision_is_refused(plain_folder):
+    with pytest.raises(ModelLoadError, match="precision must be one of"):
+        load_quietly(plain_folder, precision="fp8")
+
+
+@pytest.fixture
+def quantized_folder(tmp_path):
+    assert TINY_CONFIGS["llama"]["hidden_size"] % 32 == 0
+    return make_tiny_folder(tmp_path / "q4", quantize={"group_size": 32, "bits": 4})
+
+
+def test_quantized_folder_native_stays_quantized(quantized_folder):
+    folder, original = quantized_folder
+    model, _ = load_quietly(folder, precision="native")
+    assert is_quantized(model)
+    assert model.precision == "4-bit (group 32)"
+    assert "4-bit (group 32)" in describe_model(model)
+    np.testing.assert_array_equal(logits(model), logits(original))
+
+
+def test_quantized_folder_auto_on_cpu_dequantizes_to_float32(quantized_folder):
+    if mx.default_device() != mx.cpu:
+        pytest.skip("auto dequantizes only on the CPU")
+    folder, original = quantized_folder
+    model, _ = load_quietly(folder)
+    assert not any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)
+                   for m in model.modules())
+    assert model.precision == "float32"
+    assert param_dtypes(model) == {mx.float32}
+    np.testing.assert_allclose(logits(model), logits(original), atol=1e-4, rtol=1e-5)
+
+
+# --- describe_model ----------------------------------------------------------------------
+
+
+def test_describe_model_names_precision_and_streams(streams_folder, plain_folder):
+    model, _ = load(streams_folder[0], precision="bfloat16")
+    line = describe_model(model)
+    assert "llama" in line and "bfloat16" in line
+    assert "3 streams in the top 2 layers" in line
+    assert f"tree budget {STREAMS.tree_budget}" in line and f"top-k {STREAMS.top_k}" in line
+    plain, _ = load_quietly(plain_folder)
+    assert "float32" in describe_model(plain)
+    assert "no streams (plain decoding)" in describe_model(plain)
+
+
+# --- broken folders ----------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="not found") as e:
+        load(missing)
+    assert str(missing) in str(e.value)
+
+
+def test_folder_without_config(plain_folder):
+    (plain_folder / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load(plain_folder)
+
+
+def test_invalid_json_config(plain_folder):
+    (plain_folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        load(plain_folder)
+
+
+def test_unsupported_model_type_lists_the_supported_ones(plain_folder):
+    config = read_json(plain_folder / "config.json")
+    write_json(plain_folder / "config.json", {**config, "model_type": "gpt_neox"})
+    with pytest.raises(ModelLoadError, match="'gpt_neox' is not supported") as e:
+        load(plain_folder)
+    for name in ARCHITECTURES:
+        assert name in str(e.value)
+
+
+def test_config_without_model_type(plain_folder):
+    config = read_json(plain_folder / "config.json")
+    del config["model_type"]
+    write_json(plain_folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match="model_type None is not supported"):
+        load(plain_folder)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "vocab_size"])
+def test_config_missing_a_required_key_names_it(plain_folder, key):
+    config = read_json(plain_folder / "config.json")
+    del config[key]
+    write_json(plain_folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match=f"missing key '{key}'"):
+        load(plain_folder)
+
+
+def test_folder_without_weights(plain_folder):
+    (plain_folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no model\*\.safetensors"):
+        load(plain_folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_weights(plain_folder, damage):
+    path = plain_folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not safetensors" * 8,
+                      "empty": b""}[damage])
+    with pytest.raises(ModelLoadError, match="cannot load weights from") as e:
+        load(plain_folder)
+    assert str(plain_folder) in str(e.value)
+
+
+def test_weights_missing_a_tensor(plain_folder):
+    path = plain_folder / "model.safetensors"
+    weights = mx.load(str(path))
+    del weights["lm_head.weight"]
+    mx.save_safetensors(str(path), weights)
+    with pytest.raises(ModelLoadError, match="lm_head"):
+        load(plain_folder)
+
+
+def test_streams_saved_for_another_num_streams(tmp_path):
+    folder, _ = make_tiny_folder(tmp_path / "m", streams=StreamArgs(num_streams=2, msa_layers=2))
+    config = read_json(folder / "config.json")
+    config[CONFIG_KEY]["num_streams"] = 3
+    write_json(folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match=r"'streams\.embeddings' has shape \(2, 64\)") as e:
+        load(folder)
+    assert "(3, 64)" in str(e.value)
+
+
+def test_streams_saved_from_a_model_of_another_hidden_size(tmp_path):
+    folder, _ = make_tiny_folder(tmp_path / "m")
+    other_config = {**TINY_CONFIGS["llama"], "hidden_size": 32}
+    model_cls, args_cls = get_classes("llama")
+    other = model_cls(args_cls.from_dict(other_config))
+    init_streams(other, STREAMS)
+    save_streams(other, folder)  # writes the same config block, tensors of hidden 32
+    with pytest.raises(ModelLoadError, match=r"'streams\.embeddings' has shape \(3, 32\)") as e:
+        load(folder)
+    assert "(3, 64)" in str(e.value)
+
+
+def test_streams_file_missing_a_tensor(streams_folder):
+    folder, _ = streams_folder
+    tensors = mx.load(str(folder / STREAMS_FILE))
+    del tensors["streams.pruning_up"]
+    mx.save_safetensors(str(folder / STREAMS_FILE), tensors)
+    with pytest.raises(ModelLoadError, match=r"missing tensor 'streams\.pruning_up'"):
+        load(folder)
+
+
+def test_corrupt_streams_file(streams_folder):
+    folder, _ = streams_folder
+    (folder / STREAMS_FILE).write_bytes(b"\x00" * 5)
+    with pytest.raises(ModelLoadError, match=f"cannot read .*{STREAMS_FILE}"):
+        load(folder)
+
+
+def test_config_block_without_streams_file(streams_folder):
+    folder, _ = streams_folder
+    (folder / STREAMS_FILE).unlink()
+    with pytest.raises(ModelLoadError, match=f"describes streams but .*{STREAMS_FILE} is missing"):
+        load(folder)
+
+
+def test_streams_file_without_config_block(streams_folder):
+    folder, _ = streams_folder
+    config = read_json(folder / "config.json")
+    del config[CONFIG_KEY]
+    write_json(folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match=f"no '{CONFIG_KEY}' block"):
+        load(folder)
+
+
+def test_config_block_that_does_not_fit_the_model(streams_folder):
+    folder, _ = streams_folder
+    config = read_json(folder / "config.json")
+    config[CONFIG_KEY]["msa_layers"] = 9
+    write_json(folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match="msa_layers must be in 1..4"):
+        load(folder)
+
+
+def test_broken_tokenizer(plain_folder):
+    (plain_folder / "tokenizer.json").write_text("{")
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_quietly(plain_folder)
