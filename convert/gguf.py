@@ -14,9 +14,12 @@ What a GGUF file needs undone:
 - quantization: MLX reads Q4_0, Q4_1 and Q8_0 tensors as affine triples
   (`weight` uint32, `scales`, `biases`; group size 32), which are exactly mlx-lm's
   quantized layout, so they stay packed. F32, F16 and BF16 load as float; MLX expands
-  Q2_K and Q6_K to float16 (kept, with a warning: the folder grows). Every other type
-  is rejected before loading: MLX cannot read most, and its Q4_K reader (mlx 0.32)
-  gives every second 32-weight sub-block the scale and min of the one before it.
+  Q2_K and Q6_K to float16 (kept, with a warning: the folder grows). MLX cannot read
+  most other types, and its Q4_K reader (mlx 0.32) gives every second 32-weight
+  sub-block the scale and min of the one before it; files with such types (K-quants,
+  Q5_0, IQ*, ...) are read with llama.cpp's own `gguf` package (the optional extra
+  `specstream-mlx[gguf]`), every quantized tensor dequantized to float16, or rejected
+  when it is not installed. Re-quantize with `specstream convert -q`.
 Only `general.architecture == "llama"` (Llama, Mistral, SmolLM) and the byte-level BPE
 tokenizer (`tokenizer.ggml.model == "gpt2"`) are handled for now.
 """
@@ -27,18 +30,18 @@ import collections
 import json
 import os
 import re
-import secrets
-import shutil
 import struct
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import mlx.core as mx
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from specstream_mlx.convert.output import check_target
+from specstream_mlx.convert.output import install as _install
+from specstream_mlx.convert.output import staging_folder as _staging_folder
+from specstream_mlx.convert.output import write_json as _write_json
 from specstream_mlx.errors import ConversionError
 
 # ggml tensor type ids (ggml.h) -> names, and what MLX's GGUF reader does with each.
@@ -54,6 +57,8 @@ GGML_TYPES = {
 PACKED_TYPES = {"Q4_0", "Q4_1", "Q8_0"}  # read as affine (weight, scales, biases)
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 DEQUANTIZED_TYPES = {"Q2_K", "Q6_K"}  # MLX expands these to float16 (checked correct)
+MLX_READABLE_TYPES = PACKED_TYPES | FLOAT_TYPES | DEQUANTIZED_TYPES
+GGUF_EXTRA_HINT = "pip install 'specstream-mlx[gguf]'"
 
 # GGUF tensor names -> Hugging Face module names.
 GLOBAL_NAMES = {
@@ -102,10 +107,12 @@ def convert_gguf(gguf_path: str | Path, mlx_path: str | Path, *, force: bool = F
     an interrupted conversion never leaves a half-written `mlx_path`.
     """
     gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
-    if mlx_path.exists() and not force:
-        raise ConversionError(f"{mlx_path} exists; pass force=True (--force) to replace it")
+    check_target(mlx_path, force)
     header = read_header(gguf_path)
-    tensors, metadata = _load(gguf_path)
+    if all(kind in MLX_READABLE_TYPES for kind, _ in header.values()):
+        tensors, metadata = _load(gguf_path)
+    else:
+        tensors, metadata = load_with_gguf_package(gguf_path)
     architecture = metadata.get("general.architecture")
     if architecture != "llama":
         raise ConversionError(
@@ -118,7 +125,6 @@ def convert_gguf(gguf_path: str | Path, mlx_path: str | Path, *, force: bool = F
         config["quantization"] = config["quantization_config"] = quantization
     tokenizer = build_tokenizer(metadata, gguf_path)
 
-    mlx_path.parent.mkdir(parents=True, exist_ok=True)
     with _staging_folder(mlx_path) as staging:
         _write_json(staging / "config.json", config)
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -162,21 +168,23 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     except (OSError, struct.error, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: cannot read the GGUF header ({e})") from None
 
-    readable = PACKED_TYPES | FLOAT_TYPES | DEQUANTIZED_TYPES
-    unreadable = {n: t for n, (t, _) in header.items() if t not in readable}
-    if unreadable:
+    unreadable = {n: t for n, (t, _) in header.items() if t not in MLX_READABLE_TYPES}
+    if unreadable and _gguf_package() is None:
         name, kind = next(iter(unreadable.items()))
         raise ConversionError(
             f"{path}: {len(unreadable)} tensor(s) of type(s) {sorted(set(unreadable.values()))} "
             f"cannot be read correctly by MLX (e.g. {name!r} is {kind}); supported: "
-            f"F32/F16/BF16, Q4_0/Q4_1/Q8_0, Q2_K/Q6_K. Use a Q4_0, Q4_1 or Q8_0 file, "
+            f"F32/F16/BF16, Q4_0/Q4_1/Q8_0, Q2_K/Q6_K. Install the optional extra for "
+            f"K-quants and the rest ({GGUF_EXTRA_HINT}), use a Q4_0, Q4_1 or Q8_0 file, "
             f"or convert the Hugging Face checkpoint instead"
         )
-    expanded = sorted({t for t, _ in header.values() if t in DEQUANTIZED_TYPES})
+    quantized = {t for t, _ in header.values() if t not in FLOAT_TYPES}
+    expanded = sorted(quantized if unreadable else quantized & DEQUANTIZED_TYPES)
     if expanded:
         warnings.warn(
             f"{path.name}: {expanded} tensors are expanded to float16 (MLX keeps only "
-            f"Q4_0/Q4_1/Q8_0 packed); the converted folder is larger than the file",
+            f"Q4_0/Q4_1/Q8_0 packed); the converted folder is larger than the file "
+            f"(re-quantize it with `specstream convert -q`)",
             stacklevel=3,
         )
     return header
@@ -227,6 +235,46 @@ def _load(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
         return mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise ConversionError(f"{path}: cannot load the GGUF file ({e})") from None
+
+
+def _gguf_package():
+    """llama.cpp's `gguf` package (the optional extra), or None when it is not installed."""
+    try:
+        import gguf
+    except ImportError:
+        return None
+    return gguf
+
+
+def load_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """Tensors and metadata read with the `gguf` package, as `_load` returns them.
+
+    Quantized tensors (K-quants, Q5_0, IQ*, and Q4_0/Q4_1/Q8_0 next to them) are
+    dequantized by llama.cpp's reference code to float16, as MLX does for Q6_K; F32,
+    F16 and BF16 keep their type. Shapes are row-major, as MLX reads them.
+    """
+    import numpy as np
+
+    gguf = _gguf_package()
+    try:
+        reader = gguf.GGUFReader(path)
+        metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except Exception as e:  # truncated file, bad offsets: numpy's and struct's errors
+        raise ConversionError(f"{path}: cannot load the GGUF file ({e})") from None
+    tensors = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in ("F32", "F16"):
+            tensors[t.name] = mx.array(np.array(t.data))
+            continue
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ConversionError(
+                f"{path}: tensor {t.name!r} is {kind}, which the gguf package cannot dequantize"
+            ) from None
+        tensors[t.name] = mx.array(w).astype(mx.bfloat16 if kind == "BF16" else mx.float16)
+    return tensors, metadata
 
 
 def _meta(metadata: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED) -> Any:
@@ -310,6 +358,11 @@ def hf_weights(tensors: dict[str, mx.array], config: dict, path: Path) -> dict[s
     for name, array in weights.items():
         module = name.rsplit(".", 2)[-2]
         if module in heads:
+            if array.shape[0] % (2 * heads[module]):
+                raise ConversionError(
+                    f"{path}: tensor {name!r} has {array.shape[0]} rows, which do not split "
+                    f"into {heads[module]} heads of rotary pairs"
+                )
             weights[name] = unpermute_rows(array, heads[module])
 
     expected = {"model.embed_tokens", "model.norm"} | {
@@ -490,10 +543,6 @@ def _post_processor(
 # --- writing ---------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _save_tokenizer(tokenizer, folder: Path) -> None:
     """`save_pretrained`, with the chat template and class name every version reads.
 
@@ -510,51 +559,3 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
         config["chat_template"] = template_file.read_text(encoding="utf-8")
         template_file.unlink()
     _write_json(config_path, config)
-
-
-@contextmanager
-def _staging_folder(target: Path) -> Iterator[Path]:
-    """A fresh hidden sibling of `target`, removed if the block raises."""
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _install(staging: Path, target: Path, force: bool) -> None:
-    """Rename the finished `staging` folder to `target`.
-
-    Without force, a `target` that appeared meanwhile (another process converting the
-    same file) is left alone. With force, the old `target` is moved aside first and
-    deleted only once the new one is in place.
-    """
-    old = None
-    if target.exists():
-        if not force:
-            raise ConversionError(f"{target} exists; pass force=True (--force) to replace it")
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except OSError as e:
-        if target.exists():  # another process's folder (or, with force, its newer one)
-            _remove(old)
-            raise ConversionError(
-                f"{target} exists; pass force=True (--force) to replace it"
-            ) from None
-        if old is not None:
-            os.rename(old, target)
-        raise ConversionError(f"cannot move the converted model to {target}: {e}") from None
-    _remove(old)
-
-
-def _remove(path: Path | None) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

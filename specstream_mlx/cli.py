@@ -1,4 +1,4 @@
-"""`specstream chat|generate`: each subcommand module parses its flags and calls the library."""
+"""The `specstream` command: each subcommand module parses its flags and calls the library."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import sys
 import warnings
 
-from . import chat, convert_cli, generate_cli
+from . import chat, convert_cli, data_cli, generate_cli, train_cli
 from .cli_args import add_model_args
 from .errors import SpecstreamError
 
 SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
 # Subcommands that do not decode: no model and sampling flags.
-TOOL_SUBCOMMANDS = {"convert": convert_cli}
+TOOL_SUBCOMMANDS = {"convert": convert_cli, "data": data_cli, "train": train_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:
