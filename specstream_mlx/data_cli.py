@@ -1,0 +1,39 @@
+"""Build train / held-out prompt sets from real sources, with self-distilled completions."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .data import build_prompt_sets, distill, write_jsonl
+from .loader import resolve_path
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder for the JSONL files")
+    parser.add_argument("--model", default=None, help="model that writes the completions")
+    parser.add_argument("--chat", type=int, default=600, help="chat training prompts")
+    parser.add_argument("--code", type=int, default=600, help="code training prompts")
+    parser.add_argument("--heldout", type=int, default=16,
+                        help="held-out prompts per task (HumanEval and chitchat)")
+    parser.add_argument("--valid", type=int, default=48, help="validation prompts (distilled)")
+    parser.add_argument("--max-tokens", type=int, default=192, help="completion length")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    sets = build_prompt_sets(args.chat + args.valid // 2, args.code + args.valid // 2,
+                             args.heldout, args.seed)
+    # Validation prompts come off the training pool, so training never sees them.
+    valid_n = args.valid
+    valid, train = sets["train"][:valid_n], sets["train"][valid_n:]
+    write_jsonl(out / "heldout.jsonl", sets["heldout"])
+    model = resolve_path(args.model)
+    for name, records in (("valid", valid), ("train", train)):
+        done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size)
+        write_jsonl(out / f"{name}.jsonl", done)
+        print(f"wrote {len(done)} records to {out / (name + '.jsonl')}")
+    print(f"wrote {len(sets['heldout'])} held-out prompts to {out / 'heldout.jsonl'}")
+    return 0

@@ -1,0 +1,336 @@
+"""Future n-gram fine-tuning of the speculative streams.
+
+Loss: L = a0 * CE(main[t], y[t+1]) + sum_j a_j * CE(stream_j[t], y[t+1+j]) on completion
+tokens, plus the pruning adapter's next-token loss on the hidden state entering the
+stream layers (its parameters are separate, so the sum trains both at once).
+
+Lossless mode (default): the base model is frozen; trained are the stream embeddings,
+stream-only adapters in the top N_s layers and the pruning adapter; main rows are the
+base model exactly. Task mode adds LoRA adapters shared by main and stream rows in the
+top N_s layers (main loss weight 1); they are fused into the weights at the end.
+Everything below the stream layers is frozen in both modes, so the hidden states
+entering layer N - N_s are computed once and training runs the top layers only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import StreamArgs
+from .convert.streams import STREAMS_FILE, init_streams, save_streams
+from .data import Example, load_examples
+from .errors import InputError
+from .loader import load, resolve_path
+
+
+@dataclass
+class TrainArgs:
+    """Settings of one training run (the CLI flags of `specstream train`)."""
+
+    data: str
+    valid: str | None = None
+    model: str | None = None
+    run_dir: str = "runs/streams"
+    mode: str = "lossless"  # or "task"
+    num_streams: int = 3
+    msa_layers: int = 4
+    adapter_rank: int = 16
+    adapter_scale: float = 1.0
+    pruning_rank: int = 8
+    main_weight: float | None = None  # default: 0 lossless, 1 task
+    stream_weight: float = 0.1
+    pruning_weight: float = 0.1
+    lr: float = 5e-4
+    warmup: int = 20
+    epochs: float = 1.0
+    batch_size: int = 8
+    max_length: int = 384
+    seed: int = 0
+    steps_per_report: int = 10
+    steps_per_eval: int = 100
+    steps_per_checkpoint: int = 100
+    max_valid: int = 64
+    resume: bool = False
+    tree_budget: int = 6
+    top_k: int = 3
+    extra: dict = field(default_factory=dict)
+
+    def weights(self) -> tuple[float, float]:
+        main = self.main_weight if self.main_weight is not None else float(self.mode == "task")
+        return main, self.stream_weight
+
+
+@dataclass
+class Sample:
+    """An example with the frozen hidden states entering the stream layers (T, hidden)."""
+
+    tokens: np.ndarray
+    start: int
+    hidden: mx.array
+
+
+def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096) -> list[Sample]:
+    """Run the frozen lower layers once over every example (batched by length)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    samples: list[Sample | None] = [None] * len(examples)
+    i = 0
+    while i < len(order):
+        T = len(examples[order[i]].tokens)
+        group = order[i : i + max(1, batch_tokens // T)]
+        T = max(len(examples[j].tokens) for j in group)
+        tokens = np.zeros((len(group), T), dtype=np.int32)
+        for row, j in enumerate(group):
+            tokens[row, : len(examples[j].tokens)] = examples[j].tokens
+        # Padding sits after each sequence, so causal attention keeps it out of the rows.
+        h = model.lower(mx.array(tokens), mx.arange(T, dtype=mx.int32))
+        mx.eval(h)
+        for row, j in enumerate(group):
+            n = len(examples[j].tokens)
+            samples[j] = Sample(np.array(examples[j].tokens), examples[j].completion_start,
+                                h[row, :n])
+        i += len(group)
+    return samples
+
+
+@dataclass
+class Batch:
+    """Padded samples: hidden (B, T, hidden), tokens (B, T), gather indices for the loss."""
+
+    hidden: mx.array
+    positions: mx.array
+    stream_rows: mx.array
+    main_index: mx.array  # (M,) flat (b, t) rows predicting their next token
+    main_target: mx.array  # (M,)
+    stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a target
+    stream_target: mx.array  # (K,)
+    stream_id: np.ndarray  # (K,) which stream each target belongs to
+    tokens: int  # completion tokens in the batch
+
+
+def make_batch(samples: list[Sample], gamma: int) -> Batch:
+    """Loss rows: position t predicts t+1 (main) and t+1+j (stream j), for targets
+    inside the completion; t starts at the last prompt token, which drafts too."""
+    B = len(samples)
+    T = -(-max(len(s.tokens) for s in samples) // 32) * 32  # few distinct shapes
+    hidden = mx.zeros((B, T, samples[0].hidden.shape[-1]), dtype=samples[0].hidden.dtype)
+    for b, s in enumerate(samples):
+        hidden[b, : len(s.tokens)] = s.hidden
+    first = max(0, min(s.start for s in samples) - 1)
+    rows = np.arange(first, T - 1)
+    S = len(rows)
+    main_idx, main_tgt, st_idx, st_tgt, st_id = [], [], [], [], []
+    for b, s in enumerate(samples):
+        n = len(s.tokens)
+        for si, t in enumerate(rows):
+            if t < s.start - 1 or t + 1 >= n:
+                continue
+            main_idx.append(b * T + t)
+            main_tgt.append(s.tokens[t + 1])
+            for j in range(1, gamma + 1):
+                if t + 1 + j < n:
+                    st_idx.append((b * S + si) * gamma + (j - 1))
+                    st_tgt.append(s.tokens[t + 1 + j])
+                    st_id.append(j - 1)
+    as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
+    return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
+                 as_int(main_tgt), as_int(st_idx), as_int(st_tgt), np.array(st_id),
+                 sum(len(s.tokens) - s.start for s in samples))
+
+
+def losses(model, batch: Batch, main_weight: float, stream_weight: float,
+           pruning_weight: float):
+    """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
+    stream top-1 hits per target))."""
+    hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows)
+    H = hm.shape[-1]
+    gamma = hs.shape[2]
+    stream_logits = model.head(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
+    stream_ce = nn.losses.cross_entropy(stream_logits, batch.stream_target)
+    one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])  # (K, gamma)
+    per_stream = (stream_ce[:, None] * one_hot).sum(0) / mx.maximum(one_hot.sum(0), 1)
+    loss = stream_weight * per_stream.sum()
+    main_ce = mx.array(0.0)
+    if main_weight:
+        main_logits = model.head(mx.take(hm.reshape(-1, H), batch.main_index, axis=0))
+        main_ce = nn.losses.cross_entropy(main_logits, batch.main_target).mean()
+        loss = loss + main_weight * main_ce
+    prune_ce = mx.array(0.0)
+    if pruning_weight and "pruning_down" in model.streams:
+        lower = mx.take(batch.hidden.reshape(-1, H), batch.main_index, axis=0)
+        prune_ce = nn.losses.cross_entropy(model.early_exit_logits(lower),
+                                           batch.main_target).mean()
+        loss = loss + pruning_weight * prune_ce
+    hits = mx.argmax(stream_logits, axis=-1) == batch.stream_target
+    return loss, (main_ce, per_stream, prune_ce, hits)
+
+
+def batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
+    """Batches of similar length (little padding), in random order."""
+    order = sorted(samples, key=lambda s: len(s.tokens) + rng.random())
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def evaluate(model, samples: list[Sample], args: TrainArgs) -> dict:
+    """Validation loss and each stream's top-1 accuracy on held-out samples."""
+    gamma = model.stream_args.num_streams
+    hits, counts, total, n = np.zeros(gamma), np.zeros(gamma), 0.0, 0
+    for group in batches(samples, args.batch_size, random.Random(0)):
+        batch = make_batch(group, gamma)
+        loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight)
+        mx.eval(loss, hit)
+        hit = np.array(hit)
+        for j in range(gamma):
+            hits[j] += hit[batch.stream_id == j].sum()
+            counts[j] += (batch.stream_id == j).sum()
+        total += loss.item()
+        n += 1
+    return {"valid_loss": total / max(n, 1),
+            "valid_top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts,
+                                                                          strict=True)]}
+
+
+def trainable(model, args: TrainArgs) -> None:
+    """Freeze the base model; unfreeze streams (and task-mode LoRA in the top layers)."""
+    model.freeze()
+    model.streams.unfreeze()
+    if args.mode == "task":
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        linear_to_lora_layers(model, args.msa_layers, {"rank": args.adapter_rank,
+                              "scale": args.adapter_scale, "dropout": 0.0, "keys": keys})
+
+
+def fuse_lora(model) -> None:
+    """Fold task-mode LoRA layers into plain linear layers (W + scale * B @ A)."""
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
+    ckpt = run_dir / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(ckpt / "trainable.safetensors"), params)
+    mx.save_safetensors(str(ckpt / "optimizer.safetensors"),
+                        dict(tree_flatten(optimizer.state)))
+    (ckpt / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+    ckpt = run_dir / "checkpoint"
+    if not (ckpt / "state.json").exists():
+        raise InputError(f"no checkpoint to resume in {ckpt}")
+    model.load_weights(list(mx.load(str(ckpt / "trainable.safetensors")).items()),
+                       strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def write_output(model, source: Path, out: Path, args: TrainArgs) -> Path:
+    """A model folder with the trained streams: the base files (linked when lossless,
+    rewritten with fused weights in task mode), streams.safetensors and config block."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.name != STREAMS_FILE and not f.name.startswith("."):
+            shutil.copy2(f, out / f.name)
+    if args.mode == "task":
+        fuse_lora(model)
+        for f in out.glob("model*.safetensors"):
+            f.unlink()
+        base = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("streams")}
+        mx.save_safetensors(str(out / "model.safetensors"), base, metadata={"format": "mlx"})
+        config = json.loads((out / "config.json").read_text())
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_streams(model, out)
+    return out
+
+
+def train(args: TrainArgs, log=print) -> dict:
+    """Run (or resume) training; returns the final metrics and the output folder."""
+    if args.mode not in ("lossless", "task"):
+        raise InputError(f"mode must be 'lossless' or 'task', got {args.mode!r}")
+    mx.random.seed(args.seed)
+    rng = random.Random(args.seed)
+    run_dir = Path(args.run_dir)
+    source = resolve_path(args.model)
+    model, tokenizer = load(source, precision="float32")
+    stream_args = StreamArgs(num_streams=args.num_streams, msa_layers=args.msa_layers,
+                             pruning_rank=args.pruning_rank,
+                             adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
+                             adapter_scale=args.adapter_scale, tree_budget=args.tree_budget,
+                             top_k=args.top_k)
+    init_streams(model, stream_args, seed=args.seed)
+    train_ex = load_examples(args.data, tokenizer, args.max_length)
+    valid_ex = load_examples(args.valid, tokenizer, args.max_length)[: args.max_valid] \
+        if args.valid else []
+    log(f"{len(train_ex)} training examples "
+        f"({sum(e.completion_tokens for e in train_ex)} completion tokens), "
+        f"{len(valid_ex)} held-out; computing frozen hidden states of layers "
+        f"0..{len(model.layers) - args.msa_layers - 1} once")
+    tic = time.perf_counter()
+    train_set, valid_set = frozen_hidden(model, train_ex), frozen_hidden(model, valid_ex)
+    log(f"hidden states ready in {time.perf_counter() - tic:.0f} s")
+    trainable(model, args)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total = max(1, int(steps_per_epoch * args.epochs))
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-7, args.lr, max(args.warmup, 1)),
+         optim.linear_schedule(args.lr, args.lr * 0.05, max(total - args.warmup, 1))],
+        [max(args.warmup, 1)])
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
+    state = {"step": 0, "args": asdict(args)}
+    if args.resume:
+        state = load_checkpoint(run_dir, model, optimizer)
+        log(f"resumed at step {state['step']}")
+    loss_and_grad = nn.value_and_grad(model, lambda m, b: losses(m, b, *args.weights(),
+                                                                 args.pruning_weight))
+    gamma = args.num_streams
+    plan = []
+    while len(plan) < total:
+        plan += batches(train_set, args.batch_size, rng)
+    metrics, window_tokens, window_tic, running = {}, 0, time.perf_counter(), []
+    for step in range(state["step"], total):
+        batch = make_batch(plan[step], gamma)
+        (loss, (main_ce, per_stream, prune_ce, _)), grads = loss_and_grad(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(loss, per_stream, model.trainable_parameters(), optimizer.state)
+        running.append([loss.item(), *per_stream.tolist(), prune_ce.item()])
+        window_tokens += batch.tokens
+        done = step + 1
+        if done % args.steps_per_report == 0 or done == total:
+            avg = np.mean(running, axis=0)
+            tps = window_tokens / (time.perf_counter() - window_tic)
+            streams = " ".join(f"{x:.3f}" for x in avg[1 : 1 + gamma])
+            log(f"step {done}/{total} loss {avg[0]:.4f} stream CE [{streams}] "
+                f"prune CE {avg[-1]:.3f} lr {optimizer.learning_rate.item():.2e} "
+                f"{tps:.0f} tokens/s")
+            running, window_tokens, window_tic = [], 0, time.perf_counter()
+        if valid_set and (done % args.steps_per_eval == 0 or done == total):
+            metrics = evaluate(model, valid_set, args)
+            log(f"step {done} validation: {metrics}")
+        if done % args.steps_per_checkpoint == 0 or done == total:
+            save_checkpoint(run_dir, model, optimizer, {**state, "step": done})
+    out = write_output(model, source, run_dir / "model", args)
+    log(f"wrote {out}")
+    return {"output": str(out), **metrics}

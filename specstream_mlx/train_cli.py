@@ -1,0 +1,39 @@
+"""Train speculative streams (future n-gram prediction) on a JSONL dataset."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from .train import TrainArgs, train
+
+HELP = {
+    "data": "training JSONL ('messages' or 'prompt'/'completion' records)",
+    "valid": "held-out JSONL for validation loss and per-stream accuracy",
+    "model": "base model folder or hub id (default: the embedded SmolLM2)",
+    "run_dir": "folder for checkpoints and the output model (run_dir/model)",
+    "mode": "lossless: base frozen, stream-only adapters; task: shared LoRA, fused",
+    "resume": "continue from run_dir/checkpoint",
+}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainArgs):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=HELP.get(f.name))
+            continue
+        kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+        required = f.name == "data"
+        parser.add_argument(flag, type=kind, default=None if required else f.default,
+                            required=required, help=HELP.get(f.name, f"default {f.default}"))
+    parser.set_defaults(mode="lossless")
+
+
+def main(args: argparse.Namespace) -> int:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainArgs) if f.name != "extra"}
+    result = train(TrainArgs(**values))
+    print(f"streams written to {result['output']}")
+    return 0
