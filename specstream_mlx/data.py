@@ -224,11 +224,13 @@ def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
 
 
 def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 192,
-            batch_size: int = 16, progress: bool = True) -> list[dict]:
+            batch_size: int = 16, out_path: str | Path | None = None,
+            progress: bool = True) -> list[dict]:
     """Completions of each record's prompt by the base model itself (greedy, float32).
 
     Lossless streams learn to predict what this model says, so its own greedy answers
-    are the right targets. Prompts are batched by similar length.
+    are the right targets. Prompts are batched by similar length; with `out_path`, each
+    finished batch is appended there at once (a long run is usable before it ends).
     """
     from .loader import load
 
@@ -237,14 +239,21 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     ids = [encode_prompt_messages(tokenizer, [{"role": "user", "content": r["prompt"]}])
            for r in records]
     order = sorted(range(len(records)), key=lambda i: len(ids[i]))
-    completions: dict[int, str] = {}
+    done: list[dict] = []
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text("")
     for start in range(0, len(order), batch_size):
         group = order[start : start + batch_size]
         outs = batch_greedy(model, [ids[i] for i in group], max_tokens, eos)
-        for i, toks in zip(group, outs, strict=True):
-            completions[i] = tokenizer.decode(toks)
+        batch = [{**records[i], "completion": tokenizer.decode(toks)}
+                 for i, toks in zip(group, outs, strict=True)]
+        done += batch
+        if out_path is not None:
+            with open(out_path, "a") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
         if progress:
-            print(f"\rdistilled {len(completions)}/{len(records)}", end="", flush=True)
+            print(f"\rdistilled {len(done)}/{len(records)}", end="", flush=True)
     if progress:
         print()
-    return [{**r, "completion": completions[i]} for i, r in enumerate(records)]
+    return done

@@ -32,8 +32,9 @@ def main(args: argparse.Namespace) -> int:
     write_jsonl(out / "heldout.jsonl", sets["heldout"])
     model = resolve_path(args.model)
     for name, records in (("valid", valid), ("train", train)):
-        done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size)
-        write_jsonl(out / f"{name}.jsonl", done)
-        print(f"wrote {len(done)} records to {out / (name + '.jsonl')}")
+        path = out / f"{name}.jsonl"
+        done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                       out_path=path)
+        print(f"wrote {len(done)} records to {path}")
     print(f"wrote {len(sets['heldout'])} held-out prompts to {out / 'heldout.jsonl'}")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -36,7 +38,8 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+        patterns = ["*.json", "model*.safetensors", STREAMS_FILE, "tokenizer.model", "*.txt",
+                    "*.jinja"]
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo ...
         raise ModelLoadError(
@@ -44,11 +47,26 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
         ) from e
 
 
-def ensure_default_streams(path: Path) -> Path:
-    """Give the embedded model untrained streams so the speculative path always runs."""
-    if not (path / STREAMS_FILE).exists():
-        from .convert.streams import init_streams, save_streams
+# Trained streams shipped with the package for the embedded model (see README, Training).
+SHIPPED_STREAMS = Path(__file__).parent / "assets" / "smollm2-135m-instruct"
 
+
+def ensure_default_streams(path: Path) -> Path:
+    """Give the embedded model the shipped trained streams (untrained ones when the
+    package has none), so the speculative path always runs."""
+    from .convert.streams import CONFIG_KEY, init_streams, save_streams, write_json_atomic
+
+    shipped = SHIPPED_STREAMS / STREAMS_FILE
+    target = path / STREAMS_FILE
+    if shipped.is_file():
+        if not target.is_file() or target.read_bytes() != shipped.read_bytes():
+            block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
+            config = json.loads((path / "config.json").read_text())
+            tmp = path / f".tmp-{os.getpid()}-{STREAMS_FILE}"
+            shutil.copyfile(shipped, tmp)
+            os.replace(tmp, target)
+            write_json_atomic(path / "config.json", {**config, CONFIG_KEY: block})
+    elif not target.is_file():
         model, _ = _load_weights(path, read_config(path))
         init_streams(model)
         save_streams(model, path)
@@ -121,10 +139,16 @@ def set_precision(model: nn.Module, precision: str) -> str:
 
 
 def describe_precision(model: nn.Module) -> str:
-    """"4-bit (group 32)" for quantized models, else the dtype of the embeddings."""
+    """"4-bit (group 32)" for quantized models (the most common width first, e.g.
+    "4-bit (group 32) + 8-bit"), else the dtype of the embeddings."""
+    widths: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding):
-            return f"{m.bits}-bit (group {m.group_size})"
+            key = f"{m.bits}-bit (group {m.group_size})"
+            widths[key] = widths.get(key, 0) + m.weight.size
+    if widths:
+        ranked = sorted(widths, key=widths.get, reverse=True)
+        return " + ".join([ranked[0]] + [k.split(" ")[0] for k in ranked[1:]])
     return str(model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
 
 

@@ -448,8 +448,12 @@ def test_unsupported_metadata_is_rejected(tmp_path, override, message):
 
 
 @pytest.mark.parametrize("kind, name, block_bytes", [(Q5_K, "Q5_K", 176), (Q4_K, "Q4_K", 144)])
-def test_unreadable_tensor_type_is_named(tmp_path, kind, name, block_bytes):
-    """Q5_K: MLX cannot read it; Q4_K: MLX reads it wrongly (mlx 0.32)."""
+def test_unreadable_tensor_type_is_named(tmp_path, monkeypatch, kind, name, block_bytes):
+    """Q5_K: MLX cannot read it; Q4_K: MLX reads it wrongly (mlx 0.32). Without the
+    optional gguf package both are refused by name."""
+    from specstream_mlx.convert import gguf
+
+    monkeypatch.setattr(gguf, "_gguf_package", lambda: None)
     tensors = {"blk.0.attn_q.weight": (kind, (4, 256), bytes(block_bytes * 4))}
     path = write_gguf(tmp_path / "k.gguf", tensors, tiny_metadata())
     with pytest.raises(ConversionError, match=rf"'blk.0.attn_q.weight' is {name}"):

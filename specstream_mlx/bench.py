@@ -1,0 +1,245 @@
+"""Benchmark: tokens per pass, accepted-draft histogram, tokens/s of speculative and plain
+decoding of the same model measured in the same run (interleaved, per prompt), the
+speed-up as a ratio, mlx-lm's own generate on the same folder, and the cost of a pass
+by rows (with the memory-bandwidth floor of a one-token pass).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .blas import blas_info
+from .cache import KVCache
+from .data import encode_prompt_messages, read_jsonl
+from .errors import InputError
+from .generate import stream_generate
+from .loader import describe_model, load, resolve_path, set_precision
+from .tree import DraftTree
+
+
+@dataclass
+class BenchArgs:
+    prompts: str
+    model: str | None = None
+    max_tokens: int = 128
+    tree_budget: int | None = None
+    top_k: int | None = None
+    precision: str = "auto"
+    mlx_lm: bool = True
+    mlx_lm_precision: str = "native"
+    limit: int | None = None
+    rows: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 16, 24, 32])
+    json_path: str | None = None
+    png_path: str | None = None
+
+
+def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bool) -> dict:
+    """One greedy generation: tokens, tokens/s after the first token, passes, histogram."""
+    tokens, per_pass = [], Counter()
+    last = None
+    for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens,
+                                speculative=speculative, tree_budget=args.tree_budget,
+                                top_k=args.top_k):
+        tokens.append(last.token)
+        if last.passes > 1:  # pass 1 is the prefill, which drafts nothing
+            per_pass[last.passes] += last.from_draft
+    passes = last.passes
+    hist = Counter(per_pass.get(p, 0) for p in range(2, passes + 1))
+    return {"tokens": tokens, "n": len(tokens), "passes": passes,
+            "tps": last.generation_tps, "accepted_hist": dict(sorted(hist.items()))}
+
+
+def mlx_lm_run(ref, tokenizer, ids: list[int], max_tokens: int) -> dict:
+    from mlx_lm import stream_generate as mlx_lm_stream
+
+    tokens, last = [], None
+    for last in mlx_lm_stream(ref, tokenizer, ids, max_tokens=max_tokens):
+        tokens.append(last.token)
+        if last.finish_reason:
+            break
+    return {"tokens": tokens, "tps": last.generation_tps}
+
+
+def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int) -> float:
+    """Milliseconds of one verify-and-draft pass of `tree` on top of `cache`."""
+    from .decode import rows_needing_streams
+
+    tokens = mx.array([[4] + tree.tokens], dtype=mx.int32)
+    positions = mx.array(cache.offset + tree.depths)
+    mask = mx.array(tree.mask)
+    stream_rows = rows_needing_streams(model, len(tree), True)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        tic = time.perf_counter()
+        h = model.lower(tokens, positions, mask, cache)
+        h, hs = model.upper(h, positions, mask, cache, stream_rows)
+        mx.eval(model.head(h[0]), hs if hs is not None else h)
+        times.append(time.perf_counter() - tic)
+    return float(np.median(times[1:]) * 1000)
+
+
+def pass_cost(model, rows: list[int], prefix: int = 256, repeats: int = 5) -> dict[int, float]:
+    """Milliseconds of one decode pass over `rows` tree rows (a chain; every row carries
+    its stream rows when the model has streams), after a `prefix`-token prompt."""
+    cache = KVCache(len(model.layers))
+    model(mx.zeros((1, prefix), dtype=mx.int32), cache=cache)
+    cache.commit(range(prefix))
+    mx.eval(cache.state())
+    return {n: time_pass(model, cache, DraftTree(list(range(5, 4 + n)), list(range(n - 1))),
+                         repeats) for n in rows}
+
+
+def bandwidth_floor(model) -> dict:
+    """Bytes of weights a pass reads, this machine's copy bandwidth, and their ratio."""
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    a = np.ones(64 * 2**20, dtype=np.float32)  # 256 MiB
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    tic = time.perf_counter()
+    for _ in range(5):
+        np.copyto(b, a)
+    gbps = 5 * 2 * a.nbytes / (time.perf_counter() - tic) / 1e9  # read + write
+    return {"weight_bytes": weight_bytes, "copy_GBps": round(gbps, 1),
+            "floor_ms": round(weight_bytes / (gbps * 1e9) * 1000, 1)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Aggregate over prompts: totals of tokens and passes, time-weighted tokens/s."""
+    tokens = sum(r["tokens"] for r in rows)
+    spec_time = sum(r["tokens"] / r["spec_tps"] for r in rows if r["spec_tps"])
+    plain_time = sum(r["tokens"] / r["plain_tps"] for r in rows if r["plain_tps"])
+    hist = Counter()
+    for r in rows:
+        hist.update({int(k): v for k, v in r["accepted_hist"].items()})
+    out = {"prompts": len(rows), "tokens": tokens,
+           "tokens_per_pass": round(tokens / sum(r["passes"] for r in rows), 3),
+           "spec_tps": round(tokens / spec_time, 2), "plain_tps": round(tokens / plain_time, 2),
+           "identical": all(r["identical"] for r in rows),
+           "accepted_hist": dict(sorted(hist.items()))}
+    out["speedup"] = round(out["spec_tps"] / out["plain_tps"], 3)
+    if all("mlx_lm_tps" in r for r in rows):
+        mlx_time = sum(r["tokens"] / r["mlx_lm_tps"] for r in rows)
+        out["mlx_lm_tps"] = round(tokens / mlx_time, 2)
+        out["speedup_vs_mlx_lm"] = round(out["spec_tps"] / out["mlx_lm_tps"], 3)
+    return out
+
+
+def bench(args: BenchArgs, log=print) -> dict:
+    """Run the benchmark; returns the report (also written as JSON when asked)."""
+    records = read_jsonl(args.prompts)[: args.limit]
+    if not records or not all("prompt" in r for r in records):
+        raise InputError(f"{args.prompts}: need records with a 'prompt' field")
+    path = resolve_path(args.model)
+    model, tokenizer = load(path, precision=args.precision)
+    if model.stream_args is None:
+        raise InputError(f"{path} has no streams: nothing to compare with plain decoding")
+    log(f"[{describe_model(model)}]")
+    ref = None
+    if args.mlx_lm:
+        from mlx_lm.utils import load as mlx_lm_load
+
+        ref, _ = mlx_lm_load(str(path))
+        ref_precision = set_precision(ref, args.mlx_lm_precision)
+    prompts = [encode_prompt_messages(tokenizer, [{"role": "user", "content": r["prompt"]}])
+               for r in records]
+    timed_run(model, tokenizer, prompts[0], args, True)  # warm-up, not reported
+    timed_run(model, tokenizer, prompts[0], args, False)
+    rows = []
+    for i, (record, ids) in enumerate(zip(records, prompts, strict=True)):
+        # Alternate which runs first, so drift in machine speed favours neither.
+        order = [True, False] if i % 2 == 0 else [False, True]
+        runs = {s: timed_run(model, tokenizer, ids, args, s) for s in order}
+        spec, plain = runs[True], runs[False]
+        row = {"id": record.get("id", str(i)), "task": record.get("task", "all"),
+               "tokens": spec["n"], "passes": spec["passes"],
+               "tokens_per_pass": round(spec["n"] / spec["passes"], 3),
+               "spec_tps": round(spec["tps"], 2), "plain_tps": round(plain["tps"], 2),
+               "speedup": round(spec["tps"] / plain["tps"], 3) if plain["tps"] else None,
+               "identical": spec["tokens"] == plain["tokens"],
+               "accepted_hist": spec["accepted_hist"]}
+        if ref is not None:
+            theirs = mlx_lm_run(ref, tokenizer, ids, args.max_tokens)
+            row["mlx_lm_tps"] = round(theirs["tps"], 2)
+            row["mlx_lm_identical"] = theirs["tokens"] == plain["tokens"]
+        rows.append(row)
+        log(format_row(row))
+    tasks = sorted({r["task"] for r in rows})
+    report = {
+        "model": str(path), "description": describe_model(model), "blas": blas_info(),
+        "device": str(mx.default_device()), "settings": asdict(args),
+        "mlx_lm_precision": ref_precision if ref is not None else None,
+        "per_prompt": rows,
+        "per_task": {t: summarize([r for r in rows if r["task"] == t]) for t in tasks},
+        "all": summarize(rows),
+        "pass_cost_ms": {str(k): round(v, 1) for k, v in pass_cost(model, args.rows).items()},
+        "bandwidth": bandwidth_floor(model),
+    }
+    log(format_report(report))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json_path}")
+    if args.png_path:
+        draw_chart(report, args.png_path)
+        log(f"wrote {args.png_path}")
+    return report
+
+
+def format_row(r: dict) -> str:
+    theirs = f" mlx-lm {r['mlx_lm_tps']:6.1f}" if "mlx_lm_tps" in r else ""
+    return (f"{r['id'][:28]:28s} {r['task']:5s} {r['tokens']:4d} tok "
+            f"{r['tokens_per_pass']:5.2f} tok/pass  spec {r['spec_tps']:6.1f}  "
+            f"plain {r['plain_tps']:6.1f}  x{r['speedup']:.2f}{theirs}  "
+            f"{'same' if r['identical'] else 'DIFFERENT'}")
+
+
+def format_report(report: dict) -> str:
+    lines = ["", f"{'task':6s} {'prompts':>7s} {'tok/pass':>8s} {'spec tok/s':>10s} "
+             f"{'plain tok/s':>11s} {'speed-up':>8s} {'mlx-lm tok/s':>12s} {'vs mlx-lm':>9s} "
+             "identical"]
+    for name, s in [*report["per_task"].items(), ("all", report["all"])]:
+        lines.append(f"{name:6s} {s['prompts']:7d} {s['tokens_per_pass']:8.2f} "
+                     f"{s['spec_tps']:10.1f} {s['plain_tps']:11.1f} {s['speedup']:7.2f}x "
+                     f"{s.get('mlx_lm_tps', float('nan')):12.1f} "
+                     f"{s.get('speedup_vs_mlx_lm', float('nan')):8.2f}x {s['identical']}")
+    cost = report["pass_cost_ms"]
+    one = cost.get("1") or next(iter(cost.values()))
+    lines.append("pass cost by rows (ms, ratio to 1 row): " + ", ".join(
+        f"{k}: {v:.0f} ({v / one:.2f})" for k, v in cost.items()))
+    bw = report["bandwidth"]
+    lines.append(f"one-token floor: {bw['weight_bytes'] / 1e6:.0f} MB of weights at "
+                 f"{bw['copy_GBps']} GB/s = {bw['floor_ms']} ms; BLAS: {report['blas']}")
+    lines.append(f"accepted drafted tokens per pass: {report['all']['accepted_hist']}")
+    return "\n".join(lines)
+
+
+def draw_chart(report: dict, path: str) -> None:
+    """Bar charts of tokens per pass and speed-up per task (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise InputError("the chart needs matplotlib: pip install matplotlib") from e
+    tasks = list(report["per_task"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in [(axes[0], "tokens_per_pass", "tokens per pass"),
+                           (axes[1], "speedup", "speed-up over plain decoding")]:
+        values = [report["per_task"][t][key] for t in tasks]
+        ax.bar(tasks, values, color=["#4C72B0", "#DD8452", "#55A868"][: len(tasks)])
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(title)
+        for x, v in enumerate(values):
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom")
+    fig.suptitle(report["description"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

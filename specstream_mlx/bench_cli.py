@@ -1,0 +1,35 @@
+"""Benchmark speculative against plain decoding (and mlx-lm) over a JSONL prompt set."""
+
+from __future__ import annotations
+
+import argparse
+
+from .bench import BenchArgs, bench
+from .loader import PRECISIONS
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", required=True, help="JSONL with 'prompt' (and 'task')")
+    parser.add_argument("--model", default=None, help="model folder (default: embedded)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--tree-budget", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    parser.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's generate")
+    parser.add_argument("--mlx-lm-precision", default="native", choices=PRECISIONS,
+                        help="precision of mlx-lm's model (native: as a user runs it)")
+    parser.add_argument("--rows", default="1,2,4,8,12,16,24,32",
+                        help="row counts for the pass-cost table")
+    parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--png", default=None, help="draw a chart here (needs matplotlib)")
+
+
+def main(args: argparse.Namespace) -> int:
+    bench(BenchArgs(
+        prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
+        tree_budget=args.tree_budget, top_k=args.top_k, precision=args.precision,
+        mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
+        rows=[int(x) for x in args.rows.split(",")], json_path=args.json, png_path=args.png,
+    ))
+    return 0
