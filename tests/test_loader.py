@@ -310,3 +310,35 @@ def test_broken_tokenizer(plain_folder):
     (plain_folder / "tokenizer.json").write_text("{")
     with pytest.raises(ModelLoadError, match="tokenizer"):
         load_quietly(plain_folder)
+
+
+def test_shipped_streams_are_installed_into_the_default_folder(tmp_path, monkeypatch):
+    """The embedded model's folder receives the streams shipped in the package (and a
+    changed shipped file replaces an older copy); untrained ones only without them."""
+    from specstream_mlx import loader
+
+    shipped = tmp_path / "assets"
+    donor, _ = make_tiny_folder(tmp_path / "donor", streams=StreamArgs(num_streams=2))
+    shipped.mkdir()
+    (shipped / STREAMS_FILE).write_bytes((donor / STREAMS_FILE).read_bytes())
+    (shipped / "config.json").write_text((donor / "config.json").read_text())
+    monkeypatch.setattr(loader, "SHIPPED_STREAMS", shipped)
+
+    target, _ = make_tiny_folder(tmp_path / "target")
+    loader.ensure_default_streams(target)
+    assert (target / STREAMS_FILE).read_bytes() == (shipped / STREAMS_FILE).read_bytes()
+    assert read_json(target / "config.json")[CONFIG_KEY]["num_streams"] == 2
+    model, _ = load_quietly(target)
+    assert model.stream_args.num_streams == 2
+
+    other, _ = make_tiny_folder(tmp_path / "other", streams=StreamArgs(num_streams=3), seed=1)
+    (shipped / STREAMS_FILE).write_bytes((other / STREAMS_FILE).read_bytes())
+    (shipped / "config.json").write_text((other / "config.json").read_text())
+    loader.ensure_default_streams(target)
+    assert read_json(target / "config.json")[CONFIG_KEY]["num_streams"] == 3
+    assert (target / STREAMS_FILE).read_bytes() == (other / STREAMS_FILE).read_bytes()
+
+    monkeypatch.setattr(loader, "SHIPPED_STREAMS", tmp_path / "nothing")
+    bare, _ = make_tiny_folder(tmp_path / "bare")
+    loader.ensure_default_streams(bare)
+    assert (bare / STREAMS_FILE).is_file()
