@@ -114,20 +114,24 @@ def bandwidth_floor(model) -> dict:
 def summarize(rows: list[dict]) -> dict:
     """Aggregate over prompts: totals of tokens and passes, time-weighted tokens/s."""
     tokens = sum(r["tokens"] for r in rows)
-    spec_time = sum(r["tokens"] / r["spec_tps"] for r in rows if r["spec_tps"])
-    plain_time = sum(r["tokens"] / r["plain_tps"] for r in rows if r["plain_tps"])
+    # tokens/s was measured after each run's first token: time = (n - 1) / tps.
+    rated = [r for r in rows if r["spec_tps"] and r["plain_tps"] and r["tokens"] > 1]
+    spec_time = sum((r["tokens"] - 1) / r["spec_tps"] for r in rated)
+    plain_time = sum((r["tokens"] - 1) / r["plain_tps"] for r in rated)
+    rated_tokens = sum(r["tokens"] - 1 for r in rated)
     hist = Counter()
     for r in rows:
         hist.update({int(k): v for k, v in r["accepted_hist"].items()})
     out = {"prompts": len(rows), "tokens": tokens,
            "tokens_per_pass": round(tokens / sum(r["passes"] for r in rows), 3),
-           "spec_tps": round(tokens / spec_time, 2), "plain_tps": round(tokens / plain_time, 2),
+           "spec_tps": round(rated_tokens / spec_time, 2) if spec_time else 0.0,
+           "plain_tps": round(rated_tokens / plain_time, 2) if plain_time else 0.0,
            "identical": all(r["identical"] for r in rows),
            "accepted_hist": dict(sorted(hist.items()))}
-    out["speedup"] = round(out["spec_tps"] / out["plain_tps"], 3)
-    if all("mlx_lm_tps" in r for r in rows):
-        mlx_time = sum(r["tokens"] / r["mlx_lm_tps"] for r in rows)
-        out["mlx_lm_tps"] = round(tokens / mlx_time, 2)
+    out["speedup"] = round(out["spec_tps"] / out["plain_tps"], 3) if plain_time else None
+    if all(r.get("mlx_lm_tps") for r in rated) and rated:
+        mlx_time = sum((r["tokens"] - 1) / r["mlx_lm_tps"] for r in rated)
+        out["mlx_lm_tps"] = round(rated_tokens / mlx_time, 2)
         out["speedup_vs_mlx_lm"] = round(out["spec_tps"] / out["mlx_lm_tps"], 3)
     return out
 
@@ -197,7 +201,7 @@ def format_row(r: dict) -> str:
     theirs = f" mlx-lm {r['mlx_lm_tps']:6.1f}" if "mlx_lm_tps" in r else ""
     return (f"{r['id'][:28]:28s} {r['task']:5s} {r['tokens']:4d} tok "
             f"{r['tokens_per_pass']:5.2f} tok/pass  spec {r['spec_tps']:6.1f}  "
-            f"plain {r['plain_tps']:6.1f}  x{r['speedup']:.2f}{theirs}  "
+            f"plain {r['plain_tps']:6.1f}  x{r['speedup'] or float('nan'):.2f}{theirs}  "
             f"{'same' if r['identical'] else 'DIFFERENT'}")
 
 
@@ -207,7 +211,8 @@ def format_report(report: dict) -> str:
              "identical"]
     for name, s in [*report["per_task"].items(), ("all", report["all"])]:
         lines.append(f"{name:6s} {s['prompts']:7d} {s['tokens_per_pass']:8.2f} "
-                     f"{s['spec_tps']:10.1f} {s['plain_tps']:11.1f} {s['speedup']:7.2f}x "
+                     f"{s['spec_tps']:10.1f} {s['plain_tps']:11.1f} "
+                     f"{s['speedup'] or float('nan'):7.2f}x "
                      f"{s.get('mlx_lm_tps', float('nan')):12.1f} "
                      f"{s.get('speedup_vs_mlx_lm', float('nan')):8.2f}x {s['identical']}")
     cost = report["pass_cost_ms"]

@@ -97,8 +97,8 @@ def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Ex
     if not examples:
         raise InputError(
             f"{path}: no usable examples among {len(records)} records (each needs "
-            "'messages' ending with an assistant turn, or 'prompt' and 'completion', and a "
-            "prompt shorter than max_length)"
+            "'messages' ending with an assistant turn, or 'prompt' and 'completion', and "
+            "at least 2 completion tokens within max_length)"
         )
     return examples
 
@@ -124,11 +124,14 @@ def held_out(key: str, fraction: float) -> bool:
 def chitchat_prompts() -> list[dict]:
     """Opening user turns of the chitchat-dataset conversations (MIT)."""
     data = json.loads((package_dir("chitchat_dataset") / "dataset.json").read_text())
-    prompts = []
+    prompts, seen = [], set()
     for conv_id, conv in data.items():
         first = conv["messages"][0] if conv.get("messages") else []
         text = " ".join(m["text"].strip() for m in first).strip()
-        if 8 <= len(text) <= 400:
+        # Many conversations open alike ("Hi there"): keep each text once, so a held-out
+        # prompt can never also be a training prompt.
+        if 8 <= len(text) <= 400 and text.lower() not in seen:
+            seen.add(text.lower())
             prompts.append({"id": f"chitchat/{conv_id}", "task": "chat", "prompt": text})
     return prompts
 
@@ -167,8 +170,8 @@ def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0) -> dict
     """Train and held-out prompt sets from real sources.
 
     Held out: `heldout` HumanEval tasks and `heldout` chitchat conversations, chosen by
-    hash; training draws `code` prompts from the other HumanEval tasks and the standard
-    library, and `chat` prompts from the other conversations.
+    a shuffle with `seed`; training draws `code` prompts from the other HumanEval tasks
+    and the standard library, and `chat` prompts from the other conversations.
     """
     rng = random.Random(seed)
     chats, evals = chitchat_prompts(), humaneval_prompts()

@@ -1,0 +1,227 @@
+"""The benchmark on tiny model folders: per-prompt rows (speculative output identical to
+plain and to mlx-lm's), per-task aggregates, the pass-cost table and bandwidth floor, the
+JSON report, the aggregate arithmetic on hand-made rows, bad input, the chart and the
+`specstream bench` command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from tiny_folder import make_tiny_folder, save_model
+
+from specstream_mlx import load
+from specstream_mlx.bench import BenchArgs, bench, draw_chart, format_report, summarize
+from specstream_mlx.cli import main
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.data import write_jsonl
+from specstream_mlx.errors import InputError
+
+STREAMS = StreamArgs(num_streams=3, msa_layers=2)
+PROMPTS = [{"id": "greet", "task": "chat", "prompt": "hi"},
+           {"id": "func", "task": "code", "prompt": "def f(x):"},
+           {"task": "chat", "prompt": "Hello there, how are you?"}]
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    write_jsonl(root / "prompts.jsonl", PROMPTS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(root):
+    return make_tiny_folder(root / "tiny", streams=STREAMS)[0]
+
+
+@pytest.fixture(scope="module")
+def report(root, folder):
+    logs: list[str] = []
+    args = BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder), max_tokens=12,
+                     rows=[1, 2, 4], json_path=str(root / "out" / "report.json"))
+    return bench(args, log=logs.append), logs
+
+
+def check_hist(row: dict) -> None:
+    """Every pass after the prefill is in the histogram; each emits its accepted drafted
+    tokens plus one."""
+    hist = {int(k): v for k, v in row["accepted_hist"].items()}
+    assert sum(hist.values()) == row["passes"] - 1
+    assert row["tokens"] == row["passes"] + sum(k * v for k, v in hist.items())
+
+
+def test_per_prompt_rows(report):
+    rows = report[0]["per_prompt"]
+    assert [r["id"] for r in rows] == ["greet", "func", "2"]  # missing id: the index
+    assert [r["task"] for r in rows] == ["chat", "code", "chat"]
+    for r in rows:
+        assert r["identical"] is True and r["mlx_lm_identical"] is True
+        assert 1 <= r["tokens"] <= 12
+        assert r["tokens_per_pass"] >= 1
+        assert r["tokens_per_pass"] == round(r["tokens"] / r["passes"], 3)
+        assert r["spec_tps"] > 0 and r["plain_tps"] > 0 and r["mlx_lm_tps"] > 0
+        assert r["speedup"] == pytest.approx(r["spec_tps"] / r["plain_tps"], rel=1e-2)
+        check_hist(r)
+
+
+def test_aggregates_and_machine_fields(report, folder):
+    report = report[0]
+    rows = report["per_prompt"]
+    assert sorted(report["per_task"]) == ["chat", "code"]
+    assert report["per_task"]["chat"] == summarize([rows[0], rows[2]])
+    assert report["per_task"]["code"] == summarize([rows[1]])
+    assert report["per_task"]["chat"]["prompts"] == 2
+    assert report["all"] == summarize(rows)
+    assert report["all"]["identical"] is True
+    assert report["all"]["tokens"] == sum(r["tokens"] for r in rows)
+    assert "mlx_lm_tps" in report["all"] and "speedup_vs_mlx_lm" in report["all"]
+    assert report["model"] == str(folder)
+    assert report["mlx_lm_precision"] == "float32"
+    assert list(report["pass_cost_ms"]) == ["1", "2", "4"]
+    assert all(v > 0 for v in report["pass_cost_ms"].values())
+    bw = report["bandwidth"]
+    model, _ = load(folder)
+    assert bw["weight_bytes"] == sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert bw["copy_GBps"] > 0 and bw["floor_ms"] >= 0
+    assert report["settings"]["max_tokens"] == 12 and report["settings"]["rows"] == [1, 2, 4]
+
+
+def test_json_report_and_log(root, report):
+    report, logs = report
+    path = root / "out" / "report.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    # Rows read back from JSON (string histogram keys) aggregate the same.
+    assert summarize(on_disk["per_prompt"]) == report["all"]
+    assert logs[-1] == f"wrote {path}"
+    assert format_report(report) in logs
+    assert sum(line.startswith(("greet", "func", "2 ")) for line in logs) == 3
+
+
+def test_format_report_lines(report):
+    text = format_report(report[0])
+    lines = text.splitlines()
+    assert lines[1].split()[:3] == ["task", "prompts", "tok/pass"]
+    assert [line.split()[0] for line in lines[2:5]] == ["chat", "code", "all"]
+    assert "pass cost by rows (ms, ratio to 1 row): 1:" in text and "4:" in text
+    assert "accepted drafted tokens per pass" in text
+
+
+def test_drafts_accepted_are_counted(tmp_path):
+    """A model whose every logit is zero always says token 0, and its streams draft it:
+    passes then emit several tokens, and the histogram adds up."""
+    folder, model = make_tiny_folder(tmp_path / "flat", seed=3, streams=STREAMS)
+    model.model.norm.weight = mx.zeros_like(model.model.norm.weight)
+    save_model(model, folder, json.loads((folder / "config.json").read_text()))
+    write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
+    report = bench(BenchArgs(prompts=str(tmp_path / "p.jsonl"), model=str(folder),
+                             max_tokens=16, rows=[1], mlx_lm=False), log=lambda _: None)
+    for r in report["per_prompt"]:
+        assert r["identical"] and r["tokens"] == 16
+        assert r["tokens_per_pass"] > 1
+        check_hist(r)
+    assert report["all"]["tokens_per_pass"] > 1
+    assert "mlx_lm_tps" not in report["all"]
+
+
+# --- aggregate arithmetic -------------------------------------------------------------
+
+
+def test_summarize_hand_made_rows():
+    rows = [
+        {"tokens": 10, "passes": 5, "spec_tps": 20.0, "plain_tps": 10.0, "identical": True,
+         "accepted_hist": {0: 1, 1: 2, 2: 1}},
+        {"tokens": 30, "passes": 20, "spec_tps": 30.0, "plain_tps": 15.0, "identical": False,
+         "accepted_hist": {"1": 4, "3": 1}},
+    ]
+    s = summarize(rows)
+    assert s["prompts"] == 2 and s["tokens"] == 40
+    assert s["tokens_per_pass"] == 1.6  # 40 tokens / 25 passes, not the mean of 2.0 and 1.5
+    # Time-weighted over the tokens after each run's first (the rate was measured on
+    # those): 9 + 29 tokens in 9/20 + 29/30 s, not the mean of 20 and 30.
+    assert s["spec_tps"] == round(38 / (9 / 20 + 29 / 30), 2) == 26.82
+    assert s["plain_tps"] == round(38 / (9 / 10 + 29 / 15), 2) == 13.41
+    assert s["speedup"] == round(26.82 / 13.41, 3)
+    assert s["identical"] is False
+    assert s["accepted_hist"] == {0: 1, 1: 6, 2: 1, 3: 1}
+    assert list(s["accepted_hist"]) == [0, 1, 2, 3]
+    assert "mlx_lm_tps" not in s  # only when every row has it
+    rows[0]["mlx_lm_tps"] = 25.0
+    assert "mlx_lm_tps" not in summarize(rows)
+    rows[1]["mlx_lm_tps"] = 50.0
+    s = summarize(rows)
+    assert s["mlx_lm_tps"] == round(38 / (9 / 25 + 29 / 50), 2)  # 38 tokens in 0.94 s
+    assert s["speedup_vs_mlx_lm"] == round(26.82 / s["mlx_lm_tps"], 3)
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_model_without_streams(root, tmp_path):
+    folder, _ = make_tiny_folder(tmp_path / "plain")
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="has no streams"):
+        bench(BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder),
+                        mlx_lm=False), log=lambda _: None)
+
+
+@pytest.mark.parametrize("records", [[{"text": "no prompt"}], [PROMPTS[0], {"task": "chat"}],
+                                     []])
+def test_prompts_without_prompt_field(folder, tmp_path, records):
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, records)
+    with pytest.raises(InputError, match="need records with a 'prompt' field"):
+        bench(BenchArgs(prompts=str(path), model=str(folder), mlx_lm=False),
+              log=lambda _: None)
+
+
+def test_missing_prompts_file(folder, tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        bench(BenchArgs(prompts=str(tmp_path / "none.jsonl"), model=str(folder)))
+
+
+def test_one_token_generations(root, folder):
+    report = bench(BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder),
+                             max_tokens=1, rows=[1], mlx_lm=False), log=lambda _: None)
+    assert all(r["tokens"] == 1 for r in report["per_prompt"])
+
+
+# --- chart and command line -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_draw_chart(report, tmp_path):
+    path = tmp_path / "chart.png"
+    draw_chart(report[0], str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed")
+def test_draw_chart_without_matplotlib(report, tmp_path):
+    with pytest.raises(InputError, match="pip install matplotlib"):
+        draw_chart(report[0], str(tmp_path / "chart.png"))
+
+
+def test_cli_bench(root, folder, capsys):
+    code = main(["bench", "--prompts", str(root / "prompts.jsonl"), "--model", str(folder),
+                 "--no-mlx-lm", "--max-tokens", "8", "--rows", "1,2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "tok/pass" in out and "spec tok/s" in out and "identical" in out
+    table = [line.split() for line in out.splitlines()]
+    assert [t[0] for t in table if t and t[0] in ("chat", "code", "all")] == [
+        "chat", "code", "all"]
+    assert "pass cost by rows (ms, ratio to 1 row): 1:" in out and ", 2:" in out
+    assert "DIFFERENT" not in out
+
+
+def test_cli_bench_bad_prompts(folder, tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"question": "?"}])
+    code = main(["bench", "--prompts", str(path), "--model", str(folder), "--no-mlx-lm"])
+    assert code == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,318 @@
+"""Training and benchmark data: JSONL reading and writing, chat-formatted examples with the
+loss on the completion, the hash split, the real prompt sources (installed packages),
+batched greedy generation against plain decoding, and self-distillation."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+from conftest import tiny_model
+from tiny_folder import CHARS, EOS_ID, make_tiny_folder
+
+from specstream_mlx import load
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.data import (
+    Example,
+    batch_greedy,
+    build_prompt_sets,
+    chitchat_prompts,
+    distill,
+    encode_prompt_messages,
+    encode_record,
+    held_out,
+    humaneval_prompts,
+    load_examples,
+    read_jsonl,
+    split_record,
+    stdlib_prompts,
+    write_jsonl,
+)
+from specstream_mlx.decode import generate_step
+from specstream_mlx.errors import InputError
+
+IM_START, IM_END = 1, 2  # the tiny tokenizer's special ids (IM_END is also eos)
+
+
+def char_ids(text: str) -> list[int]:
+    """Ids of plain text in the tiny byte-level tokenizer, computed without it."""
+    table = {" ": "Ġ", "\n": "Ċ"}
+    return [3 + CHARS.index(table.get(c, c)) for c in text]
+
+
+def turn(role: str, content: str) -> list[int]:
+    """<|im_start|>role\\ncontent<|im_end|>\\n, as the tiny chat template writes it."""
+    return [IM_START] + char_ids(f"{role}\n{content}") + [IM_END] + char_ids("\n")
+
+
+GEN_PROMPT = [IM_START] + char_ids("assistant\n")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("data") / "tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(folder):
+    with pytest.warns(UserWarning, match="no speculative streams"):
+        return load(folder)[1]
+
+
+# --- JSONL ----------------------------------------------------------------------------
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(InputError, match="not found") as e:
+        read_jsonl(path)
+    assert str(path) in str(e.value)
+
+
+def test_read_jsonl_names_file_and_line_of_bad_json(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n\n{"b": 2\n')
+    with pytest.raises(InputError, match="not valid JSON") as e:
+        read_jsonl(path)
+    assert f"{path}:3" in str(e.value)
+
+
+def test_read_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('\n{"a": 1}\n   \n\n{"b": [2, 3]}\n\n')
+    assert read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}]
+
+
+def test_write_read_round_trip(tmp_path):
+    records = [{"prompt": "héllo ☃", "completion": "a\nb", "task": "chat"},
+               {"messages": [{"role": "user", "content": "x"}]}, {}]
+    path = tmp_path / "sub" / "dir" / "out.jsonl"
+    assert write_jsonl(path, records) == 3
+    assert read_jsonl(path) == records
+    assert len(path.read_text().splitlines()) == 3
+
+
+# --- records and examples -------------------------------------------------------------
+
+
+def test_split_record_shapes():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert split_record({"messages": msgs}) == (msgs[:1], "a")
+    assert split_record({"prompt": "q", "completion": "a"}) == (
+        [{"role": "user", "content": "q"}], "a")
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": []},
+    {"messages": [{"role": "user", "content": "q"}]},  # no assistant turn last
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                  {"role": "user", "content": "again"}]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+    {"prompt": "q", "completion": ""},
+    {"prompt": "q"},
+    {"completion": "a"},
+    {"prompt": ["not", "text"], "completion": "a"},
+    {"text": "something else"},
+])
+def test_unusable_records(tokenizer, record):
+    assert split_record(record) is None
+    assert encode_record(tokenizer, record, 512) is None
+
+
+def test_encode_prompt_completion_record(tokenizer):
+    ex = encode_record(tokenizer, {"prompt": "hi", "completion": "ab c", "task": "chat"}, 512)
+    prompt = turn("user", "hi") + GEN_PROMPT
+    assert ex == Example(prompt + char_ids("ab c") + [EOS_ID], len(prompt))
+    assert ex.completion_tokens == 5
+    assert encode_prompt_messages(tokenizer, [{"role": "user", "content": "hi"}]) == prompt
+
+
+def test_encode_messages_record_trains_on_last_assistant_turn(tokenizer):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "last one"}]
+    ex = encode_record(tokenizer, {"messages": msgs}, 512)
+    prompt = (turn("system", "be brief") + turn("user", "q1") + turn("assistant", "a1")
+              + turn("user", "q2") + GEN_PROMPT)
+    assert ex.completion_start == len(prompt)
+    assert ex.tokens == prompt + char_ids("last one") + [EOS_ID]
+    assert tokenizer.decode(ex.tokens[ex.completion_start:]) == "last one<|im_end|>"
+
+
+def test_encode_truncates_to_max_length(tokenizer):
+    record = {"prompt": "hi", "completion": "abcdef"}
+    n = len(turn("user", "hi") + GEN_PROMPT)
+    ex = encode_record(tokenizer, record, n + 3)
+    assert ex.tokens == turn("user", "hi") + GEN_PROMPT + char_ids("abc")  # eos cut off
+    assert ex.completion_start == n
+    assert encode_record(tokenizer, record, n + 2).completion_tokens == 2
+    assert encode_record(tokenizer, record, n + 1) is None  # one token: nothing to learn
+    assert encode_record(tokenizer, record, n - 1) is None  # the prompt does not fit
+    full = encode_record(tokenizer, record, 10_000)
+    assert full.tokens[-1] == EOS_ID and full.completion_tokens == 7
+
+
+def test_load_examples_keeps_usable_records(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"prompt": "a", "completion": "bb"}, {"prompt": "x"},
+                       {"messages": [{"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": "r"}]}])
+    examples = load_examples(path, tokenizer, 512)
+    assert [e.tokens[e.completion_start:] for e in examples] == [
+        char_ids("bb") + [EOS_ID], char_ids("r") + [EOS_ID]]
+
+
+def test_load_examples_none_usable(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"prompt": "x"}, {"messages": []},
+                       {"prompt": "a long prompt " * 20, "completion": "b"}])
+    with pytest.raises(InputError, match="no usable examples among 3 records") as e:
+        load_examples(path, tokenizer, max_length=32)
+    assert str(path) in str(e.value) and "'prompt' and 'completion'" in str(e.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match="among 0 records"):
+        load_examples(empty, tokenizer)
+
+
+# --- the hash split -------------------------------------------------------------------
+
+
+def test_held_out_is_deterministic_and_near_the_fraction():
+    keys = [f"key/{i}" for i in range(4000)]
+    first = [held_out(k, 0.2) for k in keys]
+    assert first == [held_out(k, 0.2) for k in keys]
+    assert 0.17 < sum(first) / len(keys) < 0.23
+    assert not any(held_out(k, 0.0) for k in keys)
+    assert all(held_out(k, 1.0) for k in keys)
+    # Monotone in the fraction: a key held out at 10% is held out at 30%.
+    assert all(held_out(k, 0.3) for k in keys if held_out(k, 0.1))
+
+
+# --- real prompt sources (installed packages) ---------------------------------------
+
+
+def test_humaneval_prompts():
+    prompts = humaneval_prompts()
+    assert len(prompts) == 164
+    assert len({p["id"] for p in prompts}) == 164
+    assert prompts[0]["id"] == "HumanEval/0"
+    for p in prompts:
+        assert p["task"] == "code" and "def " in p["prompt"]
+        assert p["prompt"].startswith("Complete the following Python function.")
+
+
+def test_chitchat_prompts():
+    prompts = chitchat_prompts()
+    assert len(prompts) > 1000
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    for p in prompts:
+        assert p["task"] == "chat" and p["id"].startswith("chitchat/")
+        assert 8 <= len(p["prompt"]) <= 400 and p["prompt"] == p["prompt"].strip()
+
+
+def test_stdlib_prompts():
+    prompts = stdlib_prompts(limit=300)
+    assert len(prompts) == 300
+    assert len({p["id"] for p in prompts}) == 300
+    for p in prompts:
+        assert p["task"] == "code" and p["id"].startswith("stdlib/")
+        assert p["prompt"].endswith("```")
+        code = p["prompt"].split("```python\n", 1)[1].removesuffix("```")
+        (func,) = ast.parse(code).body  # signature + docstring: a complete function
+        assert isinstance(func, ast.FunctionDef) and func.name == p["id"].rsplit(".", 1)[1]
+        assert ast.get_docstring(func)
+
+
+@pytest.fixture(scope="module")
+def prompt_sets():
+    return build_prompt_sets(chat=40, code=30, heldout=5, seed=0)
+
+
+def test_build_prompt_sets_sizes_and_disjoint(prompt_sets):
+    train, test = prompt_sets["train"], prompt_sets["heldout"]
+    assert len(train) == 70 and len(test) == 10
+    assert sum(p["task"] == "chat" for p in train) == 40
+    assert sum(p["task"] == "code" for p in train) == 30
+    assert sorted(p["task"] for p in test) == ["chat"] * 5 + ["code"] * 5
+    assert all(p["id"].startswith("HumanEval/") for p in test if p["task"] == "code")
+    train_ids = {p["id"] for p in train}
+    assert len(train_ids) == len(train)
+    assert not train_ids & {p["id"] for p in test}
+
+
+def test_build_prompt_sets_deterministic(prompt_sets):
+    assert build_prompt_sets(chat=40, code=30, heldout=5, seed=0) == prompt_sets
+    other = build_prompt_sets(chat=40, code=30, heldout=5, seed=1)
+    assert other["heldout"] != prompt_sets["heldout"]
+
+
+def test_build_prompt_sets_heldout_texts_not_in_train():
+    # `specstream data` defaults: --chat 600 --code 600 --valid 48 --heldout 16 --seed 0.
+    sets = build_prompt_sets(chat=624, code=624, heldout=16, seed=0)
+    held = [p["prompt"] for p in sets["heldout"]]
+    assert len(set(held)) == len(held)
+    assert not set(held) & {p["prompt"] for p in sets["train"]}
+
+
+# --- batched greedy generation --------------------------------------------------------
+
+
+def plain_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    out = []
+    for event in generate_step(model, prompt, max_tokens=max_tokens, speculative=False):
+        if event.token in eos:
+            break
+        out.append(event.token)
+    return out
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [20, 21, 22, 23, 24], [60]]
+
+
+@pytest.mark.parametrize("name,streams", [
+    ("llama", None), ("qwen3", StreamArgs(num_streams=2, msa_layers=2))])
+def test_batch_greedy_equals_plain_greedy(name, streams):
+    model = tiny_model(name, seed=1, streams=streams)
+    want = [plain_greedy(model, p, 12, set()) for p in PROMPTS]
+    assert batch_greedy(model, PROMPTS, 12, set()) == want
+    assert all(len(w) == 12 for w in want)
+    # Stop at an end token that one row produces early: that row stops, the others go on.
+    stop = want[1][3]
+    eos = {stop, 96}
+    cut = [w[: min([w.index(t) for t in eos if t in w], default=len(w))] for w in want]
+    assert [plain_greedy(model, p, 12, eos) for p in PROMPTS] == cut
+    assert batch_greedy(model, PROMPTS, 12, eos) == cut
+    assert len(cut[1]) <= 3
+
+
+def test_batch_greedy_single_prompt_and_one_token():
+    model = tiny_model("llama", seed=2)
+    want = plain_greedy(model, PROMPTS[0], 6, {EOS_ID})
+    assert batch_greedy(model, [PROMPTS[0]], 6, {EOS_ID}) == [want]
+    assert batch_greedy(model, PROMPTS, 1, set()) == [
+        plain_greedy(model, p, 1, set()) for p in PROMPTS]
+
+
+def test_batch_greedy_padding_does_not_leak():
+    """A row's result does not depend on the other rows in its batch."""
+    model = tiny_model("qwen2", seed=3)
+    alone = [batch_greedy(model, [p], 10, set())[0] for p in PROMPTS]
+    assert batch_greedy(model, PROMPTS, 10, set()) == alone
+    assert batch_greedy(model, PROMPTS[::-1], 10, set()) == alone[::-1]
+
+
+def test_distill_writes_the_models_own_greedy_answers(folder):
+    records = [{"id": "a", "task": "chat", "prompt": "hi"},
+               {"id": "b", "task": "code", "prompt": "def f(x):"},
+               {"id": "c", "prompt": "Hello there, how are you?"}]
+    with pytest.warns(UserWarning):
+        out = distill(folder, records, max_tokens=8, batch_size=2, progress=False)
+        model, tokenizer = load(folder, precision="float32")
+    assert [{k: v for k, v in r.items() if k != "completion"} for r in out] == records
+    for record, result in zip(records, out, strict=True):
+        ids = encode_prompt_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
+        want = plain_greedy(model, ids, 8, set(tokenizer.eos_token_ids))
+        assert result["completion"] == tokenizer.decode(want)
+    json.dumps(out)  # ready for write_jsonl

@@ -1,0 +1,381 @@
+"""Stream training on tiny model folders: the loss rows of a batch, the loss against a
+per-example reference, frozen hidden states, lossless and task runs end to end (output
+folders load, greedy speculative == plain, the base stays exact in lossless mode),
+resuming from a checkpoint, bad input, and the `specstream train` command."""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_model
+from tiny_folder import make_tiny_folder
+
+from specstream_mlx import load
+from specstream_mlx.cli import main
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.convert.streams import STREAMS_FILE, init_streams
+from specstream_mlx.data import Example, load_examples, write_jsonl
+from specstream_mlx.decode import generate_step
+from specstream_mlx.errors import InputError
+from specstream_mlx.train import (
+    Sample,
+    TrainArgs,
+    evaluate,
+    frozen_hidden,
+    losses,
+    make_batch,
+    train,
+)
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def counting_records(n: int, seed: int) -> list[dict]:
+    """Learnable data: each completion counts up the alphabet from a random letter, so
+    token t+1+j follows from token t."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        i = rng.randrange(26)
+        run = "".join(LETTERS[(i + k) % 26] for k in range(rng.randint(10, 16)))
+        records.append({"prompt": f"count from {LETTERS[i]}", "completion": run})
+    return records
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A base folder (no streams) and train / valid JSONL files."""
+    root = tmp_path_factory.mktemp("train")
+    folder, model = make_tiny_folder(root / "base")
+    write_jsonl(root / "train.jsonl", counting_records(48, seed=0))
+    write_jsonl(root / "valid.jsonl", counting_records(8, seed=1))
+    return root, folder, model
+
+
+def small_args(root, folder, run: str, **overrides) -> TrainArgs:
+    settings = dict(data=str(root / "train.jsonl"), valid=str(root / "valid.jsonl"),
+                    model=str(folder), run_dir=str(root / run), num_streams=2, msa_layers=2,
+                    adapter_rank=4, pruning_rank=4, lr=1e-2, warmup=2, epochs=4,
+                    batch_size=8, max_length=96, steps_per_report=4, steps_per_eval=8,
+                    steps_per_checkpoint=100)
+    return TrainArgs(**{**settings, **overrides})
+
+
+def run_train(args: TrainArgs) -> tuple[dict, list[str]]:
+    logs: list[str] = []
+    with pytest.warns(UserWarning, match="no speculative streams"):
+        result = train(args, log=logs.append)
+    return result, logs
+
+
+def validations(logs: list[str]) -> list[dict]:
+    return [ast.literal_eval(line.split("validation: ", 1)[1])
+            for line in logs if "validation: " in line]
+
+
+def greedy(model, prompt: list[int], speculative: bool, max_tokens: int = 24) -> list[int]:
+    return [e.token for e in generate_step(model, prompt, max_tokens=max_tokens,
+                                           speculative=speculative)]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                              add_generation_prompt=True))
+
+
+# --- batch arithmetic -----------------------------------------------------------------
+
+
+def test_make_batch_rows_and_targets():
+    H = 4
+    s0 = Sample(np.arange(10, 17), 4, mx.random.normal((7, H)))  # prompt 10..13
+    s1 = Sample(np.arange(20, 25), 2, mx.random.normal((5, H)))  # prompt 20, 21
+    batch = make_batch([s0, s1], gamma=2)
+    T = 32  # padded to a multiple of 32
+    assert batch.hidden.shape == (2, T, H)
+    assert np.array_equal(np.array(batch.hidden[0, :7]), np.array(s0.hidden))
+    assert np.array_equal(np.array(batch.hidden[1, :5]), np.array(s1.hidden))
+    assert not np.array(batch.hidden[0, 7:]).any() and not np.array(batch.hidden[1, 5:]).any()
+    assert batch.positions.tolist() == list(range(T))
+    # Rows carrying streams start at the earliest last-prompt token (s1: t = 1).
+    first = 1
+    assert batch.stream_rows.tolist() == list(range(first, T - 1))
+    S = T - 1 - first
+    # Main rows: t = start-1 .. n-2 (the last prompt token predicts the first completion token).
+    assert batch.main_index.tolist() == [3, 4, 5, T + 1, T + 2, T + 3]
+    assert batch.main_target.tolist() == [14, 15, 16, 22, 23, 24]
+    # Stream j at row t targets t+1+j, only inside the sequence.
+    want = [  # (b, t, j, target)
+        (0, 3, 1, 15), (0, 3, 2, 16), (0, 4, 1, 16),
+        (1, 1, 1, 23), (1, 1, 2, 24), (1, 2, 1, 24),
+    ]
+    assert batch.stream_index.tolist() == [(b * S + t - first) * 2 + j - 1
+                                           for b, t, j, _ in want]
+    assert batch.stream_target.tolist() == [y for *_, y in want]
+    assert batch.stream_id.tolist() == [j - 1 for _, _, j, _ in want]
+    assert batch.tokens == 3 + 3  # completion tokens
+    # The first completion token is a target of main only: streams start one later.
+    assert 14 not in batch.stream_target.tolist() and 22 not in batch.stream_target.tolist()
+
+
+def test_make_batch_single_sample_first_row():
+    s = Sample(np.arange(40, 50), 6, mx.zeros((10, 3)))
+    batch = make_batch([s], gamma=3)
+    assert batch.stream_rows[0].item() == 5
+    assert batch.main_index.tolist() == list(range(5, 9))
+    assert batch.main_target.tolist() == list(range(46, 50))
+    assert batch.stream_target.tolist() == [47, 48, 49, 48, 49, 49]
+    assert batch.stream_id.tolist() == [0, 1, 2, 0, 1, 0]
+
+
+def test_losses_match_a_per_example_reference():
+    streams = StreamArgs(num_streams=2, msa_layers=2, adapter_rank=3, pruning_rank=4)
+    model = tiny_model("qwen2", seed=4, streams=streams)
+    # Non-zero stream adapters and pruning adapter, so every part takes part.
+    for adapter in model.streams.adapters:
+        for name, value in list(adapter.parameters().items()):
+            if name.endswith("_b"):
+                setattr(adapter, name, mx.random.normal(value.shape) * 0.1)
+    model.streams.pruning_up = mx.random.normal(model.streams.pruning_up.shape) * 0.1
+    rng = np.random.default_rng(0)
+    examples = [Example(rng.integers(3, 97, n).tolist(), start)
+                for n, start in [(12, 5), (7, 2), (20, 15)]]
+    samples = frozen_hidden(model, examples)
+    loss, (main_ce, per_stream, prune_ce, hits) = losses(
+        model, make_batch(samples, 2), 1.0, 0.5, 0.25)
+
+    def ce(logits, target):
+        return float(mx.logsumexp(logits) - logits[target])
+
+    main, stream, prune, hit = [], [[], []], [], [[], []]
+    for ex in examples:
+        tok, n = ex.tokens, len(ex.tokens)
+        logits, slogits = model(mx.array([tok]), stream_rows=mx.arange(n, dtype=mx.int32))
+        early = model.early_exit_logits(model.lower(mx.array([tok]), mx.arange(n)))
+        for t in range(ex.completion_start - 1, n - 1):
+            main.append(ce(logits[0, t], tok[t + 1]))
+            prune.append(ce(early[0, t], tok[t + 1]))
+            for j in (1, 2):
+                if t + 1 + j < n:
+                    stream[j - 1].append(ce(slogits[0, t, j - 1], tok[t + 1 + j]))
+                    hit[j - 1].append(mx.argmax(slogits[0, t, j - 1]).item() == tok[t + 1 + j])
+    np.testing.assert_allclose(main_ce.item(), np.mean(main), rtol=1e-4)
+    np.testing.assert_allclose(np.array(per_stream), [np.mean(s) for s in stream], rtol=1e-4)
+    np.testing.assert_allclose(prune_ce.item(), np.mean(prune), rtol=1e-4)
+    want = np.mean(main) + 0.5 * sum(np.mean(s) for s in stream) + 0.25 * np.mean(prune)
+    np.testing.assert_allclose(loss.item(), want, rtol=1e-4)
+    assert sum(np.array(hits).tolist()) == sum(map(sum, hit))
+    # Main weight 0 (lossless default) drops the main term.
+    loss0, _ = losses(model, make_batch(samples, 2), 0.0, 0.5, 0.25)
+    np.testing.assert_allclose(loss0.item(), want - np.mean(main), rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_tokens", [4096, 20, 1])
+def test_frozen_hidden_equals_lower_on_each_example_alone(batch_tokens):
+    model = tiny_model("llama", seed=5, streams=StreamArgs(num_streams=2, msa_layers=2))
+    rng = np.random.default_rng(1)
+    examples = [Example(rng.integers(3, 97, n).tolist(), max(1, n // 2))
+                for n in (9, 3, 17, 9, 5)]
+    samples = frozen_hidden(model, examples, batch_tokens=batch_tokens)
+    assert len(samples) == len(examples)
+    for ex, s in zip(examples, samples, strict=True):
+        assert s.tokens.tolist() == ex.tokens and s.start == ex.completion_start
+        alone = model.lower(mx.array([ex.tokens]), mx.arange(len(ex.tokens), dtype=mx.int32))
+        assert s.hidden.shape == (len(ex.tokens), 64)
+        np.testing.assert_allclose(np.array(s.hidden), np.array(alone[0]), rtol=1e-5, atol=1e-4)
+
+
+# --- end-to-end runs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lossless_run(workdir):
+    root, folder, _ = workdir
+    return run_train(small_args(root, folder, "lossless"))
+
+
+@pytest.fixture(scope="module")
+def task_run(workdir):
+    root, folder, _ = workdir
+    return run_train(small_args(root, folder, "task", mode="task"))
+
+
+def untrained(root, args: TrainArgs) -> dict:
+    """Validation metrics of freshly initialised streams, as training starts from."""
+    with pytest.warns(UserWarning):
+        model, tokenizer = load(args.model, precision="float32")
+    init_streams(model, StreamArgs(num_streams=args.num_streams, msa_layers=args.msa_layers,
+                                   pruning_rank=args.pruning_rank,
+                                   adapter_rank=args.adapter_rank), seed=args.seed)
+    valid = frozen_hidden(model, load_examples(args.valid, tokenizer, args.max_length))
+    return evaluate(model, valid, args)
+
+
+def test_lossless_validation_loss_decreases(workdir, lossless_run):
+    root, folder, _ = workdir
+    result, logs = lossless_run
+    evals = validations(logs)
+    assert len(evals) == 3  # 48 examples / 8 per batch * 4 epochs = 24 steps, every 8
+    assert result["valid_loss"] == evals[-1]["valid_loss"]
+    before = untrained(root, small_args(root, folder, "unused"))
+    assert evals[-1]["valid_loss"] < evals[0]["valid_loss"] < before["valid_loss"]
+    assert evals[-1]["valid_loss"] < 0.5 * before["valid_loss"]
+    assert np.mean(evals[-1]["valid_top1"]) > np.mean(before["valid_top1"]) + 0.3
+    assert any(line.startswith("step 24/24 loss") for line in logs)
+
+
+def test_lossless_output_keeps_the_base_model_exact(workdir, lossless_run):
+    root, folder, base = workdir
+    out = root / "lossless" / "model"
+    assert lossless_run[0]["output"] == str(out)
+    # Base weights and tokenizer are the input's; config.json only gains the stream block.
+    for f in folder.iterdir():
+        if f.name != "config.json":
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    config = json.loads((out / "config.json").read_text())
+    stream_block = config.pop("speculative_streaming")
+    assert config == json.loads((folder / "config.json").read_text())
+    assert stream_block["num_streams"] == 2 and stream_block["msa_layers"] == 2
+    assert stream_block["adapter_rank"] == 4 and not stream_block["main_sees_streams"]
+
+    model, tokenizer = load(out)
+    assert model.stream_args.num_streams == 2
+    # The streams were trained: stream-only adapters start at zero.
+    assert any(np.abs(np.array(a.q_proj_b)).max() > 0 for a in model.streams.adapters)
+    # The checkpoint's trainable parameters are what the folder holds.
+    saved = mx.load(str(root / "lossless" / "checkpoint" / "trainable.safetensors"))
+    on_disk = mx.load(str(out / STREAMS_FILE))
+    assert sorted(saved) == sorted(on_disk)
+    for k in saved:
+        assert np.array_equal(np.array(saved[k]), np.array(on_disk[k])), k
+    # Main logits are the base model's, with stream rows attached or not.
+    tokens = mx.array([prompt_ids(tokenizer, "count from c") + [5, 6, 7]])
+    n = tokens.shape[1]
+    want, _ = base(tokens)
+    got, streams = model(tokens, stream_rows=mx.arange(n, dtype=mx.int32))
+    assert streams is not None
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+    for text in ["count from c", "count from x", "hello"]:
+        ids = prompt_ids(tokenizer, text)
+        assert greedy(model, ids, True) == greedy(model, ids, False) == greedy(base, ids, False)
+
+
+def test_task_mode_fuses_and_changes_the_main_model(workdir, task_run):
+    root, folder, base = workdir
+    result, logs = task_run
+    out = root / "task" / "model"
+    assert result["output"] == str(out)
+    evals = validations(logs)
+    assert evals[-1]["valid_loss"] < evals[0]["valid_loss"]
+    weights = mx.load(str(out / "model.safetensors"))
+    assert not [k for k in weights if "lora" in k or k.startswith("streams")]
+    assert sorted(weights) == sorted(mx.load(str(folder / "model.safetensors")))
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculative_streaming"]["adapter_rank"] == 0  # LoRA is fused instead
+    # Layers below the stream layers are untouched; the top two changed.
+    original = mx.load(str(folder / "model.safetensors"))
+    for k, v in weights.items():
+        same = np.array_equal(np.array(v), np.array(original[k]))
+        if k.startswith("model.layers.") and "_proj" in k:
+            assert same == (int(k.split(".")[2]) < 2), k
+    model, tokenizer = load(out)
+    assert "lora" not in json.dumps([k for k, _ in model.parameters().items()])
+    tokens = mx.array([prompt_ids(tokenizer, "count from c")])
+    got, _ = model(tokens)
+    want, _ = base(tokens)
+    assert np.abs(np.array(got) - np.array(want)).max() > 1e-2
+    for text in ["count from c", "count from q", "hello"]:
+        ids = prompt_ids(tokenizer, text)
+        assert greedy(model, ids, True) == greedy(model, ids, False)
+
+
+def test_resume_continues_at_the_saved_step(workdir):
+    root, folder, _ = workdir
+    common = dict(valid=None, data=str(root / "train.jsonl"), epochs=1, batch_size=8,
+                  steps_per_report=1, steps_per_checkpoint=3)  # 6 steps
+    straight, _ = run_train(small_args(root, folder, "straight", **common))
+
+    class Stop(Exception):
+        pass
+
+    def crash_at_step_5(line: str) -> None:
+        if line.startswith("step 5/"):  # after step 5, before its checkpoint (if any)
+            raise Stop
+
+    args = small_args(root, folder, "resumed", **common)
+    with pytest.warns(UserWarning), pytest.raises(Stop):
+        train(args, log=crash_at_step_5)
+    ckpt = root / "resumed" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+    assert not (root / "resumed" / "model").exists()
+
+    args.resume = True
+    _, logs = run_train(args)
+    assert "resumed at step 3" in logs
+    steps = [int(line.split()[1].split("/")[0]) for line in logs if line.startswith("step ")]
+    assert steps == [4, 5, 6]
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+    want = mx.load(str(root / "straight" / "checkpoint" / "trainable.safetensors"))
+    got = mx.load(str(ckpt / "trainable.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), atol=1e-6, err_msg=k)
+    opt_want = mx.load(str(root / "straight" / "checkpoint" / "optimizer.safetensors"))
+    opt_got = mx.load(str(ckpt / "optimizer.safetensors"))
+    assert opt_got["step"].item() == opt_want["step"].item() == 6
+
+
+# --- bad input and the command line ---------------------------------------------------
+
+
+def test_no_usable_examples(workdir, tmp_path):
+    root, folder, _ = workdir
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"prompt": "only a prompt"}, {"messages": []}])
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="no usable examples"):
+        train(small_args(root, folder, "bad", data=str(bad), valid=None), log=lambda _: None)
+
+
+def test_bad_mode(workdir):
+    root, folder, _ = workdir
+    with pytest.raises(InputError, match="mode must be 'lossless' or 'task', got 'foo'"):
+        train(small_args(root, folder, "foo", mode="foo"), log=lambda _: None)
+
+
+def test_resume_without_checkpoint(workdir, tmp_path):
+    root, folder, _ = workdir
+    args = small_args(root, folder, "x", run_dir=str(tmp_path / "fresh"), resume=True,
+                      valid=None)
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="no checkpoint to resume"):
+        train(args, log=lambda _: None)
+
+
+def test_cli_train(workdir, tmp_path, capsys):
+    root, folder, _ = workdir
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, counting_records(8, seed=2))
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning):
+        code = main(["train", "--data", str(data), "--model", str(folder),
+                     "--run-dir", str(run_dir), "--epochs", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"streams written to {run_dir / 'model'}" in out
+    assert "step 1/1 loss" in out
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["speculative_streaming"]["num_streams"] == TrainArgs.num_streams
+    model, _ = load(run_dir / "model")
+    assert model.stream_args.msa_layers == TrainArgs.msa_layers
+
+
+def test_cli_train_bad_input(workdir, tmp_path, capsys):
+    root, folder, _ = workdir
+    code = main(["train", "--data", str(tmp_path / "missing.jsonl"), "--model", str(folder),
+                 "--run-dir", str(tmp_path / "run"), "--mode", "foo"])
+    assert code == 2
+    assert "error: mode must be" in capsys.readouterr().err
