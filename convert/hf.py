@@ -152,22 +152,24 @@ def _convert_gguf(path: Path, mlx_path: Path, options: ConvertOptions, force: bo
         return convert(raw, mlx_path, options, force=force)
 
 
-def resolve_source(path_or_hub_id: str | Path, patterns: list[str]) -> Path:
-    """A local folder as it is; `owner/name` downloaded from the hub (only `patterns`)."""
+def resolve_source(path_or_hub_id: str | Path, patterns: list[str],
+                   error: type[Exception] = ConversionError) -> Path:
+    """A local folder as it is; `owner/name` downloaded from the hub (only `patterns`).
+
+    Raises `error` (the caller's user-facing error type) for anything else.
+    """
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_hub_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise ConversionError(f"{text}: no such folder (nor a hub id like owner/name)")
+        raise error(f"{text}: folder not found (nor a hub id like owner/name)")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # offline, unknown or gated repository
-        raise ConversionError(
-            f"{text} is neither a local folder nor a downloadable hub id ({e})"
-        ) from None
+        raise error(f"{text} is neither a local folder nor a downloadable hub id ({e})") from None
 
 
 # --- the pipeline ----------------------------------------------------------------------

@@ -29,22 +29,11 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
         from .convert.embedded import ensure_embedded_model
 
         return ensure_default_streams(ensure_embedded_model())
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise ModelLoadError(f"model folder not found: {text}")
-    try:
-        from huggingface_hub import snapshot_download
+    from .convert.hf import resolve_source
 
-        patterns = ["*.json", "model*.safetensors", STREAMS_FILE, "tokenizer.model", "*.txt",
-                    "*.jinja"]
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated repo ...
-        raise ModelLoadError(
-            f"{text} is neither a local folder nor a downloadable hub model ({e})"
-        ) from e
+    patterns = ["*.json", "model*.safetensors", STREAMS_FILE, "tokenizer.model", "*.txt",
+                "*.jinja"]
+    return resolve_source(path_or_hub_id, patterns, ModelLoadError)
 
 
 # Trained streams shipped with the package for the embedded model (see README, Training).
