@@ -242,6 +242,9 @@ class Streams(nn.Module):
         super().__init__()
         hidden = model_args.hidden_size
         self.embeddings = mx.random.normal((args.num_streams, hidden)) * 0.02
+        # Training may keep `embeddings` at unit scale and put the hidden state's scale
+        # here (Adam's steps are ~lr per element); saving folds it back in.
+        self.embedding_scale = 1.0
         if args.pruning_rank > 0:
             self.pruning_down = mx.random.normal((args.pruning_rank, hidden)) * hidden**-0.5
             self.pruning_up = mx.zeros((hidden, args.pruning_rank))
@@ -360,7 +363,8 @@ class DecoderModel(nn.Module):
             stream_pos = positions[stream_rows][:, None] + mx.arange(1, g + 1)
             rows = Rows(mx.concatenate([positions, stream_pos.reshape(-1)]), mask, cache, L)
             # S[t, j] = M[t] + P[j]: (B, S, g, hidden)
-            s = mx.take(h, stream_rows, axis=1)[:, :, None, :] + self.streams.embeddings
+            P = self.streams.embeddings * self.streams.embedding_scale
+            s = mx.take(h, stream_rows, axis=1)[:, :, None, :] + P
             h = mx.concatenate([h, s.reshape(B, -1, h.shape[-1])], axis=1)
         for i in range(self.split, len(self.layers)):
             adapter = self.streams.adapter(i - self.split) if streams else None
