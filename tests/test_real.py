@@ -36,7 +36,7 @@ def real_text_tokens(tokenizer, n: int) -> list[int]:
     return tokenizer.encode(inspect.getsource(json))[:n]
 
 
-def test_default_model_has_untrained_streams_and_fp32_on_cpu(smollm):
+def test_default_model_has_streams_and_fp32_on_cpu(smollm):
     model, _ = smollm
     assert model.stream_args is not None
     if mx.default_device() == mx.cpu:
