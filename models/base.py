@@ -185,8 +185,8 @@ class StreamAdapter(nn.Module):
     def __init__(self, args, rank: int, scale: float):
         super().__init__()
         hidden = args.hidden_size
-        q_out = args.num_attention_heads * (args.head_dim or hidden // args.num_attention_heads)
-        kv_out = args.num_key_value_heads * (args.head_dim or hidden // args.num_attention_heads)
+        head_dim = args.head_dim or hidden // args.num_attention_heads
+        q_out, kv_out = args.num_attention_heads * head_dim, args.num_key_value_heads * head_dim
         dims = {
             "q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
             "o_proj": (q_out, hidden), "gate_proj": (hidden, args.intermediate_size),

@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten
 
 from .blas import blas_info
 from .cache import KVCache
-from .data import encode_prompt_messages, read_jsonl
+from .data import read_jsonl
 from .errors import InputError
-from .generate import stream_generate
+from .generate import encode_prompt, stream_generate
 from .loader import describe_model, load, resolve_path, set_precision
 from .tree import DraftTree
 
@@ -152,8 +152,7 @@ def bench(args: BenchArgs, log=print) -> dict:
 
         ref, _ = mlx_lm_load(str(path))
         ref_precision = set_precision(ref, args.mlx_lm_precision)
-    prompts = [encode_prompt_messages(tokenizer, [{"role": "user", "content": r["prompt"]}])
-               for r in records]
+    prompts = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
     timed_run(model, tokenizer, prompts[0], args, True)  # warm-up, not reported
     timed_run(model, tokenizer, prompts[0], args, False)
     rows = []

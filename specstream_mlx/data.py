@@ -235,12 +235,12 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     are the right targets. Prompts are batched by similar length; with `out_path`, each
     finished batch is appended there at once (a long run is usable before it ends).
     """
+    from .generate import encode_prompt
     from .loader import load
 
     model, tokenizer = load(model_path, precision="float32")
     eos = set(tokenizer.eos_token_ids)
-    ids = [encode_prompt_messages(tokenizer, [{"role": "user", "content": r["prompt"]}])
-           for r in records]
+    ids = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(ids[i]))
     done: list[dict] = []
     if out_path is not None:

@@ -43,7 +43,7 @@ SHIPPED_STREAMS = Path(__file__).parent / "assets" / "smollm2-135m-instruct"
 def ensure_default_streams(path: Path) -> Path:
     """Give the embedded model the shipped trained streams (untrained ones when the
     package has none), so the speculative path always runs."""
-    from .convert.streams import CONFIG_KEY, init_streams, save_streams, write_json_atomic
+    from .convert.streams import init_streams, save_streams, write_json_atomic
 
     shipped = SHIPPED_STREAMS / STREAMS_FILE
     target = path / STREAMS_FILE
@@ -148,7 +148,7 @@ def describe_model(model: nn.Module) -> str:
         f"{sa.num_streams} streams in the top {sa.msa_layers} layers, tree budget "
         f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
     )
-    precision = getattr(model, "precision", describe_precision(model))
+    precision = getattr(model, "precision", None) or describe_precision(model)
     device = str(mx.default_device()).removeprefix("Device(").split(",")[0]
     blas = f" via {blas_info()}" if mx.default_device() == mx.cpu else ""
     return (f"{model.model_type}, {len(model.layers)} layers, {precision} weights on "

@@ -19,7 +19,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -65,7 +65,6 @@ class TrainArgs:
     resume: bool = False
     tree_budget: int = 6
     top_k: int = 3
-    extra: dict = field(default_factory=dict)
 
     def weights(self) -> tuple[float, float]:
         main = self.main_weight if self.main_weight is not None else float(self.mode == "task")
@@ -88,10 +87,11 @@ def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096) -> l
     i = 0
     while i < len(order):
         # Sorted by length, so the group's last example sets its padded length.
-        n = 1
-        while i + n < len(order) and (n + 1) * len(examples[order[i + n]].tokens) <= batch_tokens:
-            n += 1
-        group = order[i : i + n]
+        size = 1
+        while (i + size < len(order)
+               and (size + 1) * len(examples[order[i + size]].tokens) <= batch_tokens):
+            size += 1
+        group = order[i : i + size]
         T = len(examples[group[-1]].tokens)
         tokens = np.zeros((len(group), T), dtype=np.int32)
         for row, j in enumerate(group):
@@ -265,7 +265,7 @@ def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
 
 
 def write_output(model, source: Path, out: Path, args: TrainArgs) -> Path:
-    """A model folder with the trained streams: the base files (linked when lossless,
+    """A model folder with the trained streams: the base files (copied when lossless,
     rewritten with fused weights in task mode), streams.safetensors and config block."""
     if out.exists():
         shutil.rmtree(out)
@@ -283,11 +283,8 @@ def write_output(model, source: Path, out: Path, args: TrainArgs) -> Path:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
         (out / "config.json").write_text(json.dumps(config, indent=2))
-    scale = model.streams.embedding_scale
-    fold_embedding_scale(model)
+    fold_embedding_scale(model)  # same P, stored as the file format wants
     save_streams(model, out)
-    model.streams.embeddings = model.streams.embeddings / scale
-    model.streams.embedding_scale = scale
     return out
 
 

@@ -19,8 +19,6 @@ HELP = {
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainArgs):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=HELP.get(f.name))
@@ -33,7 +31,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    values = {f.name: getattr(args, f.name) for f in fields(TrainArgs) if f.name != "extra"}
+    values = {f.name: getattr(args, f.name) for f in fields(TrainArgs)}
     result = train(TrainArgs(**values))
     print(f"streams written to {result['output']}")
     return 0
