@@ -236,6 +236,7 @@ class Streams(nn.Module):
     embeddings: (gamma, hidden) stream-identifier embeddings P[j], added where streams start.
     pruning_down / pruning_up: rank-r residual adapter o(h) = h + up(down(h)) on the hidden
     state entering the stream layers; LMHead(o(h)) estimates the next token early.
+    draft_vocab: (V_d,) int32 token ids the streams draft from (with draft_vocab_size > 0).
     """
 
     def __init__(self, args: StreamArgs, model_args):
@@ -248,6 +249,8 @@ class Streams(nn.Module):
         if args.pruning_rank > 0:
             self.pruning_down = mx.random.normal((args.pruning_rank, hidden)) * hidden**-0.5
             self.pruning_up = mx.zeros((hidden, args.pruning_rank))
+        if args.draft_vocab_size > 0:  # replaced by the trained/loaded ids
+            self.draft_vocab = mx.arange(args.draft_vocab_size, dtype=mx.int32)
         if args.adapter_rank > 0:  # adapters[i] belongs to MSA layer i (layer N - N_s + i)
             self.adapters = [
                 StreamAdapter(model_args, args.adapter_rank, args.adapter_scale)
@@ -302,6 +305,11 @@ class DecoderModel(nn.Module):
     def attach_streams(self, stream_args: StreamArgs) -> None:
         """Add freshly initialised stream parameters (load trained ones afterwards)."""
         stream_args.validate(len(self.layers))
+        if stream_args.draft_vocab_size > self.args.vocab_size:
+            raise ModelLoadError(
+                f"draft_vocab_size ({stream_args.draft_vocab_size}) exceeds the model's "
+                f"vocabulary ({self.args.vocab_size})"
+            )
         self.stream_args = stream_args
         self.streams = Streams(stream_args, self.args)
 
@@ -374,9 +382,47 @@ class DecoderModel(nn.Module):
             return h, None
         return h[:, :L], h[:, L:].reshape(B, -1, self.stream_args.num_streams, h.shape[-1])
 
+    def draft_logits(self, h: mx.array) -> mx.array:
+        """Stream rows' logits over the draft vocabulary: (..., hidden) -> (..., V_d), or
+        the full head (..., vocab) without one. Map indices back with `draft_tokens`."""
+        if self.stream_args is None or "draft_vocab" not in self.streams:
+            return self.head(h)
+        return h @ self._draft_weight().T
+
+    def draft_tokens(self, idx: mx.array) -> mx.array:
+        """Indices into the draft vocabulary -> token ids (identity without one)."""
+        if self.stream_args is None or "draft_vocab" not in self.streams:
+            return idx
+        return self.streams.draft_vocab[idx]
+
+    def _draft_weight(self) -> mx.array:
+        """The head's rows for the draft vocabulary, (V_d, hidden), gathered once per
+        vocabulary: a dense copy (dequantized if needed) a few MB in size."""
+        ids = self.streams.draft_vocab
+        source = (self.model.embed_tokens if self.args.tie_word_embeddings
+                  else self.lm_head).weight  # a new array after a precision change
+        cached = self.__dict__.get("_draft_cache")
+        if cached is None or cached[0] is not ids or cached[1] is not source:
+            if self.args.tie_word_embeddings:
+                w = self.model.embed_tokens(ids)  # dequantizes a quantized embedding
+            elif isinstance(self.lm_head, nn.QuantizedLinear):
+                q = self.lm_head
+                biases = q["biases"][ids] if "biases" in q else None
+                w = mx.dequantize(q.weight[ids], q.scales[ids], biases, group_size=q.group_size,
+                                  bits=q.bits, mode=getattr(q, "mode", "affine"))
+            else:
+                w = self.lm_head.weight[ids]
+            w = w.astype(self.model.norm.weight.dtype)
+            mx.eval(w)
+            # A plain attribute, not a parameter: it must not be saved or trained.
+            cached = (ids, source, w)
+            object.__setattr__(self, "_draft_cache", cached)
+        return cached[2]
+
     def early_exit_logits(self, h: mx.array) -> mx.array:
-        """Pruning estimate from the hidden state entering the MSA layers: (..., vocab)."""
-        return self.head(self.model.norm(self.streams.early_exit(h)))
+        """Pruning estimate from the hidden state entering the MSA layers, over the draft
+        vocabulary: (..., V_d) (or (..., vocab) without one)."""
+        return self.draft_logits(self.model.norm(self.streams.early_exit(h)))
 
     def __call__(self, tokens, positions=None, tree_mask=None, cache=None, stream_rows=None):
         """Logits of main rows (B, L, vocab) and of stream rows (B, S, gamma, vocab) or None.

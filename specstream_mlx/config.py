@@ -22,6 +22,9 @@ class StreamArgs:
     adapter_scale:     scale applied to the stream-only adapters' output.
     tree_budget:       default number of draft nodes per pass (the root is extra).
     top_k:             default candidates taken from each stream.
+    draft_vocab_size:  streams draft from this many token ids (`streams.draft_vocab`, the
+                       most frequent tokens of the training data); 0 means the full vocab.
+                       Verification always uses the full head, so this stays lossless.
     """
 
     num_streams: int = 3
@@ -32,6 +35,7 @@ class StreamArgs:
     adapter_scale: float = 1.0
     tree_budget: int = 6
     top_k: int = 3
+    draft_vocab_size: int = 0
 
     @classmethod
     def from_dict(cls, params: dict) -> StreamArgs:
@@ -50,6 +54,11 @@ class StreamArgs:
             raise ModelLoadError(
                 f"msa_layers must be in 1..{num_hidden_layers} (the model's layers), "
                 f"got {self.msa_layers}"
+            )
+        if self.draft_vocab_size < 0 or 0 < self.draft_vocab_size < self.top_k:
+            raise ModelLoadError(
+                f"draft_vocab_size must be 0 (full vocabulary) or >= top_k ({self.top_k}), "
+                f"got {self.draft_vocab_size}"
             )
         if self.tree_budget < 0 or self.top_k < 1:
             raise ModelLoadError(

@@ -184,9 +184,16 @@ def load_streams(model: nn.Module, path: Path, config: dict) -> None:
                 f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
                 f"the model needs {tuple(value.shape)}"
             )
+    ids = tensors.get("streams.draft_vocab")
+    if ids is not None and (mx.issubdtype(ids.dtype, mx.floating) or ids.size == 0
+                            or ids.min().item() < 0
+                            or ids.max().item() >= model.args.vocab_size):
+        raise ModelLoadError(f"{file}: streams.draft_vocab must hold token ids in "
+                             f"0..{model.args.vocab_size - 1}")
     dtype = model.model.norm.weight.dtype
-    model.streams.load_weights([(k.removeprefix("streams."), v.astype(dtype))
-                                for k, v in tensors.items()], strict=False)
+    model.streams.load_weights(
+        [(k.removeprefix("streams."), v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating)
+          else v) for k, v in tensors.items()], strict=False)
     mx.eval(model.streams.parameters())
 
 

@@ -14,6 +14,7 @@ entering layer N - N_s are computed once and training runs the top layers only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -65,6 +66,7 @@ class TrainArgs:
     resume: bool = False
     tree_budget: int = 6
     top_k: int = 3
+    draft_vocab: int = 8192  # 0: streams draft from the whole vocabulary
 
     def weights(self) -> tuple[float, float]:
         main = self.main_weight if self.main_weight is not None else float(self.mode == "task")
@@ -107,24 +109,90 @@ def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096) -> l
     return samples
 
 
+def build_draft_vocab(examples: list[Example], size: int, vocab_size: int) -> np.ndarray:
+    """The `size` token ids the streams will draft from: the most frequent tokens of the
+    training examples (prompts included: completions copy from them), then the lowest
+    unseen ids (BPE gives low ids to frequent merges). (size,) int32, ascending."""
+    size = min(size, vocab_size)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for e in examples:
+        np.add.at(counts, np.asarray(e.tokens), 1)
+    # Stable sort: ties (e.g. unseen tokens) keep ascending id order.
+    order = np.argsort(-counts, kind="stable")
+    return np.sort(order[:size]).astype(np.int32)
+
+
+def vocab_lookup(draft_vocab: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """Token id -> index in the draft vocabulary, -1 outside it: (vocab_size,)."""
+    if draft_vocab is None:
+        return np.arange(vocab_size, dtype=np.int64)
+    lookup = np.full(vocab_size, -1, dtype=np.int64)
+    lookup[draft_vocab] = np.arange(len(draft_vocab))
+    return lookup
+
+
+def cached_hidden(model, examples: list[Example], cache: Path, key: str, log=print
+                  ) -> list[Sample]:
+    """`frozen_hidden`, stored in `cache` (safetensors) and reused while `key` (the base
+    model and the exact token sequences) is unchanged: resuming or re-running a training
+    skips the frozen layers' minutes of work."""
+    if cache.exists():
+        tensors, meta = mx.load(str(cache), return_metadata=True)
+        if meta.get("key") == key and len(tensors) == len(examples):
+            log(f"frozen hidden states reused from {cache}")
+            return [Sample(np.array(e.tokens), e.completion_start, tensors[str(i)])
+                    for i, e in enumerate(examples)]
+    samples = frozen_hidden(model, examples)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".tmp-{cache.name}")
+    mx.save_safetensors(str(tmp), {str(i): s.hidden for i, s in enumerate(samples)},
+                        metadata={"key": key})
+    tmp.replace(cache)
+    return samples
+
+
+def hidden_key(source: Path, split: int, examples: list[Example]) -> str:
+    """Identity of a frozen-hidden cache: model weights, split layer and token data."""
+    h = hashlib.sha256(f"{source.resolve()}|{split}".encode())
+    for f in sorted(source.glob("*.safetensors")):
+        if f.name != STREAMS_FILE:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for e in examples:
+        h.update(np.asarray(e.tokens, dtype=np.int32).tobytes())
+        h.update(str(e.completion_start).encode())
+    return h.hexdigest()
+
+
 @dataclass
 class Batch:
-    """Padded samples: hidden (B, T, hidden), tokens (B, T), gather indices for the loss."""
+    """Padded samples: hidden (B, T, hidden), tokens (B, T), gather indices for the loss.
+
+    Stream and pruning targets are indices into the draft vocabulary; targets outside it
+    cannot be drafted, so they are left out of the loss and counted in `stream_missed`.
+    """
 
     hidden: mx.array
     positions: mx.array
     stream_rows: mx.array
     main_index: mx.array  # (M,) flat (b, t) rows predicting their next token
-    main_target: mx.array  # (M,)
-    stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a target
-    stream_target: mx.array  # (K,)
+    main_target: mx.array  # (M,) token ids
+    prune_index: mx.array  # (P,) the main rows whose next token is in the draft vocab
+    prune_target: mx.array  # (P,) draft-vocabulary indices
+    stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a draftable target
+    stream_target: mx.array  # (K,) draft-vocabulary indices
     stream_id: np.ndarray  # (K,) which stream each target belongs to
+    stream_missed: np.ndarray  # (gamma,) targets per stream outside the draft vocab
     tokens: int  # completion tokens in the batch
 
 
-def make_batch(samples: list[Sample], gamma: int) -> Batch:
+def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = None) -> Batch:
     """Loss rows: position t predicts t+1 (main) and t+1+j (stream j), for targets
-    inside the completion; t starts at the last prompt token, which drafts too."""
+    inside the completion; t starts at the last prompt token, which drafts too.
+    lookup: token id -> draft-vocabulary index or -1 (see `vocab_lookup`); None: the
+    whole vocabulary."""
+    if lookup is None:
+        lookup = np.arange(max(int(s.tokens.max()) for s in samples) + 1)
     B = len(samples)
     T = -(-max(len(s.tokens) for s in samples) // 32) * 32  # few distinct shapes
     hidden = mx.zeros((B, T, samples[0].hidden.shape[-1]), dtype=samples[0].hidden.dtype)
@@ -133,7 +201,8 @@ def make_batch(samples: list[Sample], gamma: int) -> Batch:
     first = max(0, min(s.start for s in samples) - 1)
     rows = np.arange(first, T - 1)
     S = len(rows)
-    main_idx, main_tgt, st_idx, st_tgt, st_id = [], [], [], [], []
+    main_idx, main_tgt, pr_idx, pr_tgt, st_idx, st_tgt, st_id = [], [], [], [], [], [], []
+    missed = np.zeros(gamma, dtype=np.int64)
     for b, s in enumerate(samples):
         n = len(s.tokens)
         for si, t in enumerate(rows):
@@ -141,14 +210,22 @@ def make_batch(samples: list[Sample], gamma: int) -> Batch:
                 continue
             main_idx.append(b * T + t)
             main_tgt.append(s.tokens[t + 1])
+            if lookup[s.tokens[t + 1]] >= 0:
+                pr_idx.append(b * T + t)
+                pr_tgt.append(lookup[s.tokens[t + 1]])
             for j in range(1, gamma + 1):
                 if t + 1 + j < n:
+                    target = lookup[s.tokens[t + 1 + j]]
+                    if target < 0:
+                        missed[j - 1] += 1
+                        continue
                     st_idx.append((b * S + si) * gamma + (j - 1))
-                    st_tgt.append(s.tokens[t + 1 + j])
+                    st_tgt.append(target)
                     st_id.append(j - 1)
     as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
     return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
-                 as_int(main_tgt), as_int(st_idx), as_int(st_tgt), np.array(st_id),
+                 as_int(main_tgt), as_int(pr_idx), as_int(pr_tgt), as_int(st_idx),
+                 as_int(st_tgt), np.array(st_id, dtype=np.int64), missed,
                  sum(len(s.tokens) - s.start for s in samples))
 
 
@@ -159,7 +236,7 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
     hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows)
     H = hm.shape[-1]
     gamma = hs.shape[2]
-    stream_logits = model.head(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
+    stream_logits = model.draft_logits(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
     stream_ce = nn.losses.cross_entropy(stream_logits, batch.stream_target)
     one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])  # (K, gamma)
     per_stream = (stream_ce[:, None] * one_hot).sum(0) / mx.maximum(one_hot.sum(0), 1)
@@ -170,10 +247,10 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
         main_ce = nn.losses.cross_entropy(main_logits, batch.main_target).mean()
         loss = loss + main_weight * main_ce
     prune_ce = mx.array(0.0)
-    if pruning_weight and "pruning_down" in model.streams:
-        lower = mx.take(batch.hidden.reshape(-1, H), batch.main_index, axis=0)
+    if pruning_weight and "pruning_down" in model.streams and batch.prune_index.size:
+        lower = mx.take(batch.hidden.reshape(-1, H), batch.prune_index, axis=0)
         prune_ce = nn.losses.cross_entropy(model.early_exit_logits(lower),
-                                           batch.main_target).mean()
+                                           batch.prune_target).mean()
         loss = loss + pruning_weight * prune_ce
     hits = mx.argmax(stream_logits, axis=-1) == batch.stream_target
     return loss, (main_ce, per_stream, prune_ce, hits)
@@ -187,12 +264,15 @@ def batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[S
     return groups
 
 
-def evaluate(model, samples: list[Sample], args: TrainArgs) -> dict:
-    """Validation loss and each stream's top-1 accuracy on held-out samples."""
+def evaluate(model, samples: list[Sample], args: TrainArgs,
+             lookup: np.ndarray | None = None) -> dict:
+    """Validation loss and each stream's top-1 accuracy on held-out samples (a target
+    outside the draft vocabulary counts as a miss)."""
     gamma = model.stream_args.num_streams
     hits, counts, total, n = np.zeros(gamma), np.zeros(gamma), 0.0, 0
     for group in batches(samples, args.batch_size, random.Random(0)):
-        batch = make_batch(group, gamma)
+        batch = make_batch(group, gamma, lookup)
+        counts += batch.stream_missed
         loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight)
         mx.eval(loss, hit)
         hit = np.array(hit)
@@ -228,6 +308,7 @@ def trainable(model, args: TrainArgs) -> None:
     """Freeze the base model; unfreeze streams (and task-mode LoRA in the top layers)."""
     model.freeze()
     model.streams.unfreeze()
+    model.streams.freeze(keys=["draft_vocab"], strict=False)  # token ids, not weights
     if args.mode == "task":
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -301,17 +382,33 @@ def train(args: TrainArgs, log=print) -> dict:
                              pruning_rank=args.pruning_rank,
                              adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
                              adapter_scale=args.adapter_scale, tree_budget=args.tree_budget,
-                             top_k=args.top_k)
-    init_streams(model, stream_args, seed=args.seed)
+                             top_k=args.top_k, draft_vocab_size=0)
     train_ex = load_examples(args.data, tokenizer, args.max_length)
     valid_ex = load_examples(args.valid, tokenizer, args.max_length)[: args.max_valid] \
         if args.valid else []
+    vocab_size = model.args.vocab_size
+    draft_vocab = None
+    if 0 < args.draft_vocab < vocab_size:
+        draft_vocab = build_draft_vocab(train_ex, args.draft_vocab, vocab_size)
+        stream_args.draft_vocab_size = len(draft_vocab)
+    init_streams(model, stream_args, seed=args.seed)
+    if draft_vocab is not None:
+        model.streams.draft_vocab = mx.array(draft_vocab)
+    lookup = vocab_lookup(draft_vocab, vocab_size)
+    if draft_vocab is not None:
+        valid_tokens = [t for e in valid_ex for t in e.tokens[e.completion_start:]]
+        cover = np.mean(lookup[valid_tokens] >= 0) if valid_tokens else float("nan")
+        log(f"streams draft from the {len(draft_vocab)} most frequent training tokens "
+            f"(of {vocab_size}); they cover {cover:.1%} of held-out completion tokens")
     log(f"{len(train_ex)} training examples "
         f"({sum(e.completion_tokens for e in train_ex)} completion tokens), "
         f"{len(valid_ex)} held-out; computing frozen hidden states of layers "
         f"0..{len(model.layers) - args.msa_layers - 1} once")
     tic = time.perf_counter()
-    train_set, valid_set = frozen_hidden(model, train_ex), frozen_hidden(model, valid_ex)
+    train_set, valid_set = (
+        cached_hidden(model, ex, run_dir / f"hidden-{name}.safetensors",
+                      hidden_key(source, model.split, ex), log)
+        for name, ex in (("train", train_ex), ("valid", valid_ex)))
     log(f"hidden states ready in {time.perf_counter() - tic:.0f} s")
     scale_stream_embeddings(model, train_set, args.seed)
     trainable(model, args)
@@ -334,7 +431,7 @@ def train(args: TrainArgs, log=print) -> dict:
         plan += batches(train_set, args.batch_size, rng)
     metrics, window_tokens, window_tic, running = {}, 0, time.perf_counter(), []
     for step in range(state["step"], total):
-        batch = make_batch(plan[step], gamma)
+        batch = make_batch(plan[step], gamma, lookup)
         (loss, (main_ce, per_stream, prune_ce, _)), grads = loss_and_grad(model, batch)
         optimizer.update(model, grads)
         mx.eval(loss, per_stream, model.trainable_parameters(), optimizer.state)
@@ -350,7 +447,7 @@ def train(args: TrainArgs, log=print) -> dict:
                 f"{tps:.0f} tokens/s")
             running, window_tokens, window_tic = [], 0, time.perf_counter()
         if valid_set and (done % args.steps_per_eval == 0 or done == total):
-            metrics = evaluate(model, valid_set, args)
+            metrics = evaluate(model, valid_set, args, lookup)
             log(f"step {done} validation: {metrics}")
         if done % args.steps_per_checkpoint == 0 or done == total:
             save_checkpoint(run_dir, model, optimizer, {

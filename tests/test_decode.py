@@ -5,8 +5,10 @@ the distribution, and bad input is refused."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, reference_model, tiny_model
@@ -483,3 +485,65 @@ def test_main_sees_streams_prefill_matches_full_pass():
     logits, _ = prefill(model, cache, PROMPT, 512, True)
     full, _ = model(mx.array([PROMPT]), stream_rows=mx.arange(len(PROMPT)))
     np.testing.assert_allclose(np.array(logits), np.array(full[0, -1]), atol=1e-4)
+
+
+# --- draft vocabulary -----------------------------------------------------------------------
+
+
+def with_draft_vocab(model, ids: list[int]) -> None:
+    """Give the model's streams a draft vocabulary (as training and loading do)."""
+    # A copy: STREAMS is shared by the other tests.
+    model.stream_args = replace(model.stream_args, draft_vocab_size=len(ids))
+    model.streams.draft_vocab = mx.array(ids, dtype=mx.int32)
+
+
+def test_draft_logits_are_the_head_rows_of_the_draft_vocab(arch):
+    model = tiny_model(arch, seed=3, streams=STREAMS)
+    ids = [5, 9, 2, 40, 77, 96]
+    h = mx.random.normal((4, model.args.hidden_size))
+    full = np.array(model.draft_logits(h))  # no draft vocab: the full head
+    np.testing.assert_allclose(full, np.array(model.head(h)), rtol=1e-6)
+    with_draft_vocab(model, ids)
+    np.testing.assert_allclose(np.array(model.draft_logits(h)), full[:, ids], rtol=1e-5,
+                               atol=1e-5)
+    assert model.draft_tokens(mx.array([[0, 3], [5, 1]])).tolist() == [[5, 40], [96, 9]]
+    # The gathered rows follow a precision change of the head.
+    model.set_dtype(mx.float16)
+    assert model.draft_logits(h.astype(mx.float16)).dtype == mx.float16
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"], ids=["untied", "tied"])
+def test_draft_logits_of_a_quantized_head(arch):
+    """Quantized heads (QuantizedLinear, tied QuantizedEmbedding) give their rows too."""
+    model = tiny_model(arch, seed=4, streams=STREAMS)
+    nn.quantize(model, group_size=32, bits=8,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    ids = [1, 7, 33, 64, 90]
+    with_draft_vocab(model, ids)
+    h = mx.random.normal((2, model.args.hidden_size))
+    np.testing.assert_allclose(np.array(model.draft_logits(h)),
+                               np.array(model.head(h))[:, ids], rtol=1e-4, atol=1e-4)
+
+
+def test_stream_candidates_come_from_the_draft_vocab():
+    model = tiny_model("llama", seed=8, streams=STREAMS)
+    ids = list(range(3, 97, 4))
+    with_draft_vocab(model, ids)
+    hs = mx.random.normal((3, model.args.hidden_size))
+    cand, lp = stream_candidates(model, hs, 3)
+    logits = np.array(model.head(hs))[:, ids]
+    want = np.array(ids)[np.argsort(-logits, axis=-1)[:, :3]]
+    assert np.array(cand).tolist() == want.tolist()
+    assert np.all(np.diff(np.array(lp), axis=-1) <= 0)
+
+
+@pytest.mark.parametrize("budget", [2, 6])
+def test_greedy_speculative_with_a_draft_vocab_equals_plain(arch, budget):
+    """Verification keeps the full vocabulary: a draft vocab can only change speed."""
+    model = tiny_model(arch, seed=11, streams=STREAMS)
+    expected = plain(model, PROMPT, 32)
+    # Half the vocabulary, so some true next tokens cannot be drafted at all.
+    with_draft_vocab(model, list(range(0, 97, 2)))
+    events = list(generate_step(model, PROMPT, max_tokens=32, tree_budget=budget))
+    assert tokens_of(events) == expected
+    assert all(t % 2 == 0 for e in events if e.from_draft for t in [e.token])

@@ -83,6 +83,27 @@ def test_streams_round_trip(streams_folder):
         np.testing.assert_array_equal(np.array(loaded[name]), np.array(value), err_msg=name)
 
 
+def test_draft_vocab_round_trip_keeps_integer_ids(tmp_path):
+    streams = StreamArgs(num_streams=2, msa_layers=2, draft_vocab_size=5)
+    folder, original = make_tiny_folder(tmp_path / "dv", streams=streams)
+    original.streams.draft_vocab = mx.array([4, 8, 15, 16, 23], dtype=mx.int32)
+    save_streams(original, folder)
+    model, _ = load(folder, precision="float16")
+    assert model.stream_args.draft_vocab_size == 5
+    assert model.streams.draft_vocab.dtype == mx.int32
+    assert model.streams.draft_vocab.tolist() == [4, 8, 15, 16, 23]
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3, 97], [-1, 1, 2, 3, 4]])
+def test_draft_vocab_outside_the_vocabulary_is_refused(tmp_path, ids):
+    streams = StreamArgs(num_streams=2, msa_layers=2, draft_vocab_size=5)
+    folder, original = make_tiny_folder(tmp_path / "dv", streams=streams)
+    original.streams.draft_vocab = mx.array(ids, dtype=mx.int32)
+    save_streams(original, folder)
+    with pytest.raises(ModelLoadError, match="draft_vocab must hold token ids in 0..96"):
+        load(folder)
+
+
 def test_loaded_logits_equal_the_original_model(streams_folder):
     folder, original = streams_folder
     model, _ = load(folder, precision="float32")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -25,11 +26,13 @@ from specstream_mlx.errors import InputError
 from specstream_mlx.train import (
     Sample,
     TrainArgs,
+    build_draft_vocab,
     evaluate,
     frozen_hidden,
     losses,
     make_batch,
     train,
+    vocab_lookup,
 )
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -131,6 +134,67 @@ def test_make_batch_single_sample_first_row():
     assert batch.main_target.tolist() == list(range(46, 50))
     assert batch.stream_target.tolist() == [47, 48, 49, 48, 49, 49]
     assert batch.stream_id.tolist() == [0, 1, 2, 0, 1, 0]
+
+
+def test_build_draft_vocab_takes_the_most_frequent_then_the_lowest_ids():
+    examples = [Example([9, 9, 9, 4, 4, 7], 2), Example([7, 9, 50], 1)]
+    # counts: 9 x4, 7 x2, 4 x2, 50 x1; ties and the fill keep ascending ids.
+    assert build_draft_vocab(examples, 3, 100).tolist() == [4, 7, 9]
+    assert build_draft_vocab(examples, 6, 100).tolist() == [0, 1, 4, 7, 9, 50]
+    assert build_draft_vocab(examples, 500, 100).tolist() == list(range(100))
+    lookup = vocab_lookup(np.array([4, 7, 9]), 12)
+    assert lookup.tolist() == [-1, -1, -1, -1, 0, -1, -1, 1, -1, 2, -1, -1]
+
+
+def test_make_batch_maps_targets_into_the_draft_vocab_and_counts_misses():
+    s = Sample(np.array([1, 2, 3, 10, 11, 12, 13, 14]), 3, mx.zeros((8, 3)))
+    lookup = vocab_lookup(np.array([1, 2, 3, 11, 13]), 20)
+    batch = make_batch([s], gamma=2, lookup=lookup)
+    # main rows t = 2..6 predict 10, 11, 12, 13, 14 (all kept: main uses the full head)
+    assert batch.main_target.tolist() == [10, 11, 12, 13, 14]
+    # pruning keeps in-vocab next tokens only: 11 (t=3) and 13 (t=5) -> indices 3, 4
+    assert batch.prune_index.tolist() == [3, 5] and batch.prune_target.tolist() == [3, 4]
+    # stream j at t targets t+1+j: (2,1)->11 (2,2)->12x (3,1)->12x (3,2)->13 (4,1)->13
+    # (4,2)->14x (5,1)->14x (x: outside, missed); row (t - first) * gamma + j - 1, first 2
+    assert batch.stream_index.tolist() == [0, 3, 4]
+    assert batch.stream_target.tolist() == [3, 4, 4]
+    assert batch.stream_id.tolist() == [0, 1, 0]
+    assert batch.stream_missed.tolist() == [2, 2]
+
+
+def test_losses_over_a_draft_vocab_match_a_restricted_reference():
+    model = tiny_model("llama", seed=6, streams=StreamArgs(num_streams=2, msa_layers=2,
+                                                           pruning_rank=4, draft_vocab_size=30))
+    ids = np.arange(3, 97, 3)[:30].astype(np.int32)
+    model.streams.draft_vocab = mx.array(ids)
+    model.streams.pruning_up = mx.random.normal(model.streams.pruning_up.shape) * 0.1
+    rng = np.random.default_rng(2)
+    examples = [Example(rng.integers(3, 97, n).tolist(), start) for n, start in [(14, 4), (9, 3)]]
+    samples = frozen_hidden(model, examples)
+    lookup = vocab_lookup(ids, 97)
+    _, (_, per_stream, prune_ce, hits) = losses(
+        model, make_batch(samples, 2, lookup), 0.0, 1.0, 1.0)
+    stream, prune, hit = [[], []], [], [[], []]
+    for ex in examples:
+        tok, n = ex.tokens, len(ex.tokens)
+        _, hs = model.upper(model.lower(mx.array([tok]), mx.arange(n)), mx.arange(n),
+                            stream_rows=mx.arange(n, dtype=mx.int32))
+        logits = np.array(model.head(hs))[..., ids]  # full head, restricted afterwards
+        early = np.array(model.head(model.model.norm(model.streams.early_exit(
+            model.lower(mx.array([tok]), mx.arange(n))))))[..., ids]
+        lse = lambda x: np.log(np.exp(x - x.max()).sum()) + x.max()  # noqa: E731
+        for t in range(ex.completion_start - 1, n - 1):
+            if lookup[tok[t + 1]] >= 0:
+                prune.append(lse(early[0, t]) - early[0, t, lookup[tok[t + 1]]])
+            for j in (1, 2):
+                if t + 1 + j < n and lookup[tok[t + 1 + j]] >= 0:
+                    row, y = logits[0, t, j - 1], lookup[tok[t + 1 + j]]
+                    stream[j - 1].append(lse(row) - row[y])
+                    hit[j - 1].append(int(np.argmax(row) == y))
+    assert all(stream) and prune  # the example hits the vocabulary
+    np.testing.assert_allclose(np.array(per_stream), [np.mean(x) for x in stream], rtol=1e-4)
+    np.testing.assert_allclose(prune_ce.item(), np.mean(prune), rtol=1e-4)
+    assert sum(np.array(hits).tolist()) == sum(map(sum, hit))
 
 
 def test_losses_match_a_per_example_reference():
@@ -268,6 +332,25 @@ def test_lossless_output_keeps_the_base_model_exact(workdir, lossless_run):
         assert greedy(model, ids, True) == greedy(model, ids, False) == greedy(base, ids, False)
 
 
+def test_draft_vocab_is_trained_saved_and_used(workdir):
+    root, folder, _ = workdir
+    args = small_args(root, folder, "draft-vocab", draft_vocab=40, epochs=1, valid=None)
+    result, logs = run_train(args)
+    assert any("the 40 most frequent training tokens" in line for line in logs)
+    out = Path(result["output"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculative_streaming"]["draft_vocab_size"] == 40
+    ids = mx.load(str(out / STREAMS_FILE))["streams.draft_vocab"]
+    assert ids.dtype == mx.int32 and ids.tolist() == sorted(set(ids.tolist()))
+    model, tokenizer = load(out)
+    assert model.streams.draft_vocab.tolist() == ids.tolist()
+    for text in ["count from c", "hello"]:
+        prompt = prompt_ids(tokenizer, text)
+        events = list(generate_step(model, prompt, max_tokens=24))
+        assert [e.token for e in events] == greedy(model, prompt, False)
+        assert all(e.token in set(ids.tolist()) for e in events if e.from_draft)
+
+
 def test_task_mode_fuses_and_changes_the_main_model(workdir, task_run):
     root, folder, base = workdir
     result, logs = task_run
@@ -320,6 +403,7 @@ def test_resume_continues_at_the_saved_step(workdir):
     args.resume = True
     _, logs = run_train(args)
     assert "resumed at step 3" in logs
+    assert any(line.startswith("frozen hidden states reused") for line in logs)
     steps = [int(line.split()[1].split("/")[0]) for line in logs if line.startswith("step ")]
     assert steps == [4, 5, 6]
     assert json.loads((ckpt / "state.json").read_text())["step"] == 6
