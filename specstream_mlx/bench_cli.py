@@ -14,6 +14,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--tree-budget", type=int, default=None)
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--lookup-depth", type=int, default=None,
+                        help="context draft length (0: streams only; default: model config)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's generate")
@@ -28,7 +30,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     bench(BenchArgs(
         prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
-        tree_budget=args.tree_budget, top_k=args.top_k, precision=args.precision,
+        tree_budget=args.tree_budget, top_k=args.top_k, lookup_depth=args.lookup_depth,
+        precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
         rows=[int(x) for x in args.rows.split(",")], json_path=args.json, png_path=args.png,
     ))

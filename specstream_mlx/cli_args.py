@@ -24,6 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="draft nodes per pass (default: the model's stream config)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="draft candidates per stream (default: the model's stream config)")
+    parser.add_argument("--lookup-depth", type=int, default=None,
+                        help="context draft: tokens copied from where the current n-gram "
+                             "occurred before (0: off; default: the model's stream config)")
     parser.add_argument("--no-speculative", action="store_true",
                         help="plain decoding, one token per pass (the baseline)")
 
@@ -37,6 +40,7 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         "speculative": not args.no_speculative,
         "tree_budget": args.tree_budget,
         "top_k": args.top_k,
+        "lookup_depth": args.lookup_depth,
     }
 
 
@@ -44,6 +48,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject bad values before a model is loaded, and seed the sampler."""
     if args.max_tokens <= 0:
         raise InputError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if args.lookup_depth is not None and args.lookup_depth < 0:
+        raise InputError(f"--lookup-depth must be >= 0, got {args.lookup_depth}")
     if args.temp < 0:
         raise InputError(f"--temp must be >= 0, got {args.temp}")
     if args.seed is not None:

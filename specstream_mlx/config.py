@@ -22,6 +22,8 @@ class StreamArgs:
     adapter_scale:     scale applied to the stream-only adapters' output.
     tree_budget:       default number of draft nodes per pass (the root is extra).
     top_k:             default candidates taken from each stream.
+    lookup_depth:      default length of the context draft added to each tree: the tokens
+                       that followed the last occurrence of the current n-gram (0: off).
     draft_vocab_size:  streams draft from this many token ids (`streams.draft_vocab`, the
                        most frequent tokens of the training data); 0 means the full vocab.
                        Verification always uses the full head, so this stays lossless.
@@ -35,6 +37,7 @@ class StreamArgs:
     adapter_scale: float = 1.0
     tree_budget: int = 6
     top_k: int = 3
+    lookup_depth: int = 0
     draft_vocab_size: int = 0
 
     @classmethod
@@ -60,6 +63,8 @@ class StreamArgs:
                 f"draft_vocab_size must be 0 (full vocabulary) or >= top_k ({self.top_k}), "
                 f"got {self.draft_vocab_size}"
             )
+        if self.lookup_depth < 0:
+            raise ModelLoadError(f"lookup_depth must be >= 0, got {self.lookup_depth}")
         if self.tree_budget < 0 or self.top_k < 1:
             raise ModelLoadError(
                 f"tree_budget must be >= 0 and top_k >= 1, got {self.tree_budget}, {self.top_k}"

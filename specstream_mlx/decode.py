@@ -16,6 +16,7 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import InputError
+from .lookup import NgramIndex
 from .tree import DraftTree
 
 # Maps log-probabilities (rows, vocab) to one token per row (rows,).
@@ -57,11 +58,19 @@ class TokenEvent:
     final: bool = False
 
 
-def budget_drafter(budget: int) -> Drafter:
-    """The default drafter: the `budget` most probable nodes of the candidate tree."""
+def budget_drafter(budget: int, lookup_depth: int = 0) -> Drafter:
+    """The default drafter: the `budget` most probable nodes of the candidate tree, plus
+    (lookup_depth > 0) a context draft of up to lookup_depth tokens copied from where the
+    current n-gram last occurred in the prompt or the answer (see lookup.py)."""
+    index = NgramIndex() if lookup_depth > 0 else None
 
     def draft_tree(draft: Draft, history: list[int]) -> DraftTree:
-        return DraftTree.from_candidates(draft.candidates, draft.logprobs, budget)
+        tree = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget)
+        if index is not None:
+            chain = index.continuation(history, lookup_depth)
+            if chain:
+                tree = tree.with_chain(chain)
+        return tree
 
     return draft_tree
 
@@ -158,13 +167,15 @@ def generate_step(
     speculative: bool = True,
     tree_budget: int | None = None,
     top_k: int | None = None,
+    lookup_depth: int | None = None,
     prefill_chunk: int = 512,
     drafter: Drafter | None = None,
     cache: KVCache | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
-    sampler None is greedy. `drafter` replaces the default budget tree (tests use it to
+    sampler None is greedy. tree_budget, top_k and lookup_depth default to the model's
+    stream config (see budget_drafter). `drafter` replaces the default budget tree (tests use it to
     force perfect drafts). Prompt plus generated tokens never exceed the context. The
     cache, when given, must be empty; on exit (also when the caller stops early) it holds
     the prompt and every yielded token but the last, which would be fed next.
@@ -183,7 +194,8 @@ def generate_step(
     streams = speculative and sa is not None
     top_k = (top_k or sa.top_k) if streams else 0
     budget = (sa.tree_budget if tree_budget is None else tree_budget) if streams else 0
-    drafter = drafter or budget_drafter(budget)
+    lookup = (sa.lookup_depth if lookup_depth is None else lookup_depth) if streams else 0
+    drafter = drafter or budget_drafter(budget, lookup)
     cache = cache if cache is not None else KVCache(len(model.layers))
     history = list(prompt)
     yielded = 0

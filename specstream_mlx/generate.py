@@ -66,6 +66,7 @@ def stream_generate(
     speculative: bool = True,
     tree_budget: int | None = None,
     top_k: int | None = None,
+    lookup_depth: int | None = None,
     chat: bool = True,
     stop: list[str] | None = None,
     drafter: Drafter | None = None,
@@ -75,7 +76,8 @@ def stream_generate(
 
     temp 0 is greedy: the output equals plain greedy decoding token for token. With
     temp > 0 the tokens follow the model's sampling distribution exactly. `tree_budget`
-    and `top_k` (draft candidates per stream) default to the model's stream config.
+    `top_k` (draft candidates per stream) and `lookup_depth` (context draft length)
+    default to the model's stream config.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
     """
     ids = encode_prompt(tokenizer, prompt, chat)
@@ -93,6 +95,7 @@ def stream_generate(
         speculative=speculative,
         tree_budget=tree_budget,
         top_k=top_k,
+        lookup_depth=lookup_depth,
         drafter=drafter,
         cache=cache,
     )

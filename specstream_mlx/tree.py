@@ -82,6 +82,20 @@ class DraftTree:
                     order += 1
         return cls(tokens, parents)
 
+    def with_chain(self, chain: list[int]) -> DraftTree:
+        """This tree plus the path `chain` below the root, sharing the nodes it already
+        has (a context draft merged into the streams' tree)."""
+        tokens, parents = list(self.tokens), list(self.parents)
+        node = 0
+        for tok in chain:
+            child = self.children[node].get(tok) if node < len(self) else None
+            if child is None:
+                tokens.append(tok)
+                parents.append(node)
+                child = len(tokens)
+            node = child
+        return DraftTree(tokens, parents) if len(tokens) > len(self.tokens) else self
+
     def truncate(self, max_depth: int) -> DraftTree:
         """The nodes at depth <= max_depth (parents come first, so the result is a tree)."""
         if not self.tokens or self.depths.max() <= max_depth:

@@ -80,6 +80,24 @@ def test_greedy_speculative_equals_plain_on_real_prompt(smollm, budget):
     assert spec == plain
 
 
+def test_context_drafts_copy_a_quoted_text(smollm):
+    """Asked to repeat a sentence, the model copies (part of) it; context drafts (no streams at
+    all: budget 0) propose the copy, so far fewer passes give the same output."""
+    model, tokenizer = smollm
+    sentence = ("The quick brown fox jumps over the lazy dog while the cat watches "
+                "from the warm windowsill of the old farmhouse.")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Repeat this sentence exactly: {sentence}"}],
+        add_generation_prompt=True,
+    )
+    plain = [e.token for e in generate_step(model, prompt, max_tokens=40, speculative=False)]
+    events = list(generate_step(model, prompt, max_tokens=40, tree_budget=0, lookup_depth=8))
+    assert [e.token for e in events] == plain
+    end = plain.index(tokenizer.eos_token_id)  # the answer; chat-format noise follows
+    assert "windowsill of the old farmhouse" in tokenizer.decode(plain[:end])
+    assert end / events[end - 1].passes > 2.0
+
+
 def test_perfect_drafts_on_real_text(smollm):
     """Drafts that contain the true continuation (as a second sibling, so accepted paths
     are not contiguous in the tree) are accepted in long runs and change nothing."""
