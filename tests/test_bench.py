@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import mlx.core as mx
 import pytest
@@ -200,8 +201,8 @@ def test_draw_chart(report, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed")
-def test_draw_chart_without_matplotlib(report, tmp_path):
+def test_draw_chart_without_matplotlib(report, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if absent
     with pytest.raises(InputError, match="pip install matplotlib"):
         draw_chart(report[0], str(tmp_path / "chart.png"))
 
