@@ -27,6 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup-depth", type=int, default=None,
                         help="context draft: tokens copied from where the current n-gram "
                              "occurred before (0: off; default: the model's stream config)")
+    parser.add_argument("--min-draft-prob", type=float, default=None,
+                        help="leave out stream drafts less likely than this (0 keeps the "
+                             "whole budget; default: the model's stream config)")
     parser.add_argument("--no-speculative", action="store_true",
                         help="plain decoding, one token per pass (the baseline)")
 
@@ -41,6 +44,7 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         "tree_budget": args.tree_budget,
         "top_k": args.top_k,
         "lookup_depth": args.lookup_depth,
+        "min_draft_prob": args.min_draft_prob,
     }
 
 
@@ -50,6 +54,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--max-tokens must be > 0, got {args.max_tokens}")
     if args.lookup_depth is not None and args.lookup_depth < 0:
         raise InputError(f"--lookup-depth must be >= 0, got {args.lookup_depth}")
+    if args.min_draft_prob is not None and not 0 <= args.min_draft_prob <= 1:
+        raise InputError(f"--min-draft-prob must be in [0, 1], got {args.min_draft_prob}")
     if args.temp < 0:
         raise InputError(f"--temp must be >= 0, got {args.temp}")
     if args.seed is not None:

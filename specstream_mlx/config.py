@@ -22,6 +22,8 @@ class StreamArgs:
     adapter_scale:     scale applied to the stream-only adapters' output.
     tree_budget:       default number of draft nodes per pass (the root is extra).
     top_k:             default candidates taken from each stream.
+    min_draft_prob:    default floor on a stream node's path probability (the product of
+                       its streams' probabilities along the path); 0 keeps the whole budget.
     lookup_depth:      default length of the context draft added to each tree: the tokens
                        that followed the last occurrence of the current n-gram (0: off).
     draft_vocab_size:  streams draft from this many token ids (`streams.draft_vocab`, the
@@ -38,6 +40,7 @@ class StreamArgs:
     tree_budget: int = 6
     top_k: int = 3
     lookup_depth: int = 0
+    min_draft_prob: float = 0.0
     draft_vocab_size: int = 0
 
     @classmethod
@@ -63,6 +66,8 @@ class StreamArgs:
                 f"draft_vocab_size must be 0 (full vocabulary) or >= top_k ({self.top_k}), "
                 f"got {self.draft_vocab_size}"
             )
+        if not 0.0 <= self.min_draft_prob <= 1.0:
+            raise ModelLoadError(f"min_draft_prob must be in [0, 1], got {self.min_draft_prob}")
         if self.lookup_depth < 0:
             raise ModelLoadError(f"lookup_depth must be >= 0, got {self.lookup_depth}")
         if self.tree_budget < 0 or self.top_k < 1:

@@ -58,14 +58,15 @@ class TokenEvent:
     final: bool = False
 
 
-def budget_drafter(budget: int, lookup_depth: int = 0) -> Drafter:
-    """The default drafter: the `budget` most probable nodes of the candidate tree, plus
-    (lookup_depth > 0) a context draft of up to lookup_depth tokens copied from where the
-    current n-gram last occurred in the prompt or the answer (see lookup.py)."""
+def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0) -> Drafter:
+    """The default drafter: the `budget` most probable nodes of the candidate tree (those
+    with a path probability of at least `min_prob`), plus (lookup_depth > 0) a context
+    draft of up to lookup_depth tokens copied from where the current n-gram last occurred
+    in the prompt or the answer (see lookup.py)."""
     index = NgramIndex() if lookup_depth > 0 else None
 
     def draft_tree(draft: Draft, history: list[int]) -> DraftTree:
-        tree = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget)
+        tree = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget, min_prob)
         if index is not None:
             chain = index.continuation(history, lookup_depth)
             if chain:
@@ -168,17 +169,19 @@ def generate_step(
     tree_budget: int | None = None,
     top_k: int | None = None,
     lookup_depth: int | None = None,
+    min_draft_prob: float | None = None,
     prefill_chunk: int = 512,
     drafter: Drafter | None = None,
     cache: KVCache | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
-    sampler None is greedy. tree_budget, top_k and lookup_depth default to the model's
-    stream config (see budget_drafter). `drafter` replaces the default budget tree (tests use it to
-    force perfect drafts). Prompt plus generated tokens never exceed the context. The
-    cache, when given, must be empty; on exit (also when the caller stops early) it holds
-    the prompt and every yielded token but the last, which would be fed next.
+    sampler None is greedy. tree_budget, top_k, lookup_depth and min_draft_prob default
+    to the model's stream config (see budget_drafter). `drafter` replaces the default
+    budget tree (tests use it to force perfect drafts). Prompt plus generated tokens
+    never exceed the context. The cache, when given, must be empty; on exit (also when
+    the caller stops early) it holds the prompt and every yielded token but the last,
+    which would be fed next.
     """
     if not prompt:
         raise InputError("the prompt is empty")
@@ -189,13 +192,18 @@ def generate_step(
         raise InputError(
             f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
         )
+    if lookup_depth is not None and lookup_depth < 0:
+        raise InputError(f"lookup_depth must be >= 0, got {lookup_depth}")
+    if min_draft_prob is not None and not 0 <= min_draft_prob <= 1:
+        raise InputError(f"min_draft_prob must be in [0, 1], got {min_draft_prob}")
     max_tokens = min(max_tokens, context - len(prompt))
     sa = model.stream_args
     streams = speculative and sa is not None
     top_k = (top_k or sa.top_k) if streams else 0
     budget = (sa.tree_budget if tree_budget is None else tree_budget) if streams else 0
     lookup = (sa.lookup_depth if lookup_depth is None else lookup_depth) if streams else 0
-    drafter = drafter or budget_drafter(budget, lookup)
+    min_prob = sa.min_draft_prob if streams and min_draft_prob is None else min_draft_prob
+    drafter = drafter or budget_drafter(budget, lookup, min_prob or 0.0)
     cache = cache if cache is not None else KVCache(len(model.layers))
     history = list(prompt)
     yielded = 0

@@ -67,6 +67,7 @@ def stream_generate(
     tree_budget: int | None = None,
     top_k: int | None = None,
     lookup_depth: int | None = None,
+    min_draft_prob: float | None = None,
     chat: bool = True,
     stop: list[str] | None = None,
     drafter: Drafter | None = None,
@@ -76,8 +77,9 @@ def stream_generate(
 
     temp 0 is greedy: the output equals plain greedy decoding token for token. With
     temp > 0 the tokens follow the model's sampling distribution exactly. `tree_budget`
-    `top_k` (draft candidates per stream) and `lookup_depth` (context draft length)
-    default to the model's stream config.
+    `top_k` (draft candidates per stream), `lookup_depth` (context draft length) and
+    `min_draft_prob` (floor on a stream node's path probability) default to the model's
+    stream config.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
     """
     ids = encode_prompt(tokenizer, prompt, chat)
@@ -96,6 +98,7 @@ def stream_generate(
         tree_budget=tree_budget,
         top_k=top_k,
         lookup_depth=lookup_depth,
+        min_draft_prob=min_draft_prob,
         drafter=drafter,
         cache=cache,
     )

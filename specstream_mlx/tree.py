@@ -56,13 +56,17 @@ class DraftTree:
 
     @classmethod
     def from_candidates(
-        cls, candidates: np.ndarray, logprobs: np.ndarray, budget: int
+        cls, candidates: np.ndarray, logprobs: np.ndarray, budget: int,
+        min_prob: float = 0.0,
     ) -> DraftTree:
-        """Best `budget` nodes from per-stream candidates.
+        """Best `budget` nodes from per-stream candidates, leaving out nodes whose path
+        probability (the product along it) is below `min_prob`: confident streams get
+        the whole budget, unsure ones a smaller tree (or none).
 
         candidates: (gamma, k) token ids, each row sorted by decreasing probability.
         logprobs:   (gamma, k) their log-probabilities.
         """
+        floor = np.log(min_prob) if min_prob > 0 else -np.inf
         gamma, k = candidates.shape
         tokens, parents = [], []
         # Heap of (-score, depth, order, ranks, parent index); depth breaks ties toward
@@ -70,7 +74,7 @@ class DraftTree:
         heap = [(-float(logprobs[0, r]), 1, r, (r,), 0) for r in range(k)]
         heapq.heapify(heap)
         order = k
-        while heap and len(tokens) < budget:
+        while heap and len(tokens) < budget and -heap[0][0] >= floor:
             neg, depth, _, ranks, parent = heapq.heappop(heap)
             tokens.append(int(candidates[depth - 1, ranks[-1]]))
             parents.append(parent)

@@ -428,6 +428,27 @@ def test_bad_input_raises(prompt, max_tokens, message):
         next(generate_step(model, prompt, max_tokens=max_tokens))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"lookup_depth": -1}, "lookup_depth"), ({"min_draft_prob": 1.5}, "min_draft_prob"),
+    ({"min_draft_prob": -0.1}, "min_draft_prob"),
+])
+def test_bad_draft_options_raise(options, message):
+    model = tiny_model("llama", seed=0, streams=STREAMS)
+    with pytest.raises(InputError, match=message):
+        next(generate_step(model, PROMPT, max_tokens=4, **options))
+
+
+@pytest.mark.parametrize("min_prob", [0.01, 0.3, 1.0])
+def test_greedy_speculative_with_a_probability_floor_equals_plain(arch, min_prob):
+    model = tiny_model(arch, seed=12, streams=STREAMS)
+    expected = plain(model, PROMPT, 24)
+    events = list(generate_step(model, PROMPT, max_tokens=24, tree_budget=8,
+                                min_draft_prob=min_prob))
+    assert tokens_of(events) == expected
+    if min_prob == 1.0:  # nothing is that sure: every pass is a plain one
+        assert events[-1].passes == len(events)
+
+
 def recorded_positions(model, monkeypatch) -> list[int]:
     """Record the largest main-row position of every pass."""
     seen: list[int] = []

@@ -327,6 +327,21 @@ def test_config_block_that_does_not_fit_the_model(streams_folder):
         load(folder)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("lookup_depth", -2, "lookup_depth must be >= 0"),
+    ("min_draft_prob", 2.0, "min_draft_prob must be in"),
+    ("draft_vocab_size", 2, "draft_vocab_size must be 0"),  # smaller than top_k (3)
+    ("draft_vocab_size", 200, "exceeds the model's vocabulary"),
+])
+def test_bad_draft_settings_in_the_config_block(streams_folder, key, value, message):
+    folder, _ = streams_folder
+    config = read_json(folder / "config.json")
+    config[CONFIG_KEY][key] = value
+    write_json(folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match=message):
+        load(folder)
+
+
 def test_broken_tokenizer(plain_folder):
     (plain_folder / "tokenizer.json").write_text("{")
     with pytest.raises(ModelLoadError, match="tokenizer"):

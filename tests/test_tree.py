@@ -79,6 +79,21 @@ def test_budget_and_structure(seed):
         )
 
 
+@pytest.mark.parametrize("min_prob", [0.0, 0.05, 0.2, 0.5, 0.99])
+def test_min_prob_keeps_the_best_nodes_above_the_floor(min_prob):
+    """A floor on the path probability keeps exactly the budget's best nodes that reach it
+    (still closed under parents: a child is never likelier than its parent)."""
+    cands, logprobs = random_candidates(3, 3, 3)
+    full = DraftTree.from_candidates(cands, logprobs, 8)
+    tree = DraftTree.from_candidates(cands, logprobs, 8, min_prob)
+    scores = node_scores(full, cands, logprobs)
+    keep = [s for s in scores if min_prob == 0 or s >= np.log(min_prob)]
+    assert tree.tokens == full.tokens[: len(keep)]
+    assert tree.parents == full.parents[: len(keep)]
+    if min_prob == 0.99:
+        assert tree.tokens == []
+
+
 def test_budget_zero_is_empty():
     """Budget 0 keeps only the root: one row, no draft tokens."""
     cands, logprobs = random_candidates(0)
