@@ -382,16 +382,20 @@ class DecoderModel(nn.Module):
             return h, None
         return h[:, :L], h[:, L:].reshape(B, -1, self.stream_args.num_streams, h.shape[-1])
 
+    @property
+    def has_draft_vocab(self) -> bool:
+        return self.stream_args is not None and "draft_vocab" in self.streams
+
     def draft_logits(self, h: mx.array) -> mx.array:
         """Stream rows' logits over the draft vocabulary: (..., hidden) -> (..., V_d), or
         the full head (..., vocab) without one. Map indices back with `draft_tokens`."""
-        if self.stream_args is None or "draft_vocab" not in self.streams:
+        if not self.has_draft_vocab:
             return self.head(h)
         return h @ self._draft_weight().T
 
     def draft_tokens(self, idx: mx.array) -> mx.array:
         """Indices into the draft vocabulary -> token ids (identity without one)."""
-        if self.stream_args is None or "draft_vocab" not in self.streams:
+        if not self.has_draft_vocab:
             return idx
         return self.streams.draft_vocab[idx]
 
@@ -399,19 +403,19 @@ class DecoderModel(nn.Module):
         """The head's rows for the draft vocabulary, (V_d, hidden), gathered once per
         vocabulary: a dense copy (dequantized if needed) a few MB in size."""
         ids = self.streams.draft_vocab
-        source = (self.model.embed_tokens if self.args.tie_word_embeddings
-                  else self.lm_head).weight  # a new array after a precision change
+        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        source = head.weight  # a new array after a precision change
         cached = self.__dict__.get("_draft_cache")
         if cached is None or cached[0] is not ids or cached[1] is not source:
             if self.args.tie_word_embeddings:
-                w = self.model.embed_tokens(ids)  # dequantizes a quantized embedding
-            elif isinstance(self.lm_head, nn.QuantizedLinear):
-                q = self.lm_head
-                biases = q["biases"][ids] if "biases" in q else None
-                w = mx.dequantize(q.weight[ids], q.scales[ids], biases, group_size=q.group_size,
-                                  bits=q.bits, mode=getattr(q, "mode", "affine"))
+                w = head(ids)  # dequantizes a quantized embedding
+            elif isinstance(head, nn.QuantizedLinear):
+                biases = head["biases"][ids] if "biases" in head else None
+                w = mx.dequantize(head.weight[ids], head.scales[ids], biases,
+                                  group_size=head.group_size, bits=head.bits,
+                                  mode=getattr(head, "mode", "affine"))
             else:
-                w = self.lm_head.weight[ids]
+                w = head.weight[ids]
             w = w.astype(self.model.norm.weight.dtype)
             mx.eval(w)
             # A plain attribute, not a parameter: it must not be saved or trained.

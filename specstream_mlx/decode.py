@@ -202,8 +202,9 @@ def generate_step(
     top_k = (top_k or sa.top_k) if streams else 0
     budget = (sa.tree_budget if tree_budget is None else tree_budget) if streams else 0
     lookup = (sa.lookup_depth if lookup_depth is None else lookup_depth) if streams else 0
-    min_prob = sa.min_draft_prob if streams and min_draft_prob is None else min_draft_prob
-    drafter = drafter or budget_drafter(budget, lookup, min_prob or 0.0)
+    min_prob = (sa.min_draft_prob if min_draft_prob is None else min_draft_prob) if streams \
+        else 0.0
+    drafter = drafter or budget_drafter(budget, lookup, min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))
     history = list(prompt)
     yielded = 0

@@ -30,8 +30,9 @@ class NgramIndex:
         self.indexed = 0  # n-grams ending before this position are in `last_end`
 
     def extend(self, history: list[int]) -> None:
-        """Catch up with `history`, the list indexed before plus new tokens (a list that
-        is not an extension of it starts a new index)."""
+        """Catch up with `history`, the list indexed before plus new tokens. A shorter
+        list, or one whose token at the last indexed position differs, starts a new index
+        (a cheap check: the decode loop only ever grows one list)."""
         n = len(self.tokens)
         if len(history) < n or (n and history[n - 1] != self.tokens[-1]):
             self.tokens, self.last_end, self.indexed = [], {}, 0

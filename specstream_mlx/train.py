@@ -192,7 +192,7 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
     lookup: token id -> draft-vocabulary index or -1 (see `vocab_lookup`); None: the
     whole vocabulary."""
     if lookup is None:
-        lookup = np.arange(max(int(s.tokens.max()) for s in samples) + 1)
+        lookup = vocab_lookup(None, max(int(s.tokens.max()) for s in samples) + 1)
     B = len(samples)
     T = -(-max(len(s.tokens) for s in samples) // 32) * 32  # few distinct shapes
     hidden = mx.zeros((B, T, samples[0].hidden.shape[-1]), dtype=samples[0].hidden.dtype)
@@ -378,24 +378,22 @@ def train(args: TrainArgs, log=print) -> dict:
     run_dir = Path(args.run_dir)
     source = resolve_path(args.model)
     model, tokenizer = load(source, precision="float32")
-    stream_args = StreamArgs(num_streams=args.num_streams, msa_layers=args.msa_layers,
-                             pruning_rank=args.pruning_rank,
-                             adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
-                             adapter_scale=args.adapter_scale, tree_budget=args.tree_budget,
-                             top_k=args.top_k, draft_vocab_size=0)
     train_ex = load_examples(args.data, tokenizer, args.max_length)
     valid_ex = load_examples(args.valid, tokenizer, args.max_length)[: args.max_valid] \
         if args.valid else []
     vocab_size = model.args.vocab_size
-    draft_vocab = None
-    if 0 < args.draft_vocab < vocab_size:
-        draft_vocab = build_draft_vocab(train_ex, args.draft_vocab, vocab_size)
-        stream_args.draft_vocab_size = len(draft_vocab)
+    draft_vocab = build_draft_vocab(train_ex, args.draft_vocab, vocab_size) \
+        if 0 < args.draft_vocab < vocab_size else None
+    stream_args = StreamArgs(num_streams=args.num_streams, msa_layers=args.msa_layers,
+                             pruning_rank=args.pruning_rank,
+                             adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
+                             adapter_scale=args.adapter_scale, tree_budget=args.tree_budget,
+                             top_k=args.top_k,
+                             draft_vocab_size=0 if draft_vocab is None else len(draft_vocab))
     init_streams(model, stream_args, seed=args.seed)
-    if draft_vocab is not None:
-        model.streams.draft_vocab = mx.array(draft_vocab)
     lookup = vocab_lookup(draft_vocab, vocab_size)
     if draft_vocab is not None:
+        model.streams.draft_vocab = mx.array(draft_vocab)
         valid_tokens = [t for e in valid_ex for t in e.tokens[e.completion_start:]]
         cover = np.mean(lookup[valid_tokens] >= 0) if valid_tokens else float("nan")
         log(f"streams draft from the {len(draft_vocab)} most frequent training tokens "
