@@ -71,14 +71,16 @@ def mlx_lm_run(ref, tokenizer, ids: list[int], max_tokens: int) -> dict:
     return {"tokens": tokens, "tps": last.generation_tps}
 
 
-def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int) -> float:
-    """Milliseconds of one verify-and-draft pass of `tree` on top of `cache`."""
+def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int,
+              streams: bool = True) -> float:
+    """Milliseconds of one verify-and-draft pass of `tree` on top of `cache` (with
+    streams False: a plain decoding pass, no stream rows)."""
     from .decode import rows_needing_streams
 
     tokens = mx.array([[4] + tree.tokens], dtype=mx.int32)
     positions = mx.array(cache.offset + tree.depths)
     mask = mx.array(tree.mask)
-    stream_rows = rows_needing_streams(model, len(tree), True)
+    stream_rows = rows_needing_streams(model, len(tree), streams)
     times = []
     for _ in range(repeats + 1):  # the first run warms up
         tic = time.perf_counter()
@@ -89,15 +91,17 @@ def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int) -> float:
     return float(np.median(times[1:]) * 1000)
 
 
-def pass_cost(model, rows: list[int], prefix: int = 256, repeats: int = 5) -> dict[int, float]:
+def pass_cost(model, rows: list[int], prefix: int = 256, repeats: int = 5,
+              streams: bool = True) -> dict[int, float]:
     """Milliseconds of one decode pass over `rows` tree rows (a chain; every row carries
-    its stream rows when the model has streams), after a `prefix`-token prompt."""
+    its stream rows when the model has streams and `streams`), after a `prefix`-token
+    prompt."""
     cache = KVCache(len(model.layers))
     model(mx.zeros((1, prefix), dtype=mx.int32), cache=cache)
     cache.commit(range(prefix))
     mx.eval(cache.state())
     return {n: time_pass(model, cache, DraftTree(list(range(5, 4 + n)), list(range(n - 1))),
-                         repeats) for n in rows}
+                         repeats, streams) for n in rows}
 
 
 def bandwidth_floor(model) -> dict:

@@ -6,14 +6,15 @@ import argparse
 import sys
 import warnings
 
-from . import bench_cli, chat, convert_cli, data_cli, generate_cli, train_cli
+from . import bench_cli, chat, convert_cli, data_cli, generate_cli, train_cli, tune_cli
 from .cli_args import add_model_args
 from .errors import SpecstreamError
 
 SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
 # Subcommands that do not decode: no model and sampling flags.
 TOOL_SUBCOMMANDS = {
-    "convert": convert_cli, "data": data_cli, "train": train_cli, "bench": bench_cli
+    "convert": convert_cli, "data": data_cli, "train": train_cli, "bench": bench_cli,
+    "tune": tune_cli,
 }
 
 

@@ -226,26 +226,47 @@ def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
     return out
 
 
+def _complete_lines(path: str | Path) -> list[dict]:
+    """Records of a JSONL file an interrupted run was appending to (a torn line skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
 def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 192,
             batch_size: int = 16, out_path: str | Path | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, resume: bool = False) -> list[dict]:
     """Completions of each record's prompt by the base model itself (greedy, float32).
 
     Lossless streams learn to predict what this model says, so its own greedy answers
     are the right targets. Prompts are batched by similar length; with `out_path`, each
-    finished batch is appended there at once (a long run is usable before it ends).
+    finished batch is appended there at once (a long run is usable before it ends), and
+    `resume` keeps the records already there (same id and prompt) and distills the rest.
     """
     from .generate import encode_prompt
     from .loader import load
 
+    done: list[dict] = []
+    if resume and out_path is not None and Path(out_path).is_file():
+        wanted = {(r.get("id"), r["prompt"]) for r in records}
+        done = [r for r in _complete_lines(out_path)
+                if (r.get("id"), r.get("prompt")) in wanted and "completion" in r]
+        have = {(r.get("id"), r["prompt"]) for r in done}
+        records = [r for r in records if (r.get("id"), r["prompt"]) not in have]
+        write_jsonl(out_path, done)  # drops a torn last line of an interrupted run
+    elif out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text("")
+    if not records:
+        return done
     model, tokenizer = load(model_path, precision="float32")
     eos = set(tokenizer.eos_token_ids)
     ids = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(ids[i]))
-    done: list[dict] = []
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text("")
     for start in range(0, len(order), batch_size):
         group = order[start : start + batch_size]
         outs = batch_greedy(model, [ids[i] for i in group], max_tokens, eos)
@@ -256,7 +277,7 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
             with open(out_path, "a") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
         if progress:
-            print(f"\rdistilled {len(done)}/{len(records)}", end="", flush=True)
+            print(f"\rdistilled {start + len(group)}/{len(records)}", end="", flush=True)
     if progress:
         print()
     return done

@@ -20,6 +20,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=192, help="completion length")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the completions already written and distill the rest")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     for name, records in (("valid", valid), ("train", train)):
         path = out / f"{name}.jsonl"
         done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                       out_path=path)
+                       out_path=path, resume=args.resume)
         print(f"wrote {len(done)} records to {path}")
     print(f"wrote {len(sets['heldout'])} held-out prompts to {out / 'heldout.jsonl'}")
     return 0

@@ -84,11 +84,11 @@ def choose(logits: mx.array, sampler: Sampler | None) -> mx.array:
 
 
 def stream_candidates(model, hs: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """Top-k of each stream: hs (gamma, hidden) -> tokens, logprobs (gamma, k), best first
-    (over the draft vocabulary when the streams have one)."""
+    """Top-k of each stream: hs (..., gamma, hidden) -> tokens, logprobs (..., gamma, k),
+    best first (over the draft vocabulary when the streams have one)."""
     logits = model.draft_logits(hs)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
     vals = mx.take_along_axis(logprobs, idx, axis=-1)
     order = mx.argsort(-vals, axis=-1)
     idx = mx.take_along_axis(idx, order, axis=-1)

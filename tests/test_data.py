@@ -316,3 +316,28 @@ def test_distill_writes_the_models_own_greedy_answers(folder):
         want = plain_greedy(model, ids, 8, set(tokenizer.eos_token_ids))
         assert result["completion"] == tokenizer.decode(want)
     json.dumps(out)  # ready for write_jsonl
+
+
+def test_distill_resume_keeps_finished_records(folder, tmp_path):
+    records = [{"id": "a", "task": "chat", "prompt": "hi"},
+               {"id": "b", "task": "code", "prompt": "def f(x):"},
+               {"id": "c", "prompt": "Hello there, how are you?"}]
+    out_path = tmp_path / "train.jsonl"
+    with pytest.warns(UserWarning):
+        full = distill(folder, records, max_tokens=6, batch_size=2, progress=False,
+                       out_path=out_path)
+    lines = out_path.read_text().splitlines()
+    kept = next(line for line in lines if json.loads(line)["id"] == "b")
+    # An interrupted run: one finished record, then a torn line.
+    out_path.write_text(kept + "\n" + lines[0][:20])
+    with pytest.warns(UserWarning):
+        again = distill(folder, records, max_tokens=6, batch_size=2, progress=False,
+                        out_path=out_path, resume=True)
+    by_id = {r["id"]: r for r in full}
+    assert sorted(r["id"] for r in again) == ["a", "b", "c"]
+    assert all(r == by_id[r["id"]] for r in again)
+    assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()][0] == "b"
+    assert len(out_path.read_text().splitlines()) == 3
+    # Everything finished: nothing to load or run.
+    assert distill(folder, records, max_tokens=6, out_path=out_path, resume=True,
+                   progress=False) == again

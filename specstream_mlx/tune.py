@@ -1,0 +1,271 @@
+"""Choosing the drafting settings from data: an exact replay of greedy speculative decoding.
+
+Under greedy decoding a pass accepts the longest tree path that matches the model's own
+continuation, and the streams' candidates at a position depend only on the tokens up to
+it. So one teacher-forced pass over a prompt and its greedy answer gives every position's
+candidates, and any drafter setting (tree budget, top-k, min_draft_prob, lookup depth) is
+replayed from them in milliseconds, pass for pass as `generate_step` would run it. The
+measured cost of a pass by rows (bench.pass_cost) turns the replayed passes into time.
+
+Worked example: answer tokens after the prompt [x y z w], root x. If a pass drafts the
+tree  x -> y -> q  and  x -> z, the path x y matches, q does not: it emits y plus the
+bonus z, uses 4 rows, and the next root is z with the candidates of row y.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .decode import Draft, Drafter, budget_drafter, stream_candidates
+from .errors import InputError
+from .tree import DraftTree
+
+
+@dataclass
+class Trace:
+    """A prompt and its greedy answer with the streams' candidates at every position.
+
+    tokens: prompt + answer ids; start: prompt length; candidates, logprobs:
+    (len(tokens) - start, gamma, k), row i from the stream rows of position start-1+i.
+    """
+
+    tokens: list[int]
+    start: int
+    candidates: np.ndarray
+    logprobs: np.ndarray
+
+
+def trace(model, prompt: list[int], answer: list[int], top_k: int) -> Trace:
+    """One teacher-forced pass over prompt + answer. The answer is cut at the first token
+    that is not the model's own greedy choice (a re-tokenized distilled answer can differ
+    from the ids the model produced), so the trace is exactly greedy decoding."""
+    if model.stream_args is None:
+        raise InputError("the model has no streams to replay")
+    tokens = list(prompt) + list(answer)
+    L, start = len(tokens), len(prompt)
+    positions = mx.arange(L, dtype=mx.int32)
+    rows = mx.arange(start - 1, L, dtype=mx.int32)
+    h = model.lower(mx.array([tokens], dtype=mx.int32), positions)
+    h, hs = model.upper(h, positions, None, None, rows)
+    greedy = mx.argmax(model.head(h[0, start - 1 : L - 1]), axis=-1)
+    cand, lp = stream_candidates(model, hs[0], top_k)
+    mx.eval(greedy, cand, lp)
+    agree = np.array(greedy) == np.array(answer)
+    n = len(answer) if agree.all() else int(np.argmin(agree))
+    return Trace(tokens[: start + n], start, np.array(cand)[: n], np.array(lp)[: n])
+
+
+@dataclass
+class Replay:
+    """Replayed decoding of one trace: tokens emitted, passes after the prefill, rows of
+    every pass (root included), accepted drafted tokens per pass."""
+
+    tokens: int
+    passes: int
+    rows: list[int]
+    accepted: list[int]
+
+
+def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
+    """The main stream's greedy choice after each node, where it is known: answer[root +
+    depth + 1] for nodes whose path matches the answer, -1 (never a token) elsewhere."""
+    targets, on_path = [-1] * len(tree), [True] * len(tree)
+    for i in range(len(tree)):
+        if i:
+            par, d = tree.parents[i - 1], int(tree.depths[i])
+            on_path[i] = on_path[par] and root + d < len(answer) and \
+                tree.tokens[i - 1] == answer[root + d]
+        nxt = root + int(tree.depths[i]) + 1
+        if on_path[i] and nxt < len(answer):
+            targets[i] = answer[nxt]
+    return targets
+
+
+def replay(tr: Trace, drafter: Drafter, max_tokens: int | None = None) -> Replay:
+    """Greedy speculative decoding of `tr` with `drafter`, without running the model.
+
+    Mirrors generate_step: the prefill emits the first answer token and drafts from the
+    last prompt row; each pass feeds root + tree, emits the accepted path and the bonus.
+    """
+    answer = tr.tokens[tr.start :]
+    limit = len(answer) if max_tokens is None else min(max_tokens, len(answer))
+    rows, accepted = [], []
+    r = 0  # index in `answer` of the root (emitted, not yet fed)
+    emitted = 1
+    while emitted < limit:
+        draft = Draft(tr.candidates[r], tr.logprobs[r])
+        tree = drafter(draft, tr.tokens[: tr.start + r + 1]).truncate(limit - emitted - 1)
+        path, _ = tree.accept(path_targets(tree, answer, r))
+        a = len(path) - 1
+        rows.append(len(tree))
+        accepted.append(a)
+        emitted += a + 1
+        r += a + 1
+    return Replay(min(emitted, limit), len(rows), rows, accepted)
+
+
+@dataclass
+class Setting:
+    """One drafter configuration and its replayed and predicted results."""
+
+    tree_budget: int
+    lookup_depth: int
+    min_draft_prob: float
+    tokens_per_pass: float = 0.0
+    mean_rows: float = 0.0
+    predicted_speedup: float = 0.0
+
+
+def interpolate_cost(costs: dict[int, float], rows: float) -> float:
+    """Milliseconds of a pass of `rows` rows from measured points (linear in between,
+    extrapolated from the last two points beyond them)."""
+    xs = sorted(costs)
+    ys = [costs[x] for x in xs]
+    if rows <= xs[-1] or len(xs) == 1:
+        return float(np.interp(rows, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return ys[-1] + slope * (rows - xs[-1])
+
+
+def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int, float],
+             plain_ms: float, max_tokens: int | None) -> Setting:
+    """Replay every trace with `setting`; predicted speed-up = plain time / speculative
+    time of the same tokens, from the pass costs (ms by rows; plain_ms per token)."""
+    tokens = passes = 0
+    rows_total, spec_ms = 0, 0.0
+    for tr in traces:
+        drafter = budget_drafter(setting.tree_budget, setting.lookup_depth,
+                                 setting.min_draft_prob)
+        rp = replay(Trace(tr.tokens, tr.start, tr.candidates[..., :top_k],
+                          tr.logprobs[..., :top_k]), drafter, max_tokens)
+        # Tokens after the first: the prefill is the same for both decoders.
+        tokens += rp.tokens - 1
+        passes += rp.passes
+        rows_total += sum(rp.rows)
+        spec_ms += sum(interpolate_cost(costs, n) for n in rp.rows)
+    setting.tokens_per_pass = tokens / max(passes, 1)
+    setting.mean_rows = rows_total / max(passes, 1)
+    setting.predicted_speedup = tokens * plain_ms / spec_ms if spec_ms else 0.0
+    return setting
+
+
+def grid(budgets: list[int], depths: list[int], min_probs: list[float]) -> list[Setting]:
+    return [Setting(b, d, p) for b, d, p in itertools.product(budgets, depths, min_probs)
+            if b > 0 or d > 0]
+
+
+def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: int,
+                progress: bool = True) -> list[Trace | None]:
+    """Traces of JSONL records, aligned with them (None: no answer): the 'completion'
+    when present (distilled data), else the model's greedy answer generated here."""
+    from .decode import generate_step
+    from .generate import encode_prompt
+
+    traces = []
+    for n, rec in enumerate(records, start=1):
+        prompt = encode_prompt(tokenizer, rec["prompt"], chat=True)
+        if rec.get("completion"):
+            answer = list(tokenizer.encode(rec["completion"], add_special_tokens=False))
+        else:
+            answer = [e.token for e in generate_step(model, prompt, max_tokens=max_tokens,
+                                                     speculative=False)]
+        answer = answer[:max_tokens]
+        traces.append(trace(model, prompt, answer, top_k) if answer else None)
+        if progress:
+            print(f"\rtraced {n}/{len(records)}", end="", flush=True)
+    if progress:
+        print()
+    return traces
+
+
+def write_defaults(model_path: str | Path, setting: Setting) -> None:
+    """Store the chosen drafting defaults in the folder's speculative_streaming block."""
+    path = Path(model_path) / "config.json"
+    config = json.loads(path.read_text())
+    block = config.get("speculative_streaming")
+    if block is None:
+        raise InputError(f"{path} has no speculative_streaming block")
+    block.update(tree_budget=setting.tree_budget, lookup_depth=setting.lookup_depth,
+                 min_draft_prob=setting.min_draft_prob)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def report_rows(settings: list[Setting]) -> list[dict]:
+    return [asdict(s) for s in settings]
+
+
+@dataclass
+class TuneArgs:
+    prompts: str
+    model: str | None = None
+    max_tokens: int = 128
+    limit: int | None = None
+    budgets: list[int] | None = None
+    lookup_depths: list[int] | None = None
+    min_draft_probs: list[float] | None = None
+    top_k: int | None = None
+    rows: list[int] | None = None
+    write: bool = False
+    json_path: str | None = None
+
+
+def tune(args: TuneArgs, log=print) -> dict:
+    """Replay every setting of the grid on the prompts, predict speed-ups from this
+    machine's measured pass costs, print the best settings (and store the best)."""
+    from .bench import pass_cost
+    from .data import read_jsonl
+    from .loader import describe_model, load, resolve_path
+
+    records = read_jsonl(args.prompts)[: args.limit]
+    if not records or not all("prompt" in r for r in records):
+        raise InputError(f"{args.prompts}: need records with a 'prompt' field")
+    path = resolve_path(args.model)
+    model, tokenizer = load(path)
+    if model.stream_args is None:
+        raise InputError(f"{path} has no streams: nothing to tune")
+    log(f"[{describe_model(model)}]")
+    top_k = args.top_k or model.stream_args.top_k
+    budgets = args.budgets or [0, 1, 2, 3, 4, 6, 8]
+    depths = args.lookup_depths or [0, 4, 6, 8, 12]
+    min_probs = args.min_draft_probs or [0.0, 0.05, 0.1, 0.2]
+    rows = args.rows or sorted({1, 2, 3, 4, 6, 8, 12, 16, 24})
+    costs = pass_cost(model, rows)
+    plain_ms = pass_cost(model, [1], streams=False)[1]
+    log("pass cost (ms) by rows: " + ", ".join(f"{k}: {v:.1f}" for k, v in costs.items())
+        + f"; plain pass {plain_ms:.1f}")
+    traces = load_traces(model, tokenizer, records, top_k, args.max_tokens)
+    by_task: dict[str, list[Trace]] = {}
+    for rec, tr in zip(records, traces, strict=True):
+        if tr is not None:
+            by_task.setdefault(rec.get("task", "all"), []).append(tr)
+    traces = [tr for trs in by_task.values() for tr in trs]
+    settings = grid(budgets, depths, min_probs)
+    results = {}
+    for task, trs in {**by_task, "all": traces}.items():
+        scored = [evaluate(trs, Setting(s.tree_budget, s.lookup_depth, s.min_draft_prob),
+                           top_k, costs, plain_ms, args.max_tokens) for s in settings]
+        scored.sort(key=lambda s: -s.predicted_speedup)
+        results[task] = scored
+        log(f"\n{task}: {len(trs)} prompts; best predicted settings")
+        log(f"{'budget':>6s} {'lookup':>6s} {'min p':>6s} {'tok/pass':>8s} {'rows':>5s} "
+            f"{'speed-up':>8s}")
+        for s in scored[:8]:
+            log(f"{s.tree_budget:6d} {s.lookup_depth:6d} {s.min_draft_prob:6.2f} "
+                f"{s.tokens_per_pass:8.2f} {s.mean_rows:5.1f} {s.predicted_speedup:7.2f}x")
+    best = results["all"][0]
+    report = {"model": str(path), "pass_cost_ms": costs, "plain_ms": plain_ms,
+              "best": asdict(best), "results": {t: report_rows(v) for t, v in results.items()}}
+    if args.write:
+        write_defaults(path, best)
+        log(f"\nwrote tree_budget {best.tree_budget}, lookup_depth {best.lookup_depth}, "
+            f"min_draft_prob {best.min_draft_prob} to {path / 'config.json'}")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report

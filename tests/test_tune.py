@@ -1,0 +1,126 @@
+"""The replay of greedy speculative decoding (tune.py) is exact: pass for pass it accepts
+what generate_step accepts, and the grid search predicts from measured costs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.decode import budget_drafter, generate_step
+from specstream_mlx.errors import InputError
+from specstream_mlx.tree import DraftTree
+from specstream_mlx.tune import (
+    Setting,
+    Trace,
+    evaluate,
+    interpolate_cost,
+    path_targets,
+    replay,
+    trace,
+    write_defaults,
+)
+
+PROMPT = [3, 17, 42, 8, 91, 5, 3, 17]
+STREAMS = StreamArgs(num_streams=3, msa_layers=2)
+
+
+def decoded(model, n: int, **options) -> tuple[list[int], list[int]]:
+    """Tokens of a greedy speculative run and the accepted drafted tokens of each pass
+    after the prefill."""
+    events = list(generate_step(model, PROMPT, max_tokens=n, **options))
+    per_pass = Counter(e.passes for e in events if e.from_draft)
+    return [e.token for e in events], [per_pass[p] for p in range(2, events[-1].passes + 1)]
+
+
+@pytest.mark.parametrize("budget, depth, min_prob", [(3, 0, 0.0), (0, 4, 0.0), (3, 4, 0.0),
+                                                     (6, 3, 0.1)])
+def test_replay_matches_generate_step(arch, budget, depth, min_prob):
+    model = tiny_model(arch, seed=2, streams=STREAMS)
+    n = 40
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=n, speculative=False)]
+    tokens, accepted = decoded(model, n, tree_budget=budget, top_k=2, lookup_depth=depth,
+                               min_draft_prob=min_prob)
+    assert tokens == plain
+    tr = trace(model, PROMPT, plain, top_k=2)
+    assert tr.tokens == PROMPT + plain  # the plain answer is the model's own greedy one
+    rp = replay(tr, budget_drafter(budget, depth, min_prob))
+    assert rp.accepted == accepted
+    assert rp.passes == len(accepted) and rp.tokens == n
+    assert all(r >= 1 for r in rp.rows)
+
+
+def test_replay_with_max_tokens_matches_a_shorter_run():
+    model = tiny_model("qwen3", seed=1, streams=STREAMS)
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, speculative=False)]
+    _, accepted = decoded(model, 17, tree_budget=2, top_k=2, lookup_depth=4)
+    rp = replay(trace(model, PROMPT, plain, top_k=2), budget_drafter(2, 4), max_tokens=17)
+    assert rp.accepted == accepted and rp.tokens == 17
+
+
+def test_trace_cuts_the_answer_where_it_leaves_greedy_decoding():
+    model = tiny_model("llama", seed=0, streams=STREAMS)
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=12, speculative=False)]
+    wrong = plain[:5] + [(plain[5] + 1) % model.args.vocab_size] + plain[6:]
+    tr = trace(model, PROMPT, wrong, top_k=3)
+    assert tr.tokens == PROMPT + plain[:5]
+    assert tr.candidates.shape == (5, 3, 3) and tr.logprobs.shape == (5, 3, 3)
+
+
+def test_trace_needs_streams():
+    with pytest.raises(InputError, match="no streams"):
+        trace(tiny_model("llama"), PROMPT, [1, 2], top_k=1)
+
+
+def test_path_targets_worked_example():
+    """Answer x y z w, root x (index 0): tree x -> y -> q, x -> z."""
+    x, y, z, w, q = 10, 11, 12, 13, 14
+    tree = DraftTree([y, q, z], [0, 1, 0])
+    targets = path_targets(tree, [x, y, z, w], 0)
+    assert targets == [y, z, -1, -1]
+    path, bonus = tree.accept(targets)
+    assert path == [0, 1] and bonus == z
+
+
+def test_replay_of_a_perfect_tree_and_of_none():
+    answer = list(range(20, 40))
+    # Candidates (k = 1) at row i predict answer[i+1 .. i+3]: every draft is right.
+    cand = np.array([[[answer[min(i + j, 19)]] for j in range(1, 4)] for i in range(20)])
+    tr = Trace([1, 2] + answer, 2, cand, np.zeros_like(cand, dtype=np.float32))
+    rp = replay(tr, budget_drafter(3))
+    assert rp.accepted[:4] == [3, 3, 3, 3] and rp.tokens == 20
+    none = replay(tr, budget_drafter(0))
+    assert none.accepted == [0] * 19 and none.rows == [1] * 19
+
+
+def test_interpolate_cost():
+    costs = {1: 10.0, 4: 16.0, 8: 24.0}
+    assert interpolate_cost(costs, 1) == 10.0
+    assert interpolate_cost(costs, 2) == pytest.approx(12.0)
+    assert interpolate_cost(costs, 12) == pytest.approx(32.0)  # slope of the last segment
+
+
+def test_evaluate_predicts_from_costs():
+    answer = list(range(20, 40))
+    cand = np.array([[[answer[min(i + j, 19)]] for j in range(1, 4)] for i in range(20)])
+    tr = Trace([1, 2] + answer, 2, cand, np.zeros_like(cand, dtype=np.float32))
+    s = evaluate([tr], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    # 19 tokens after the first in 5 passes of 4 rows (the last one shorter), equal cost
+    assert s.tokens_per_pass == pytest.approx(19 / 5)
+    assert s.predicted_speedup == pytest.approx(19 / 5)
+
+
+def test_write_defaults(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "speculative_streaming": {"num_streams": 3, "tree_budget": 6}}))
+    write_defaults(tmp_path, Setting(2, 8, 0.05))
+    block = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
+    assert block == {"num_streams": 3, "tree_budget": 2, "lookup_depth": 8,
+                     "min_draft_prob": 0.05}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InputError, match="no speculative_streaming"):
+        write_defaults(tmp_path, Setting(2, 8, 0.05))
