@@ -5,13 +5,16 @@ When the last n tokens occurred before, the tokens that followed them then are a
 draft: no extra model, no training. The chain joins the streams' tree in the same pass,
 so verification stays exact and the streams still draft the next tree.
 
-Even a one-token match pays: on the self-distilled held-out answers of SmolLM2 (code), a
-copied draft's first token is right 36% of the time after a 1-gram match (78% after a
-3-gram), and each further token 70-90% given the one before; min_n 1 proposes a draft at
-65% of positions (29% with min_n 2).
+How far a copy holds depends on how long the match is, so a match of n tokens drafts at
+most 2**n tokens (and at most `depth`). Measured on 48 self-distilled validation answers
+of SmolLM2 (trained streams, depth 16): the first copied token is right 21% of the time
+after a 1-gram match, ~50% after a 2-gram, 54-67% after a 3-gram and ~90% after a
+4-gram; the accepted run averages 0.5-0.6 / 1.6-1.8 / 2.5-3.8 / 5.9-8.9 tokens. Depth
+2**n kept tokens per pass within 0.1 of a fixed depth 12 with two thirds of the rows.
 
 Worked example (min_n 1, max_n 3): history  a b c d a b  ends with "a b", which occurred
-at positions 0-1 and was followed by "c d a b"; a depth-3 lookup drafts [c, d, a].
+at positions 0-1 and was followed by "c d a b"; a depth-3 lookup drafts [c, d, a] (a
+2-gram match allows 4 tokens); a lone "b" match would draft at most 2.
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ class NgramIndex:
         self.indexed = max(self.indexed, len(self.tokens) - 1)
 
     def continuation(self, history: list[int], depth: int) -> list[int]:
-        """Up to `depth` tokens that followed the longest earlier match of the suffix."""
+        """The tokens that followed the longest earlier match of the suffix: up to 2**n
+        of them for an n-token match, and never more than `depth`."""
         self.extend(history)
         tokens = self.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
             end = self.last_end.get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1 : end + 1 + depth]
+                return tokens[end + 1 : end + 1 + min(depth, 2**n)]
         return []

@@ -14,18 +14,29 @@ from specstream_mlx.tree import DraftTree
 
 
 def brute_force(tokens: list[int], depth: int, min_n: int, max_n: int) -> list[int]:
-    """Longest suffix n-gram's most recent earlier occurrence, by scanning."""
+    """Longest suffix n-gram's most recent earlier occurrence, by scanning; an n-token
+    match drafts at most 2**n tokens."""
     for n in range(min(max_n, len(tokens)), min_n - 1, -1):
         suffix = tokens[-n:]
         for end in range(len(tokens) - 2, n - 2, -1):
             if tokens[end - n + 1 : end + 1] == suffix:
-                return tokens[end + 1 : end + 1 + depth]
+                return tokens[end + 1 : end + 1 + min(depth, 2**n)]
     return []
 
 
 def test_docstring_example():
     a, b, c, d = 1, 2, 3, 4
     assert NgramIndex(1, 3).continuation([a, b, c, d, a, b], 3) == [c, d, a]
+
+
+def test_short_matches_draft_short_chains():
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+    index = NgramIndex(1, 4)
+    assert index.continuation(history + [1], 16) == [2, 3]  # 1-gram: 2 tokens
+    assert index.continuation(history + [1, 2], 16) == [3, 4, 5, 6]  # 2-gram: 4
+    longest = history + [1, 2, 3, 4]
+    assert index.continuation(longest, 16) == longest[4:20]  # 4-gram: 16
+    assert index.continuation(history + [1, 2, 3, 4], 5) == [5, 6, 7, 8, 9]  # depth caps
 
 
 def test_longest_match_wins_and_most_recent_occurrence():
