@@ -75,6 +75,20 @@ def prefix_mask(tree_mask: mx.array | None, prefix: int, rows: int) -> mx.array:
     return mx.concatenate([mx.ones((rows, prefix), dtype=mx.bool_), tree_mask], axis=1)
 
 
+def stream_mask(main_mask: mx.array, stream_rows: mx.array, num_streams: int) -> mx.array:
+    """The stream rows' part of an MSA mask: (S*g, P + L + S*g) bool. Stream row (s, j)
+    sees what its main row sees and stream rows (s, 1..j).
+
+    main_mask: (L, P + L) bool; stream_rows: (S,) int32, main rows that carry streams.
+    """
+    S, g = stream_rows.shape[0], num_streams
+    owner = mx.repeat(stream_rows, g)  # (S*g,) main row of each stream row
+    step = mx.tile(mx.arange(g), S)  # (S*g,) stream index j-1
+    node = mx.repeat(mx.arange(S), g)
+    stream_stream = (node[:, None] == node[None, :]) & (step[:, None] >= step[None, :])
+    return mx.concatenate([main_mask[owner], stream_stream], axis=1)
+
+
 def msa_mask(
     main_mask: mx.array, stream_rows: mx.array, num_streams: int, main_sees_streams: bool
 ) -> mx.array:
@@ -86,17 +100,12 @@ def msa_mask(
     """
     L = main_mask.shape[0]
     S, g = stream_rows.shape[0], num_streams
-    owner = mx.repeat(stream_rows, g)  # (S*g,) main row of each stream row
-    step = mx.tile(mx.arange(g), S)  # (S*g,) stream index j-1
-    node = mx.repeat(mx.arange(S), g)
-    stream_stream = (node[:, None] == node[None, :]) & (step[:, None] >= step[None, :])
     if main_sees_streams:
-        main_stream = mx.arange(L)[:, None] == owner[None, :]
+        main_stream = mx.arange(L)[:, None] == mx.repeat(stream_rows, g)[None, :]
     else:
         main_stream = mx.zeros((L, S * g), dtype=mx.bool_)
     top = mx.concatenate([main_mask, main_stream], axis=1)
-    bottom = mx.concatenate([main_mask[owner], stream_stream], axis=1)
-    return mx.concatenate([top, bottom], axis=0)
+    return mx.concatenate([top, stream_mask(main_mask, stream_rows, g)], axis=0)
 
 
 def sdpa_mask(tree_mask: mx.array | None, prefix: int, rows: int) -> mx.array | str | None:
@@ -381,6 +390,35 @@ class DecoderModel(nn.Module):
         if h.shape[1] == L:
             return h, None
         return h[:, :L], h[:, L:].reshape(B, -1, self.stream_args.num_streams, h.shape[-1])
+
+    def upper_streams(self, h: mx.array, positions: mx.array, stream_rows: mx.array
+                      ) -> mx.array:
+        """The stream rows of `upper(h, positions, None, None, stream_rows)`, computed the
+        cheap way when main rows are blind to streams (training in lossless mode): the
+        main rows run once without streams, leaving their K/V in a cache, then only the
+        stream rows run, attending to those K/V (as in a decode pass over a prefix).
+
+        h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal
+        main rows); stream_rows: (S,) int32. Returns (B, S, gamma, hidden), final-normed.
+        """
+        from specstream_mlx.cache import KVCache
+
+        sa = self.stream_args
+        if sa.main_sees_streams:
+            raise ValueError("upper_streams needs main rows that do not see their streams")
+        B, L, H = h.shape
+        g = sa.num_streams
+        cache = KVCache(len(self.layers))
+        self.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
+        cache.commit(range(L))
+        mask = stream_mask(mx.tril(mx.ones((L, L), dtype=mx.bool_)), stream_rows, g)
+        pos = (positions[stream_rows][:, None] + mx.arange(1, g + 1)).reshape(-1)
+        rows = Rows(pos.astype(mx.int32), mask, cache, 0)
+        P = self.streams.embeddings * self.streams.embedding_scale
+        s = (mx.take(h, stream_rows, axis=1)[:, :, None, :] + P).reshape(B, -1, H)
+        for i in range(self.split, len(self.layers)):
+            s = self.layers[i](s, rows, i, self.streams.adapter(i - self.split))
+        return self.model.norm(s).reshape(B, -1, g, H)
 
     @property
     def has_draft_vocab(self) -> bool:

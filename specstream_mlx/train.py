@@ -230,11 +230,18 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
 
 
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
-           pruning_weight: float):
+           pruning_weight: float, frozen_main: bool = False):
     """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
-    stream top-1 hits per target))."""
-    hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows)
-    H = hm.shape[-1]
+    stream top-1 hits per target)).
+
+    frozen_main (lossless mode, no main loss): the main rows cannot change, so they run
+    forward once and only the stream rows carry gradients (model.upper_streams).
+    """
+    if frozen_main and not main_weight:
+        hm, hs = None, model.upper_streams(batch.hidden, batch.positions, batch.stream_rows)
+    else:
+        hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows)
+    H = hs.shape[-1]
     gamma = hs.shape[2]
     stream_logits = model.draft_logits(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
     stream_ce = nn.losses.cross_entropy(stream_logits, batch.stream_target)
@@ -273,7 +280,8 @@ def evaluate(model, samples: list[Sample], args: TrainArgs,
     for group in batches(samples, args.batch_size, random.Random(0)):
         batch = make_batch(group, gamma, lookup)
         counts += batch.stream_missed
-        loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight)
+        loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight,
+                                      args.mode == "lossless")
         mx.eval(loss, hit)
         hit = np.array(hit)
         for j in range(gamma):
@@ -421,8 +429,8 @@ def train(args: TrainArgs, log=print) -> dict:
     if args.resume:
         state = load_checkpoint(run_dir, model, optimizer)
         log(f"resumed at step {state['step']}")
-    loss_and_grad = nn.value_and_grad(model, lambda m, b: losses(m, b, *args.weights(),
-                                                                 args.pruning_weight))
+    loss_and_grad = nn.value_and_grad(model, lambda m, b: losses(
+        m, b, *args.weights(), args.pruning_weight, args.mode == "lossless"))
     gamma = args.num_streams
     plan = []
     while len(plan) < total:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_model
+from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
@@ -237,6 +238,38 @@ def test_losses_match_a_per_example_reference():
     # Main weight 0 (lossless default) drops the main term.
     loss0, _ = losses(model, make_batch(samples, 2), 0.0, 0.5, 0.25)
     np.testing.assert_allclose(loss0.item(), want - np.mean(main), rtol=1e-4)
+
+
+def test_frozen_main_path_gives_the_same_loss_and_gradients(arch):
+    """upper_streams (main rows forward once, stream rows over their cached K/V) equals
+    the full MSA pass in loss and in every trainable gradient."""
+    import mlx.nn as nn
+
+    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4)
+    model = tiny_model(arch, seed=6, streams=streams)
+    for adapter in model.streams.adapters:
+        for name, value in list(adapter.parameters().items()):
+            if name.endswith("_b"):
+                setattr(adapter, name, mx.random.normal(value.shape) * 0.1)
+    model.freeze()
+    model.streams.unfreeze()
+    rng = np.random.default_rng(1)
+    examples = [Example(rng.integers(3, 97, n).tolist(), start)
+                for n, start in [(14, 6), (9, 3), (22, 12)]]
+    batch = make_batch(frozen_hidden(model, examples), 3)
+    results = []
+    for frozen in (False, True):
+        fn = nn.value_and_grad(model, lambda m, b, f=frozen: losses(m, b, 0.0, 0.3, 0.2, f))
+        (loss, (_, per_stream, _, hits)), grads = fn(model, batch)
+        results.append((loss, per_stream, hits, dict(tree_flatten(grads))))
+    (l0, s0, h0, g0), (l1, s1, h1, g1) = results
+    np.testing.assert_allclose(l1.item(), l0.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(s1), np.array(s0), rtol=1e-5)
+    assert np.array(h1).tolist() == np.array(h0).tolist()
+    assert g1.keys() == g0.keys() and len(g0) > 5
+    for name, grad in g0.items():
+        np.testing.assert_allclose(np.array(g1[name]), np.array(grad), rtol=1e-3, atol=1e-6,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("batch_tokens", [4096, 20, 1])
