@@ -137,21 +137,23 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
              plain_ms: float, max_tokens: int | None) -> Setting:
     """Replay every trace with `setting`; predicted speed-up = plain time / speculative
     time of the same tokens, from the pass costs (ms by rows; plain_ms per token)."""
-    tokens = passes = 0
+    tokens = passes = timed_tokens = 0
     rows_total, spec_ms = 0, 0.0
     for tr in traces:
         drafter = budget_drafter(setting.tree_budget, setting.lookup_depth,
                                  setting.min_draft_prob)
         rp = replay(Trace(tr.tokens, tr.start, tr.candidates[..., :top_k],
                           tr.logprobs[..., :top_k]), drafter, max_tokens)
-        # Tokens after the first: the prefill is the same for both decoders.
-        tokens += rp.tokens - 1
-        passes += rp.passes
+        # Tokens per pass as bench counts them (the prefill is a pass that emits one);
+        # time after the first token, which the prefill costs both decoders alike.
+        tokens += rp.tokens
+        passes += rp.passes + 1
+        timed_tokens += rp.tokens - 1
         rows_total += sum(rp.rows)
         spec_ms += sum(interpolate_cost(costs, n) for n in rp.rows)
     setting.tokens_per_pass = tokens / max(passes, 1)
-    setting.mean_rows = rows_total / max(passes, 1)
-    setting.predicted_speedup = tokens * plain_ms / spec_ms if spec_ms else 0.0
+    setting.mean_rows = rows_total / max(passes - len(traces), 1)
+    setting.predicted_speedup = timed_tokens * plain_ms / spec_ms if spec_ms else 0.0
     return setting
 
 
@@ -175,8 +177,8 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
         else:
             answer = [e.token for e in generate_step(model, prompt, max_tokens=max_tokens,
                                                      speculative=False)]
-        answer = answer[:max_tokens]
-        traces.append(trace(model, prompt, answer, top_k) if answer else None)
+        tr = trace(model, prompt, answer[:max_tokens], top_k) if answer else None
+        traces.append(tr if tr is not None and len(tr.tokens) > tr.start else None)
         if progress:
             print(f"\rtraced {n}/{len(records)}", end="", flush=True)
     if progress:

@@ -109,8 +109,10 @@ def test_evaluate_predicts_from_costs():
     cand = np.array([[[answer[min(i + j, 19)]] for j in range(1, 4)] for i in range(20)])
     tr = Trace([1, 2] + answer, 2, cand, np.zeros_like(cand, dtype=np.float32))
     s = evaluate([tr], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
-    # 19 tokens after the first in 5 passes of 4 rows (the last one shorter), equal cost
-    assert s.tokens_per_pass == pytest.approx(19 / 5)
+    # 19 tokens after the first in 5 passes of 4 rows (the last one shorter), equal cost;
+    # tokens per pass as bench counts it: 20 tokens in 6 passes (the prefill included)
+    assert s.tokens_per_pass == pytest.approx(20 / 6)
+    assert s.mean_rows == pytest.approx(19 / 5)
     assert s.predicted_speedup == pytest.approx(19 / 5)
 
 
@@ -124,3 +126,42 @@ def test_write_defaults(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(InputError, match="no speculative_streaming"):
         write_defaults(tmp_path, Setting(2, 8, 0.05))
+
+
+def test_cli_tune_end_to_end(tmp_path, capsys):
+    """`specstream tune` on a tiny folder: traces prompts with and without completions,
+    prints the best settings per task, writes the JSON and the chosen defaults."""
+    from tiny_folder import make_tiny_folder
+
+    from specstream_mlx.cli import main
+    from specstream_mlx.data import write_jsonl
+
+    folder = make_tiny_folder(tmp_path / "tiny", streams=STREAMS)[0]
+    write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "task": "chat", "prompt": "hi"},
+        {"id": "b", "task": "code", "prompt": "def f(x):", "completion": "return x"},
+        {"id": "c", "task": "chat", "prompt": "Hello there, how are you?"}])
+    rc = main(["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),
+               "--max-tokens", "10", "--budgets", "0,2", "--lookup-depths", "0,4",
+               "--min-draft-probs", "0", "--rows", "1,2,4", "--write",
+               "--json", str(tmp_path / "tune.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "chat: 2 prompts" in out and "all: " in out and "wrote tree_budget" in out
+    report = json.loads((tmp_path / "tune.json").read_text())
+    assert set(report["results"]) >= {"chat", "all"}
+    # budget 0 with lookup 0 is no drafting at all: left out of the grid
+    assert len(report["results"]["all"]) == 3
+    best = report["best"]
+    block = json.loads((folder / "config.json").read_text())["speculative_streaming"]
+    assert (block["tree_budget"], block["lookup_depth"]) == (best["tree_budget"],
+                                                            best["lookup_depth"])
+    assert all(s["tokens_per_pass"] >= 1.0 for s in report["results"]["all"])
+
+
+def test_cli_tune_bad_prompts(tmp_path, capsys):
+    from specstream_mlx.cli import main
+
+    (tmp_path / "p.jsonl").write_text('{"text": "no prompt"}\n')
+    assert main(["tune", "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert "need records with a 'prompt'" in capsys.readouterr().err
