@@ -48,12 +48,13 @@ def ensure_default_streams(path: Path) -> Path:
     shipped = SHIPPED_STREAMS / STREAMS_FILE
     target = path / STREAMS_FILE
     if shipped.is_file():
+        block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
+        config = json.loads((path / "config.json").read_text())
         if not target.is_file() or target.read_bytes() != shipped.read_bytes():
-            block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
-            config = json.loads((path / "config.json").read_text())
             tmp = path / f".tmp-{os.getpid()}-{STREAMS_FILE}"
             shutil.copyfile(shipped, tmp)
             os.replace(tmp, target)
+        if config.get(CONFIG_KEY) != block:  # new streams or new decoding defaults
             write_json_atomic(path / "config.json", {**config, CONFIG_KEY: block})
     elif not target.is_file():
         model, _ = _load_weights(path, read_config(path))

@@ -374,6 +374,13 @@ def test_shipped_streams_are_installed_into_the_default_folder(tmp_path, monkeyp
     assert read_json(target / "config.json")[CONFIG_KEY]["num_streams"] == 3
     assert (target / STREAMS_FILE).read_bytes() == (other / STREAMS_FILE).read_bytes()
 
+    # New decoding defaults with the same streams file reach the folder too.
+    config = read_json(shipped / "config.json")
+    config[CONFIG_KEY]["lookup_depth"] = 7
+    (shipped / "config.json").write_text(json.dumps(config))
+    loader.ensure_default_streams(target)
+    assert read_json(target / "config.json")[CONFIG_KEY]["lookup_depth"] == 7
+
     monkeypatch.setattr(loader, "SHIPPED_STREAMS", tmp_path / "nothing")
     bare, _ = make_tiny_folder(tmp_path / "bare")
     loader.ensure_default_streams(bare)
