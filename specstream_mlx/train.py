@@ -82,8 +82,10 @@ class Sample:
     hidden: mx.array
 
 
-def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096) -> list[Sample]:
-    """Run the frozen lower layers once over every example (batched by length)."""
+def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096,
+                  progress=None) -> list[Sample]:
+    """Run the frozen lower layers once over every example (batched by length);
+    `progress(done, total)` is called after each batch."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     samples: list[Sample | None] = [None] * len(examples)
     i = 0
@@ -106,6 +108,8 @@ def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096) -> l
             samples[j] = Sample(np.array(examples[j].tokens), examples[j].completion_start,
                                 h[row, :n])
         i += len(group)
+        if progress is not None:
+            progress(i, len(order))
     return samples
 
 
@@ -142,7 +146,15 @@ def cached_hidden(model, examples: list[Example], cache: Path, key: str, log=pri
             log(f"frozen hidden states reused from {cache}")
             return [Sample(np.array(e.tokens), e.completion_start, tensors[str(i)])
                     for i, e in enumerate(examples)]
-    samples = frozen_hidden(model, examples)
+    tic = last = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:  # a line a minute: this takes a while
+        nonlocal last
+        if done == total or time.perf_counter() - last > 60:
+            last = time.perf_counter()
+            log(f"frozen hidden states: {done}/{total} examples, {last - tic:.0f} s")
+
+    samples = frozen_hidden(model, examples, progress=progress)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".tmp-{cache.name}")
     mx.save_safetensors(str(tmp), {str(i): s.hidden for i, s in enumerate(samples)},
