@@ -79,8 +79,8 @@ def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
     for i in range(len(tree)):
         if i:
             par, d = tree.parents[i - 1], int(tree.depths[i])
-            on_path[i] = on_path[par] and root + d < len(answer) and \
-                tree.tokens[i - 1] == answer[root + d]
+            on_path[i] = (on_path[par] and root + d < len(answer)
+                          and tree.tokens[i - 1] == answer[root + d])
         nxt = root + int(tree.depths[i]) + 1
         if on_path[i] and nxt < len(answer):
             targets[i] = answer[nxt]
@@ -96,18 +96,16 @@ def replay(tr: Trace, drafter: Drafter, max_tokens: int | None = None) -> Replay
     answer = tr.tokens[tr.start :]
     limit = len(answer) if max_tokens is None else min(max_tokens, len(answer))
     rows, accepted = [], []
-    r = 0  # index in `answer` of the root (emitted, not yet fed)
-    emitted = 1
-    while emitted < limit:
+    r = 0  # index in `answer` of the root: answer[: r + 1] is emitted, the root not fed
+    while r + 1 < limit:
         draft = Draft(tr.candidates[r], tr.logprobs[r])
-        tree = drafter(draft, tr.tokens[: tr.start + r + 1]).truncate(limit - emitted - 1)
+        # As in generate_step: no deeper than the tokens still allowed after the root.
+        tree = drafter(draft, tr.tokens[: tr.start + r + 1]).truncate(limit - r - 2)
         path, _ = tree.accept(path_targets(tree, answer, r))
-        a = len(path) - 1
         rows.append(len(tree))
-        accepted.append(a)
-        emitted += a + 1
-        r += a + 1
-    return Replay(min(emitted, limit), len(rows), rows, accepted)
+        accepted.append(len(path) - 1)
+        r += len(path)
+    return Replay(min(r + 1, limit), len(rows), rows, accepted)
 
 
 @dataclass
