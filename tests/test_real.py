@@ -13,12 +13,12 @@ import pytest
 from specstream_mlx import generate, load
 from specstream_mlx.convert.embedded import ensure_embedded_model
 from specstream_mlx.decode import Draft, generate_step
+from specstream_mlx.generate import encode_prompt
 from specstream_mlx.tree import DraftTree
 
 pytestmark = pytest.mark.real
 
-# Shipped streams, context drafts off, on the prime prompt below: 1.55 measured here (the
-# first shipped run got ~1.3; untrained streams ~1.0).
+# Shipped streams, context drafts off, on the prime prompt below: 1.55 measured here.
 MIN_STREAM_TOKENS_PER_PASS = 1.4
 
 
@@ -75,10 +75,7 @@ def test_answers_a_simple_question(smollm):
 @pytest.mark.parametrize("budget", [0, 6, 15])
 def test_greedy_speculative_equals_plain_on_real_prompt(smollm, budget):
     model, tokenizer = smollm
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Write a Python function that reverses a string."}],
-        add_generation_prompt=True,
-    )
+    prompt = encode_prompt(tokenizer, "Write a Python function that reverses a string.", chat=True)
     plain = [e.token for e in generate_step(model, prompt, max_tokens=64, speculative=False)]
     spec = [e.token for e in generate_step(model, prompt, max_tokens=64, tree_budget=budget)]
     assert spec == plain
@@ -90,10 +87,7 @@ def test_context_drafts_copy_a_quoted_text(smollm):
     model, tokenizer = smollm
     sentence = ("The quick brown fox jumps over the lazy dog while the cat watches "
                 "from the warm windowsill of the old farmhouse.")
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"Repeat this sentence exactly: {sentence}"}],
-        add_generation_prompt=True,
-    )
+    prompt = encode_prompt(tokenizer, f"Repeat this sentence exactly: {sentence}", chat=True)
     plain = [e.token for e in generate_step(model, prompt, max_tokens=40, speculative=False)]
     events = list(generate_step(model, prompt, max_tokens=40, tree_budget=0, lookup_depth=8))
     assert [e.token for e in events] == plain
@@ -138,12 +132,9 @@ def test_streams_block_recorded(smollm):
 
 def test_shipped_streams_draft_accepted_tokens(smollm):
     """The trained streams alone (context drafts off) get well over one token per pass on a
-    code prompt written for this test; untrained streams stay at ~1.0."""
+    code prompt written for this test."""
     model, tokenizer = smollm
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Write a Python function that checks whether a number "
-                                     "is a prime."}],
-        add_generation_prompt=True,
-    )
+    prompt = encode_prompt(tokenizer, "Write a Python function that checks whether a number "
+                                      "is a prime.", chat=True)
     events = list(generate_step(model, prompt, max_tokens=96, lookup_depth=0))
     assert len(events) / events[-1].passes > MIN_STREAM_TOKENS_PER_PASS
