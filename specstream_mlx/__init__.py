@@ -6,9 +6,9 @@
         print(r.text, end="")
 """
 
-from .blas import preload_openblas
+from .blas import preload
 
-preload_openblas()  # must precede the first import of mlx.core
+preload()  # must precede the first import of mlx.core
 
 from .generate import GenerationResponse, generate, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402

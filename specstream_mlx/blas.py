@@ -1,22 +1,68 @@
-"""Which BLAS MLX's CPU backend multiplies with, and the faster one when it is there.
+"""Which BLAS MLX's CPU backend multiplies with: the fastest one installed, chosen by
+measurement once per machine and loaded before `mlx.core`.
 
-MLX's Linux CPU wheel links a reference BLAS whose matmul time grows linearly with the
-rows of a pass, which erases the point of verifying a draft tree in one pass. OpenBLAS
-(the `cmeel-openblas` wheel) keeps a pass of a few rows close to the cost of one row.
-Loading it with RTLD_GLOBAL before `mlx.core` makes MLX's BLAS symbols resolve to it.
-A cmeel-openblas wheel is built for one CPU family (0.3.31: SKYLAKEX, AVX-512; 0.3.29:
-ZEN, AVX2), so the library's target is checked against this CPU first: an AVX-512 build
-dies with SIGILL on an AVX2-only CPU.
+MLX's Linux CPU wheel links a reference BLAS that is ~10x slower than a tuned one and
+whose matmul time grows linearly with the rows of a pass. Loading a tuned library with
+RTLD_GLOBAL before `mlx.core` makes MLX's `cblas_*` symbols resolve to it. Candidates:
+
+* MKL (the `mkl` wheel, a dependency on Linux x86-64): needs no system library;
+* OpenBLAS (the `openblas` extra, `cmeel-openblas`): needs the system's libgfortran5.
+  Each cmeel-openblas wheel is built for one CPU family (0.3.31: SKYLAKEX, AVX-512;
+  0.3.29: ZEN, AVX2), so its target is checked against this CPU first: an AVX-512 build
+  dies with SIGILL on an AVX2-only CPU.
+
+Every candidate is timed in its own subprocess (the sgemm shapes of a decode pass: one
+row, and a few rows in the orientation models/base.py uses for them), so a library that
+loses never enters this process; the choice is cached in $SPECSTREAM_HOME/blas.json.
+SPECSTREAM_BLAS=mkl|openblas|reference forces a choice.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import json
 import os
+import platform
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-_STATE = {"library": None, "build": "", "reason": "not on Linux"}
+_STATE = {"name": "reference", "library": None, "build": "", "reason": "not on Linux"}
+
+# A decode pass in miniature: x (rows, K) times W (N, K)^T for weights that do not fit
+# in the CPU's caches; one row as C = x W^T, several rows as C^T = W x^T. Prints the
+# milliseconds of both. argv: library path, kind ("mkl" or "openblas").
+_PROBE = r"""
+import ctypes, sys, time
+lib = ctypes.CDLL(sys.argv[1])
+K, N, n_mats = 1024, 3072, 12
+f = ctypes.c_float
+def buf(n):
+    b = (f * n)()
+    ctypes.memset(b, 0x3F, ctypes.sizeof(b))  # 0.747..., no zero pages, no denormals
+    return b
+W = [buf(N * K) for _ in range(n_mats)]
+x, c = buf(8 * K), buf(8 * N)
+sgemm = lib.cblas_sgemm
+sgemm.argtypes = [ctypes.c_int] * 6 + [f, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_int, f, ctypes.c_void_p, ctypes.c_int]
+ROW, NO, T = 101, 111, 112
+def one(rows):
+    for w in W:
+        if rows == 1:
+            sgemm(ROW, NO, T, 1, N, K, 1.0, x, K, w, K, 0.0, c, N)
+        else:
+            sgemm(ROW, NO, T, N, rows, K, 1.0, w, K, x, K, 0.0, c, rows)
+def ms(rows):
+    one(rows)
+    best = []
+    for _ in range(7):
+        t = time.perf_counter(); one(rows); best.append(time.perf_counter() - t)
+    return sorted(best)[3] * 1000
+print(ms(1), ms(4))
+"""
 
 
 def find_openblas() -> Path | None:
@@ -25,6 +71,20 @@ def find_openblas() -> Path | None:
         candidate = Path(entry) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
         if candidate.is_file():
             return candidate
+    return None
+
+
+def find_mkl() -> Path | None:
+    """libmkl_rt.so.* of the `mkl` wheel (installed under the prefix's lib/), if any."""
+    try:
+        files = importlib.metadata.files("mkl") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name.startswith("libmkl_rt.so"):
+            path = Path(f.locate()).resolve()
+            if path.is_file():
+                return path
     return None
 
 
@@ -51,6 +111,16 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def unsupported_reason(config: str, core: str, flags: set[str] | None) -> str | None:
     """Why an OpenBLAS build cannot run on this CPU, or None when it can.
 
@@ -75,41 +145,124 @@ def _build_of(path: Path) -> tuple[str, str]:
     return lib.openblas_get_config().decode(), lib.openblas_get_corename().decode()
 
 
-def preload_openblas() -> None:
-    """Load OpenBLAS globally before MLX, unless SPECSTREAM_BLAS=reference or too late."""
+def candidates() -> tuple[dict[str, tuple[Path, str]], dict[str, str]]:
+    """Usable tuned libraries {name: (path, build)} and why others are not usable."""
+    usable, refused = {}, {}
+    if (mkl := find_mkl()) is not None:
+        usable["mkl"] = (mkl, f"MKL {importlib.metadata.version('mkl')}")
+    else:
+        refused["mkl"] = "the mkl wheel is not installed (pip install mkl)"
+    if (path := find_openblas()) is None:
+        refused["openblas"] = "cmeel-openblas is not installed"
+    else:
+        try:
+            config, core = _build_of(path)
+            reason = unsupported_reason(config, core, cpu_flags())
+        except (OSError, AttributeError) as e:  # typically libgfortran.so.5 missing
+            reason = f"OpenBLAS failed to load: {e}"
+        if reason:
+            refused["openblas"] = reason
+        else:
+            usable["openblas"] = (path, f"{config.split(' NO_')[0]} {core}")
+    return usable, refused
+
+
+def probe(path: Path, env: dict | None = None) -> tuple[float, float] | None:
+    """(ms for one row, ms for four rows) of the probe's sgemm set, in a subprocess; None
+    when the library cannot run it."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
+                             text=True, timeout=120, env=env)
+        one, four = (float(v) for v in out.stdout.split())
+        return one, four
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return None
+
+
+def _cache_file() -> Path:
+    if home := os.environ.get("SPECSTREAM_HOME"):
+        return Path(home) / "blas.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "specstream_mlx" / "blas.json"
+
+
+def choose(usable: dict[str, tuple[Path, str]], threads: str) -> tuple[str | None, dict]:
+    """The fastest usable library by the probe (sum of the one-row and four-row times),
+    cached per machine and set of libraries. Returns (name or None, probe times)."""
+    if not usable:
+        return None, {}
+    key = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
+           "libraries": {n: f"{p} {b}" for n, (p, b) in sorted(usable.items())}}
+    cache = _cache_file()
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["choice"], saved["times"]
+    except (OSError, ValueError, KeyError):
+        pass
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    times = {n: t for n, (p, _) in usable.items() if (t := probe(p, env)) is not None}
+    choice = min(times, key=lambda n: sum(times[n])) if times else None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "choice": choice, "times": times}, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs a probe per process
+    return choice, times
+
+
+def preload() -> None:
+    """Load the fastest BLAS globally before MLX (see the module docstring)."""
     if not sys.platform.startswith("linux"):
         return
-    if os.environ.get("SPECSTREAM_BLAS", "").lower() == "reference":
+    forced = os.environ.get("SPECSTREAM_BLAS", "").lower()
+    if forced == "reference":
         _STATE["reason"] = "SPECSTREAM_BLAS=reference"
         return
     if "mlx.core" in sys.modules:
         _STATE["reason"] = "mlx was imported before specstream_mlx"
+        warnings.warn(
+            "mlx was imported before specstream_mlx, so MLX keeps its slow reference BLAS "
+            "(plain decoding ~3x slower, speculative passes much more): import "
+            "specstream_mlx before mlx", stacklevel=3)
         return
-    path = find_openblas()
-    if path is None:
-        _STATE["reason"] = "cmeel-openblas is not installed (pip install cmeel-openblas)"
+    threads = str(os.cpu_count() or 1)
+    usable, refused = candidates()
+    if forced in usable:
+        name = forced
+    elif forced:
+        _STATE["reason"] = f"SPECSTREAM_BLAS={forced}: {refused.get(forced, 'unknown')}"
         return
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(os.cpu_count() or 1))
-    try:
-        config, core = _build_of(path)
-        reason = unsupported_reason(config, core, cpu_flags())
-        if reason:
-            _STATE["reason"] = reason
-            return
-        # A second dlopen with RTLD_GLOBAL promotes the library to the global scope.
+    else:
+        name, _ = choose(usable, threads)
+    if name is None:
+        _STATE["reason"] = "; ".join(refused.values()) or "no tuned BLAS passed the probe"
+        return
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+    path, build = usable[name]
+    try:  # a second dlopen with RTLD_GLOBAL promotes a loaded library to the global scope
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, AttributeError) as e:  # OSError: typically libgfortran.so.5 missing
-        _STATE["reason"] = f"OpenBLAS failed to load: {e}"
+    except OSError as e:
+        _STATE["reason"] = f"{build} failed to load: {e}"
         return
-    _STATE["library"] = str(path)
-    _STATE["build"] = f"{config.split(' NO_')[0]} {core}"
+    _STATE.update(name=name, library=str(path), build=build)
 
 
 def blas_info() -> str:
     """A line saying which BLAS the CPU backend uses, and why."""
     if _STATE["library"]:
-        threads = os.environ.get("OPENBLAS_NUM_THREADS")
-        return f"{_STATE['build']} ({threads} threads)"
+        var = "MKL_NUM_THREADS" if _STATE["name"] == "mkl" else "OPENBLAS_NUM_THREADS"
+        return f"{_STATE['build']} ({os.environ.get(var)} threads)"
     if not sys.platform.startswith("linux"):
         return "the platform's BLAS"
     return f"MLX's reference BLAS ({_STATE['reason']})"
+
+
+def blas_name() -> str:
+    """"mkl", "openblas", "reference" or "platform"."""
+    if not sys.platform.startswith("linux"):
+        return "platform"
+    return _STATE["name"] if _STATE["library"] else "reference"

@@ -32,7 +32,9 @@ from specstream_mlx.loader import load
 pytestmark = pytest.mark.filterwarnings("ignore:.*no speculative streams:UserWarning")
 
 PROMPT = mx.array([[1, 5, 40, 77, 3, 50, 12, 9, 60, 2, 33]])
-ATOL = 1e-5
+# fp32 logits up to ~20 through two models' op orders: a tuned BLAS (MKL) differs from the
+# reference by ~1e-5 relative; a conversion error differs by whole units.
+ATOL = 1e-4
 
 
 def ours(folder: Path, precision: str = "native") -> nn.Module:
