@@ -39,13 +39,15 @@ class Rows:
 
     positions: (R,) int32 position of each row; mask: (R, keys) bool, "causal" or None;
     cache: the KV cache or None; n_main: the first n_main rows are main rows, the rest
-    stream rows.
+    stream rows; pending: with n_main 0 (a pass of stream rows only), how many rows an
+    earlier pass wrote after the cache's committed slots that these rows also see.
     """
 
     positions: mx.array
     mask: mx.array | str | None
     cache: object | None
     n_main: int
+    pending: int = 0
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
@@ -162,7 +164,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(self.rope, q, rows.positions), apply_rope(self.rope, k, rows.positions)
         if cache is not None:
-            keys, values = cache.write(layer, k[:, :, :n_main], v[:, :, :n_main])
+            if n_main:
+                keys, values = cache.write(layer, k[:, :, :n_main], v[:, :, :n_main])
+            else:
+                keys, values = cache.read(layer, rows.pending)
             if R > n_main:
                 keys = mx.concatenate([keys, k[:, :, n_main:]], axis=2)
                 values = mx.concatenate([values, v[:, :, n_main:]], axis=2)
@@ -174,9 +179,22 @@ class Attention(nn.Module):
         return project(self, "o_proj", out.transpose(0, 2, 1, 3).reshape(B, R, -1), adapter, n_main)
 
 
+def linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """layer(x) for x (B, R, in). A float layer with a few rows on the CPU computes
+    (W @ x^T)^T: BLAS libraries handle a skinny right-hand side far better than a few-row
+    left one (MKL, SmolLM2's matmuls with 4 rows: 61 ms a pass instead of 117)."""
+    rows = x.size // x.shape[-1]
+    if not 1 < rows <= 32 or "scales" in layer or mx.default_device() != mx.cpu:
+        return layer(x)
+    y = (layer.weight @ x.reshape(rows, -1).T).T
+    if "bias" in layer:
+        y = y + layer.bias
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def project(module: nn.Module, name: str, x: mx.array, adapter, n_main: int) -> mx.array:
     """module.<name>(x), plus the stream-only adapter's update on rows n_main: onwards."""
-    y = getattr(module, name)(x)
+    y = linear(getattr(module, name), x)
     if adapter is None or x.shape[1] == n_main:
         return y
     delta = adapter.delta(name, x[:, n_main:])
@@ -391,6 +409,30 @@ class DecoderModel(nn.Module):
             return h, None
         return h[:, :L], h[:, L:].reshape(B, -1, self.stream_args.num_streams, h.shape[-1])
 
+    def stream_pass(self, h: mx.array, positions: mx.array, seen: mx.array, cache,
+                    pending: int) -> mx.array:
+        """Stream rows of S main rows, run after their main rows went through the MSA layers
+        (which left their K/V in `cache`): valid when main rows do not see their streams.
+
+        h: (B, S, hidden) the main rows' hidden states entering the first MSA layer;
+        positions: (S,) int32 their positions; seen: (S, offset + pending) bool, what each
+        main row saw among the cache's committed slots and the `pending` slots after them.
+        Returns (B, S, gamma, hidden), final-normed.
+        """
+        sa = self.stream_args
+        if sa.main_sees_streams:
+            raise ValueError("stream_pass needs main rows that do not see their streams")
+        B, S, H = h.shape
+        g = sa.num_streams
+        mask = stream_mask(seen, mx.arange(S), g)
+        pos = (positions[:, None] + mx.arange(1, g + 1)).reshape(-1).astype(mx.int32)
+        rows = Rows(pos, mask, cache, 0, pending)
+        P = self.streams.embeddings * self.streams.embedding_scale
+        s = (h[:, :, None, :] + P).reshape(B, -1, H)
+        for i in range(self.split, len(self.layers)):
+            s = self.layers[i](s, rows, i, self.streams.adapter(i - self.split))
+        return self.model.norm(s).reshape(B, S, g, H)
+
     def upper_streams(self, h: mx.array, positions: mx.array, stream_rows: mx.array
                       ) -> mx.array:
         """The stream rows of `upper(h, positions, None, None, stream_rows)`, computed the
@@ -403,22 +445,12 @@ class DecoderModel(nn.Module):
         """
         from specstream_mlx.cache import KVCache
 
-        sa = self.stream_args
-        if sa.main_sees_streams:
-            raise ValueError("upper_streams needs main rows that do not see their streams")
-        B, L, H = h.shape
-        g = sa.num_streams
+        L = h.shape[1]
         cache = KVCache(len(self.layers))
         self.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
-        cache.commit(range(L))
-        mask = stream_mask(mx.tril(mx.ones((L, L), dtype=mx.bool_)), stream_rows, g)
-        pos = (positions[stream_rows][:, None] + mx.arange(1, g + 1)).reshape(-1)
-        rows = Rows(pos.astype(mx.int32), mask, cache, 0)
-        P = self.streams.embeddings * self.streams.embedding_scale
-        s = (mx.take(h, stream_rows, axis=1)[:, :, None, :] + P).reshape(B, -1, H)
-        for i in range(self.split, len(self.layers)):
-            s = self.layers[i](s, rows, i, self.streams.adapter(i - self.split))
-        return self.model.norm(s).reshape(B, -1, g, H)
+        seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
+        return self.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows],
+                                seen, cache, L)
 
     @property
     def has_draft_vocab(self) -> bool:

@@ -34,6 +34,7 @@ class BenchArgs:
     top_k: int | None = None
     lookup_depth: int | None = None
     min_draft_prob: float | None = None
+    adaptive: bool = True
     precision: str = "auto"
     mlx_lm: bool = True
     mlx_lm_precision: str = "native"
@@ -50,7 +51,8 @@ def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bo
     for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens,
                                 speculative=speculative, tree_budget=args.tree_budget,
                                 top_k=args.top_k, lookup_depth=args.lookup_depth,
-                                min_draft_prob=args.min_draft_prob):
+                                min_draft_prob=args.min_draft_prob,
+                                adaptive=args.adaptive):
         tokens.append(last.token)
         if last.passes > 1:  # pass 1 is the prefill, which drafts nothing
             per_pass[last.passes] += last.from_draft

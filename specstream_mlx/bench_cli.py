@@ -18,6 +18,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="context draft length (0: streams only; default: model config)")
     parser.add_argument("--min-draft-prob", type=float, default=None,
                         help="floor on a stream draft's path probability (default: model config)")
+    parser.add_argument("--fixed-draft", action="store_true",
+                        help="always draft the whole budget (no per-step controller)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's generate")
@@ -33,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
     bench(BenchArgs(
         prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
         tree_budget=args.tree_budget, top_k=args.top_k, lookup_depth=args.lookup_depth,
-        min_draft_prob=args.min_draft_prob, precision=args.precision,
+        min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
+        precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
         rows=[int(x) for x in args.rows.split(",")], json_path=args.json, png_path=args.png,
     ))

@@ -55,6 +55,12 @@ class KVCache:
         self.values[layer][..., self.offset : end, :] = v
         return self.keys[layer][..., :end, :], self.values[layer][..., :end, :]
 
+    def read(self, layer: int, pending: int = 0) -> tuple[mx.array, mx.array]:
+        """Keys and values of slots 0 .. offset+pending-1: the committed tokens and the first
+        `pending` rows a pass already wrote (stream rows attend to them, never write)."""
+        end = self.offset + pending
+        return self.keys[layer][..., :end, :], self.values[layer][..., :end, :]
+
     def commit(self, path: Sequence[int]) -> None:
         """Keep pending rows `path` (increasing indices from 0) as the next committed slots."""
         n = len(path)

@@ -8,6 +8,7 @@ the step reads back once. Plain decoding is the same step with an empty tree.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVCache
+from .controller import Controller, PassCosts, Plan, costs_for
 from .errors import InputError
 from .lookup import NgramIndex
 from .tree import DraftTree
@@ -45,6 +47,7 @@ class StepResult:
     tokens: list[int]
     num_drafted: int
     draft: Draft | None
+    path: list[int]
 
 
 @dataclass
@@ -74,6 +77,23 @@ def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0) ->
         return tree
 
     return draft_tree
+
+
+def planned_tree(controller: Controller, draft: Draft | None, history: list[int],
+                 index: NgramIndex | None, limits: tuple[int, int, float]
+                 ) -> tuple[DraftTree, Plan, int]:
+    """The controller's choice among the streams' best nodes and the context draft.
+
+    limits: (tree budget, lookup depth, min_draft_prob). Returns the tree to verify, the
+    plan and the length of the context draft's n-gram match."""
+    budget, lookup, min_prob = limits
+    full = None
+    if draft is not None:
+        full = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget, min_prob)
+    chain, match = index.match(history, lookup) if index is not None else ([], 0)
+    plan = controller.plan(full, len(chain), match)
+    tree = full.first(plan.stream_nodes) if full is not None else DraftTree()
+    return tree.with_chain(chain[: plan.chain]), plan, match
 
 
 def choose(logits: mx.array, sampler: Sampler | None) -> mx.array:
@@ -134,29 +154,72 @@ def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
     return model.head(h[0, -1]), (hs[0, -1] if hs is not None else None)
 
 
-def speculative_step(
-    model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int
-) -> StepResult:
-    """Verify `tree` after `root` and, with top_k > 0, draft the next candidates, in one
-    forward pass."""
-    streams = model.stream_args is not None and top_k > 0
+def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None,
+           top_k: int, draft: bool = True) -> tuple[list[int], int, Draft | None]:
+    """One forward pass of `root` + `tree` with the cache's committed tokens as prefix:
+    returns the accepted path (node indices, 0 first), the token after it, and (with
+    `draft`, top_k > 0 and streams) the streams' candidates at its last node. The pass's
+    K/V stay pending in the cache: `commit` keeps the path's.
+
+    Main rows blind to their streams (lossless mode) let the stream rows run for the last
+    accepted node only, found on the device after the main rows: gamma rows in the top
+    N_s layers instead of gamma per tree node.
+    """
+    streams = draft and model.stream_args is not None and top_k > 0
+    deferred = streams and not model.stream_args.main_sees_streams
+    n = len(tree)
     tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
     positions = mx.array(cache.offset + tree.depths)
-    mask = mx.array(tree.mask)
-    h = model.lower(tokens[None], positions, mask, cache)
-    h, hs = model.upper(h, positions, mask, cache, rows_needing_streams(model, len(tree), streams))
+    mask = mx.array(tree.mask) if n > 1 else None
+    h_low = model.lower(tokens[None], positions, mask, cache)
+    rows = None if deferred else rows_needing_streams(model, n, streams)
+    h, hs = model.upper(h_low, positions, mask, cache, rows)
     targets = choose(model.head(h[0]), sampler)
     outputs = [targets]
     if streams:
         parents = mx.array([0] + tree.parents, dtype=mx.int32)
-        last = last_accepted(tokens, targets, parents, mask, positions)
-        outputs += list(stream_candidates(model, hs[0, last], top_k))
+        last = last_accepted(tokens, targets, parents,
+                             mask if mask is not None else mx.ones((1, 1), dtype=mx.bool_),
+                             positions)
+        if deferred:
+            seen = mx.ones((1, cache.offset + n), dtype=mx.bool_)
+            if mask is not None:
+                seen[:, cache.offset:] = mask[last]
+            hs = model.stream_pass(mx.take(h_low, last[None], axis=1), positions[last][None],
+                                   seen, cache, n)[0, 0]
+        else:
+            hs = hs[0, last]
+        outputs += list(stream_candidates(model, hs, top_k))
     mx.eval(*outputs)  # the step's one read-back
     path, bonus = tree.accept(targets.tolist())
+    new_draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
+    return path, bonus, new_draft
+
+
+def speculative_step(
+    model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int,
+    draft: bool = True,
+) -> StepResult:
+    """Verify `tree` after `root` and, with `draft` and top_k > 0, draft the next
+    candidates, in one forward pass; commits the accepted path's K/V."""
+    path, bonus, new_draft = verify(model, cache, root, tree, sampler, top_k, draft)
     cache.commit(path)
-    draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
     accepted = [tree.tokens[i - 1] for i in path[1:]]
-    return StepResult(accepted + [bonus], len(accepted), draft)
+    return StepResult(accepted + [bonus], len(accepted), new_draft, path)
+
+
+def seed_costs(model, cache: KVCache, root: int, costs: PassCosts, top_k: int) -> None:
+    """Time a few pass sizes once (pending rows only, nothing committed), so a controller
+    compares measured costs from its first step."""
+    room = model.args.max_position_embeddings - cache.offset  # positions stay in context
+    for rows, draft in [(1, False), (1, False), (1, True), (2, False), (4, False),
+                        (8, False), (16, False)]:
+        if rows > room:
+            break
+        tree = DraftTree([root] * (rows - 1), list(range(rows - 1)))
+        tic = time.perf_counter()
+        verify(model, cache, root, tree, None, top_k, draft)
+        costs.observe(rows, draft, time.perf_counter() - tic)
 
 
 def generate_step(
@@ -173,13 +236,16 @@ def generate_step(
     prefill_chunk: int = 512,
     drafter: Drafter | None = None,
     cache: KVCache | None = None,
+    adaptive: bool = True,
 ) -> Iterator[TokenEvent]:
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
     sampler None is greedy. tree_budget, top_k, lookup_depth and min_draft_prob default
     to the model's stream config (see budget_drafter). `drafter` replaces the default
-    budget tree (tests use it to force perfect drafts). Prompt plus generated tokens
-    never exceed the context. The cache, when given, must be empty; on exit (also when
+    budget tree (tests use it to force perfect drafts). `adaptive` lets a Controller
+    choose each step's draft from measured costs (controller.py), plain steps included,
+    when decoding greedily; False (and sampling) always drafts the whole budget. Prompt
+    plus generated tokens never exceed the context. The cache, when given, must be empty; on exit (also when
     the caller stops early) it holds the prompt and every yielded token but the last,
     which would be fed next.
     """
@@ -204,6 +270,12 @@ def generate_step(
     lookup = (sa.lookup_depth if lookup_depth is None else lookup_depth) if streams else 0
     min_prob = (sa.min_draft_prob if min_draft_prob is None else min_draft_prob) if streams \
         else 0.0
+    controller = index = None
+    # Sampling keeps fixed drafts: timed choices would change which random numbers each
+    # token draws, and a seeded run must repeat itself.
+    if streams and drafter is None and adaptive and sampler is None:
+        controller = Controller(costs_for(model), budget, lookup, sa.num_streams)
+        index = NgramIndex() if lookup > 0 else None
     drafter = drafter or budget_drafter(budget, lookup, min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))
     history = list(prompt)
@@ -220,11 +292,22 @@ def generate_step(
         yielded += 1
         history.append(root)
         yield TokenEvent(root, False, passes, yielded >= max_tokens)
+        if controller is not None and not controller.costs and yielded < max_tokens:
+            seed_costs(model, cache, root, controller.costs, top_k)
         while yielded < max_tokens:
+            tic = time.perf_counter()
+            plan = match = None
+            if controller is not None:
+                tree, plan, match = planned_tree(controller, draft, history, index,
+                                                 (budget, lookup, min_prob))
+            else:
+                tree = drafter(draft, history) if streams else DraftTree()
             # Drafts deeper than the tokens still allowed could never be emitted.
-            tree = drafter(draft, history) if streams else DraftTree()
             tree = tree.truncate(max_tokens - yielded - 1)
-            result = speculative_step(model, cache, root, tree, sampler, top_k)
+            result = speculative_step(model, cache, root, tree, sampler, top_k,
+                                      plan.draft if plan is not None else True)
+            if controller is not None:
+                controller.observe(tree, plan, match, result.path, time.perf_counter() - tic)
             passes += 1
             for i, token in enumerate(result.tokens):
                 yielded += 1

@@ -72,6 +72,7 @@ def stream_generate(
     stop: list[str] | None = None,
     drafter: Drafter | None = None,
     cache: KVCache | None = None,
+    adaptive: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Generate text for `prompt` (a string, chat-formatted when `chat`, or token ids).
 
@@ -79,7 +80,8 @@ def stream_generate(
     temp > 0 the tokens follow the model's sampling distribution exactly. `tree_budget`
     `top_k` (draft candidates per stream), `lookup_depth` (context draft length) and
     `min_draft_prob` (floor on a stream node's path probability) default to the model's
-    stream config.
+    stream config. `adaptive` (default) lets the controller pick each step's draft from
+    measured costs, plain steps included; False always drafts the whole budget.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
     """
     ids = encode_prompt(tokenizer, prompt, chat)
@@ -101,6 +103,7 @@ def stream_generate(
         min_draft_prob=min_draft_prob,
         drafter=drafter,
         cache=cache,
+        adaptive=adaptive,
     )
     prompt_tps = gen_tic = 0.0
     for event in steps:

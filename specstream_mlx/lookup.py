@@ -50,10 +50,14 @@ class NgramIndex:
     def continuation(self, history: list[int], depth: int) -> list[int]:
         """The tokens that followed the longest earlier match of the suffix: up to 2**n
         of them for an n-token match, and never more than `depth`."""
+        return self.match(history, depth)[0]
+
+    def match(self, history: list[int], depth: int) -> tuple[list[int], int]:
+        """`continuation` and the length n of the match it comes from (0: none)."""
         self.extend(history)
         tokens = self.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
             end = self.last_end.get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1 : end + 1 + min(depth, 2**n)]
-        return []
+                return tokens[end + 1 : end + 1 + min(depth, 2**n)], n
+        return [], 0

@@ -28,12 +28,16 @@ import numpy as np
 class DraftTree:
     """A flattened draft tree; node 0 is the root (the committed, not yet fed token).
 
-    tokens:  (n,) draft tokens of nodes 1..n (the root's token is supplied per pass).
-    parents: (n,) parent node index of nodes 1..n (0 is the root).
+    tokens:   (n,) draft tokens of nodes 1..n (the root's token is supplied per pass).
+    parents:  (n,) parent node index of nodes 1..n (0 is the root).
+    logprobs: (s,) path log-probabilities of the stream nodes 1..s (s <= n), best first.
+    chain_nodes: node indices of the context draft's path, after `with_chain`.
     """
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    chain_nodes: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.tokens) + 1
@@ -68,7 +72,7 @@ class DraftTree:
         """
         floor = np.log(min_prob) if min_prob > 0 else -np.inf
         gamma, k = candidates.shape
-        tokens, parents = [], []
+        tokens, parents, scores = [], [], []
         # Heap of (-score, depth, order, ranks, parent index); depth breaks ties toward
         # shallow nodes so a parent always pops before its children.
         heap = [(-float(logprobs[0, r]), 1, r, (r,), 0) for r in range(k)]
@@ -78,19 +82,24 @@ class DraftTree:
             neg, depth, _, ranks, parent = heapq.heappop(heap)
             tokens.append(int(candidates[depth - 1, ranks[-1]]))
             parents.append(parent)
+            scores.append(-neg)
             node = len(tokens)
             if depth < gamma:
                 for r in range(k):
                     score = neg - float(logprobs[depth, r])
                     heapq.heappush(heap, (score, depth + 1, order, ranks + (r,), node))
                     order += 1
-        return cls(tokens, parents)
+        return cls(tokens, parents, scores)
+
+    def first(self, k: int) -> DraftTree:
+        """The first k nodes (best first for a tree from the streams: a parent-closed set)."""
+        return DraftTree(self.tokens[:k], self.parents[:k], self.logprobs[:k])
 
     def with_chain(self, chain: list[int]) -> DraftTree:
         """This tree plus the path `chain` below the root, sharing the nodes it already
         has (a context draft merged into the streams' tree)."""
         tokens, parents = list(self.tokens), list(self.parents)
-        node = 0
+        node, path = 0, []
         for tok in chain:
             child = self.children[node].get(tok) if node < len(self) else None
             if child is None:
@@ -98,7 +107,8 @@ class DraftTree:
                 parents.append(node)
                 child = len(tokens)
             node = child
-        return DraftTree(tokens, parents) if len(tokens) > len(self.tokens) else self
+            path.append(node)
+        return DraftTree(tokens, parents, self.logprobs, path)
 
     def truncate(self, max_depth: int) -> DraftTree:
         """The nodes at depth <= max_depth (parents come first, so the result is a tree)."""
@@ -107,7 +117,9 @@ class DraftTree:
         keep = [i for i in range(1, len(self)) if self.depths[i] <= max_depth]
         index = {old: new for new, old in enumerate(keep, start=1)} | {0: 0}
         return DraftTree([self.tokens[i - 1] for i in keep],
-                         [index[self.parents[i - 1]] for i in keep])
+                         [index[self.parents[i - 1]] for i in keep],
+                         [self.logprobs[i - 1] for i in keep if i <= len(self.logprobs)],
+                         [index[i] for i in self.chain_nodes if i in index])
 
     def accept(self, targets: list[int]) -> tuple[list[int], int]:
         """Walk from the root following children whose token equals the target.

@@ -121,7 +121,8 @@ def test_drafts_accepted_are_counted(tmp_path):
     save_model(model, folder, json.loads((folder / "config.json").read_text()))
     write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
     report = bench(BenchArgs(prompts=str(tmp_path / "p.jsonl"), model=str(folder),
-                             max_tokens=16, rows=[1], mlx_lm=False), log=lambda _: None)
+                             max_tokens=16, rows=[1], mlx_lm=False,
+                             adaptive=False), log=lambda _: None)
     for r in report["per_prompt"]:
         assert r["identical"] and r["tokens"] == 16
         assert r["tokens_per_pass"] > 1

@@ -77,7 +77,9 @@ def test_with_chain_shares_existing_nodes():
     assert merged.tokens == [10, 20, 11, 30, 40] and merged.parents == [0, 1, 0, 2, 4]
     branch = tree.with_chain([10, 25])
     assert branch.tokens == [10, 20, 11, 25] and branch.parents == [0, 1, 0, 1]
-    assert tree.with_chain([10, 20]) is tree
+    same = tree.with_chain([10, 20])
+    assert (same.tokens, same.parents, same.chain_nodes) == (tree.tokens, tree.parents, [1, 2])
+    assert merged.chain_nodes == [1, 2, 4, 5] and branch.chain_nodes == [1, 4]
     assert DraftTree().with_chain([5, 6]).parents == [0, 1]
 
 

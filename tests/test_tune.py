@@ -32,7 +32,7 @@ STREAMS = StreamArgs(num_streams=3, msa_layers=2)
 def decoded(model, n: int, **options) -> tuple[list[int], list[int]]:
     """Tokens of a greedy speculative run and the accepted drafted tokens of each pass
     after the prefill."""
-    events = list(generate_step(model, PROMPT, max_tokens=n, **options))
+    events = list(generate_step(model, PROMPT, max_tokens=n, adaptive=False, **options))
     per_pass = Counter(e.passes for e in events if e.from_draft)
     return [e.token for e in events], [per_pass[p] for p in range(2, events[-1].passes + 1)]
 

@@ -1,0 +1,223 @@
+"""Per-step choice of the draft: how many stream nodes, how long a context chain, whether
+to compute the streams' next draft at all (a plain step computes nothing extra).
+
+Speculation pays when (expected tokens of a pass) / (cost of the pass) beats one token
+per plain pass. Both sides are measured, not assumed:
+
+* costs: the wall time of every step (host work included) by rows of the pass and by
+  whether it drafted, kept as running averages per model in this process (`PassCosts`),
+  seeded by a short timing of a few pass sizes before the first generation;
+* acceptance: a stream node of path probability p is accepted with probability
+  min(1, r_d * p), r_d a running calibration per depth d; a context chain drawn from an
+  n-token match has its first token accepted with probability f_n and each next one,
+  given the previous, with probability c (running averages, seeded with the rates
+  measured on validation answers, see lookup.py).
+
+When no drafting option beats a plain step, the controller stops computing stream rows
+(the draft's extra cost) and re-probes after 8, 16, 32 .. 128 plain steps, so a prompt
+that turns predictable gets speculation back. Greedy output never depends on its
+choices: every tree verifies to the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .tree import DraftTree
+
+# Context drafts, measured on 48 validation answers (lookup.py): first-token acceptance by
+# match length, and the acceptance of each next token given the previous one.
+CHAIN_FIRST = {1: 0.21, 2: 0.5, 3: 0.6, 4: 0.9}
+CHAIN_NEXT = 0.8
+CHAIN_LENGTHS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class Plan:
+    """One step's draft: the first `stream_nodes` nodes of the streams' tree, the first
+    `chain` tokens of the context draft, and whether the pass drafts the next step."""
+
+    stream_nodes: int
+    chain: int
+    draft: bool
+
+
+class PassCosts:
+    """Seconds of a decode step by (rows, drafts), as running averages of measured steps.
+
+    Rows never measured are estimated from the nearest measured sizes, a per-row slope
+    and the measured extra cost of drafting, so a guess is replaced by a measurement as
+    soon as the controller tries it.
+    """
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.table: dict[tuple[int, bool], float] = {}
+
+    def observe(self, rows: int, draft: bool, seconds: float) -> None:
+        key = (rows, draft)
+        old = self.table.get(key)
+        self.table[key] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def draft_extra(self) -> float:
+        """Measured cost of drafting (the streams' rows and candidates) on top of a pass."""
+        pairs = [self.table[(r, True)] - self.table[(r, False)]
+                 for r, d in self.table if d and (r, False) in self.table]
+        if pairs:
+            return max(0.0, float(np.median(pairs)))
+        return 0.15 * self.estimate(1, False)
+
+    def estimate(self, rows: int, draft: bool) -> float:
+        if (rows, draft) in self.table:
+            return self.table[(rows, draft)]
+        if draft:
+            return self.estimate(rows, False) + self.draft_extra()
+        known = sorted((r, t) for (r, d), t in self.table.items() if not d)
+        if not known:  # only drafting passes measured so far
+            known = sorted((r, t * 0.87) for (r, _), t in self.table.items())
+        if not known:
+            return 1.0
+        below = [(r, t) for r, t in known if r < rows]
+        above = [(r, t) for r, t in known if r > rows]
+        if below and above:  # linear between the nearest measured sizes
+            (r0, t0), (r1, t1) = below[-1], above[0]
+            return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+        r0, t0 = (below or above)[-1 if below else 0]
+        slope = 0.03 * known[0][1]
+        if len(known) >= 2:
+            slope = max(slope, (known[-1][1] - known[0][1]) / (known[-1][0] - known[0][0]))
+        return max(known[0][1], t0 + slope * (rows - r0))
+
+
+# One cost table per model, shared by its generations in this process (modules are
+# dicts, so unhashable: keyed by id, with a weak reference to tell a reused id apart).
+_COSTS: dict[int, tuple[weakref.ref, PassCosts]] = {}
+
+
+def costs_for(model) -> PassCosts:
+    """The PassCosts of `model` in this process."""
+    entry = _COSTS.get(id(model))
+    if entry is None or entry[0]() is not model:
+        for key in [k for k, (ref, _) in _COSTS.items() if ref() is None]:
+            del _COSTS[key]
+        entry = (weakref.ref(model), PassCosts())
+        _COSTS[id(model)] = entry
+    return entry[1]
+
+
+@dataclass
+class Controller:
+    """Chooses each step's Plan and learns from its outcome (see the module docstring).
+
+    costs: the model's PassCosts; max_nodes: stream nodes at most (the tree budget);
+    max_chain: context draft tokens at most; gamma: the streams' depth.
+    """
+
+    costs: PassCosts
+    max_nodes: int
+    max_chain: int
+    gamma: int
+    learn_costs: bool = True
+    decay: float = 0.97
+    # Calibration of stream path probabilities per depth: accepted / predicted sums.
+    accepted: np.ndarray = field(default=None)
+    predicted: np.ndarray = field(default=None)
+    first: dict = field(default_factory=lambda: {n: [p * 4, 4.0] for n, p in
+                                                 CHAIN_FIRST.items()})
+    follow: list = field(default_factory=lambda: [CHAIN_NEXT * 8, 8.0])
+    off_steps: int = 0
+    probe_after: int = 8
+
+    def __post_init__(self):
+        if self.accepted is None:
+            self.accepted = np.full(self.gamma + 1, 1.0)
+            self.predicted = np.full(self.gamma + 1, 1.0)
+
+    # --- choice ------------------------------------------------------------------------
+
+    def node_gains(self, tree: DraftTree | None) -> list[float]:
+        """Expected acceptance of each stream node, best first (parents before children)."""
+        if tree is None or not tree.logprobs:
+            return []
+        ratio = self.accepted / self.predicted
+        return [min(1.0, ratio[tree.depths[i + 1]] * math.exp(lp))
+                for i, lp in enumerate(tree.logprobs)]
+
+    def chain_gain(self, match: int, m: int) -> float:
+        if match == 0 or m == 0:
+            return 0.0
+        a, n = self.first[min(match, 4)]
+        c = self.follow[0] / self.follow[1]
+        f = a / n
+        return f * (1 - c**m) / (1 - c) if c < 1 else f * m
+
+    def plan(self, tree: DraftTree | None, chain_len: int, match: int) -> Plan:
+        """The best Plan for a stream tree (its nodes best first, with logprobs) and a
+        context chain of `chain_len` tokens from a `match`-token match."""
+        gains = np.cumsum([0.0] + self.node_gains(tree))
+        lengths = [0] + [m for m in CHAIN_LENGTHS if m < chain_len] + (
+            [chain_len] if chain_len else [])
+        best, best_plan = -1.0, Plan(0, 0, False)
+        for draft in (False, True):
+            for k in range(len(gains)):
+                for m in lengths:
+                    rows = 1 + k + m
+                    rate = (1 + gains[k] + self.chain_gain(match, m)) / self.costs.estimate(
+                        rows, draft)
+                    if rate > best:
+                        best, best_plan = rate, Plan(k, m, draft)
+        if best_plan.draft:
+            self.off_steps, self.probe_after = 0, 8
+            return best_plan
+        # Drafting lost this step. Keep it when the streams still pay for themselves at
+        # the draft just seen (their next draft is likely as good); else probe now and then.
+        with_draft = max((1 + gains[k]) / self.costs.estimate(1 + k, True)
+                         for k in range(len(gains)))
+        plain = 1 / self.costs.estimate(1, False)
+        if tree is not None and tree.logprobs and with_draft >= plain:
+            return Plan(best_plan.stream_nodes, best_plan.chain, True)
+        self.off_steps += 1
+        if self.off_steps >= self.probe_after:
+            self.off_steps, self.probe_after = 0, min(128, self.probe_after * 2)
+            return Plan(best_plan.stream_nodes, best_plan.chain, True)
+        return best_plan
+
+    # --- learning ----------------------------------------------------------------------
+
+    def observe(self, tree: DraftTree, plan: Plan, match: int, path: list[int],
+                seconds: float | None) -> None:
+        """Learn from a verified step: `tree` as fed (stream nodes first, then the chain's
+        own nodes), `path` the accepted node indices (0 first), the step's wall time."""
+        if seconds is not None and self.learn_costs:
+            self.costs.observe(len(tree), plan.draft, seconds)
+        k = len(tree.logprobs)
+        if k:
+            self.accepted *= self.decay
+            self.predicted *= self.decay
+            for i in range(k):
+                self.predicted[tree.depths[i + 1]] += math.exp(tree.logprobs[i])
+            for node in path[1:]:
+                if node <= k:
+                    self.accepted[tree.depths[node]] += 1
+        if plan.chain and match:
+            chain_nodes = tree.chain_nodes
+            run = 0
+            for node in chain_nodes:
+                if node in path:
+                    run += 1
+                else:
+                    break
+            stats = self.first[min(match, 4)]
+            stats[0] = stats[0] * self.decay + (run > 0)
+            stats[1] = stats[1] * self.decay + 1
+            if run:
+                tried = min(len(chain_nodes) - 1, run)
+                self.follow[0] = self.follow[0] * self.decay + (run - 1)
+                self.follow[1] = self.follow[1] * self.decay + tried

@@ -1,0 +1,121 @@
+"""The per-step controller: its choices follow measured costs and acceptance, it falls
+back to plain steps and re-probes, and no choice ever changes greedy output."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from specstream_mlx import controller as ctl
+from specstream_mlx.cache import KVCache
+from specstream_mlx.config import StreamArgs
+from specstream_mlx.controller import Controller, PassCosts, Plan
+from specstream_mlx.decode import generate_step, prefill, speculative_step
+from specstream_mlx.tree import DraftTree
+
+PROMPT = [3, 17, 42, 8, 91, 5, 3, 17, 42]
+STREAMS = StreamArgs(num_streams=3, msa_layers=2, tree_budget=6, lookup_depth=8)
+
+
+def costs(table: dict[int, float], draft_extra: float) -> PassCosts:
+    c = PassCosts()
+    for rows, t in table.items():
+        c.observe(rows, False, t)
+        c.observe(rows, True, t + draft_extra)
+    return c
+
+
+def confident_tree(p: float = 0.9) -> DraftTree:
+    lp = np.log(p)
+    return DraftTree.from_candidates(np.array([[1, 2], [3, 4], [5, 6]]),
+                                     np.array([[lp, -5.0], [lp, -5.0], [lp, -5.0]]), 6)
+
+
+def test_estimates_interpolate_and_extrapolate():
+    c = costs({1: 0.10, 5: 0.20}, 0.02)
+    assert c.estimate(3, False) == pytest.approx(0.15)
+    assert c.estimate(9, False) == pytest.approx(0.30)  # the measured slope goes on
+    assert c.estimate(3, True) == pytest.approx(0.17)  # plus the measured drafting cost
+
+
+def test_flat_costs_and_confident_streams_draft_deep():
+    c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.005), 6, 8, 3)
+    assert c.plan(confident_tree(), 0, 0) == Plan(6, 0, True)  # free rows: take them all
+    c = Controller(costs({r: 0.1 + 0.01 * r for r in range(1, 20)}, 0.005), 6, 8, 3)
+    assert c.plan(confident_tree(), 0, 0) == Plan(3, 0, True)  # the confident chain only
+
+
+def test_costly_rows_and_unsure_streams_fall_back_to_plain_then_probe():
+    c = Controller(costs({1: 0.1, 2: 0.2, 4: 0.4, 8: 0.8}, 0.05), 6, 8, 3)
+    plans = [c.plan(confident_tree(0.3), 0, 0) for _ in range(40)]
+    assert plans[0] == Plan(0, 0, False)
+    probes = [i for i, p in enumerate(plans) if p.draft]
+    assert probes == [7, 23]  # after 8 plain steps, then 16, ...
+    assert all(p.stream_nodes == 0 for p in plans)
+
+
+def test_acceptance_calibration_learns_from_outcomes():
+    c = Controller(costs({1: 0.1, 2: 0.13, 3: 0.16, 4: 0.19}, 0.01), 6, 0, 3)
+    tree = confident_tree(0.9).first(3)
+    for _ in range(60):  # the streams claim 0.9 but their drafts are never accepted
+        c.observe(tree, Plan(3, 0, True), 0, [0], None)
+    assert c.node_gains(tree)[0] < 0.1
+    assert c.plan(confident_tree(0.9), 0, 0).stream_nodes == 0
+
+
+def test_chain_statistics_follow_accepted_context_drafts():
+    c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.01), 0, 8, 3)
+    before = c.chain_gain(1, 8)
+    tree = DraftTree().with_chain([7, 8, 9, 10])
+    for _ in range(40):
+        c.observe(tree, Plan(0, 4, False), 1, [0, 1, 2, 3, 4], None)
+    assert c.chain_gain(1, 8) > 2 * before
+
+
+def random_plans(monkeypatch, seed: int):
+    rng = random.Random(seed)
+
+    def plan(self, tree, chain_len, match):
+        k = rng.randint(0, len(tree.tokens)) if tree is not None else 0
+        return Plan(k, rng.randint(0, chain_len), rng.random() < 0.6)
+
+    monkeypatch.setattr(ctl.Controller, "plan", plan)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_any_choice_keeps_greedy_output(arch, monkeypatch, seed):
+    """Whatever the controller picks (plain steps, partial trees, chains, no draft for the
+    next step), greedy output equals plain decoding's."""
+    model = tiny_model(arch, seed=3, streams=STREAMS)
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=30, speculative=False)]
+    random_plans(monkeypatch, seed)
+    cache = KVCache(len(model.layers))
+    got = [e.token for e in generate_step(model, PROMPT, max_tokens=30, cache=cache)]
+    assert got == plain
+    assert cache.offset == len(PROMPT) + 29
+
+
+def test_no_draft_step_leaves_plain_decodings_cache(arch):
+    """A step that drafts nothing commits exactly what a plain step commits."""
+    model = tiny_model(arch, seed=6, streams=STREAMS)
+    spec, plain = KVCache(len(model.layers)), KVCache(len(model.layers))
+    prefill(model, spec, PROMPT, 512, True)
+    prefill(model, plain, PROMPT, 512, False)
+    result = speculative_step(model, spec, 5, DraftTree(), None, 3, draft=False)
+    reference = speculative_step(model, plain, 5, DraftTree(), None, 0)
+    assert result.draft is None and result.tokens == reference.tokens
+    assert spec.offset == plain.offset
+    for a, b in zip(spec.state(), plain.state(), strict=True):
+        n = spec.offset
+        np.testing.assert_allclose(np.array(a[..., :n, :]), np.array(b[..., :n, :]), atol=1e-5)
+
+
+def test_costs_are_shared_by_a_models_generations():
+    model = tiny_model("llama", seed=1, streams=STREAMS)
+    list(generate_step(model, PROMPT, max_tokens=6))
+    table = ctl.costs_for(model)
+    assert (1, False) in table.table and ctl.costs_for(model) is table
+    assert ctl.costs_for(tiny_model("llama", seed=2, streams=STREAMS)) is not table
