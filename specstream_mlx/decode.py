@@ -245,9 +245,9 @@ def generate_step(
     budget tree (tests use it to force perfect drafts). `adaptive` lets a Controller
     choose each step's draft from measured costs (controller.py), plain steps included,
     when decoding greedily; False (and sampling) always drafts the whole budget. Prompt
-    plus generated tokens never exceed the context. The cache, when given, must be empty; on exit (also when
-    the caller stops early) it holds the prompt and every yielded token but the last,
-    which would be fed next.
+    plus generated tokens never exceed the context. The cache, when given, must be empty;
+    on exit (also when the caller stops early) it holds the prompt and every yielded token
+    but the last, which would be fed next.
     """
     if not prompt:
         raise InputError("the prompt is empty")
