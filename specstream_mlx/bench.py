@@ -138,6 +138,13 @@ def summarize(rows: list[dict]) -> dict:
            "identical": all(r["identical"] for r in rows),
            "accepted_hist": dict(sorted(hist.items()))}
     out["speedup"] = round(out["spec_tps"] / out["plain_tps"], 3) if plain_time else None
+    # speed-up = tokens per pass / (speculative step time / plain step time)
+    if out["speedup"]:
+        out["step_cost_ratio"] = round(out["tokens_per_pass"] / out["speedup"], 3)
+    rated = [r for r in rows if r.get("speedup")]
+    worst = min(rated, key=lambda r: r["speedup"]) if rated else None
+    out["min_speedup"] = worst["speedup"] if worst else None
+    out["worst_prompt"] = worst.get("id") if worst else None
     if all(r.get("mlx_lm_tps") for r in rated) and rated:
         mlx_time = sum((r["tokens"] - 1) / r["mlx_lm_tps"] for r in rated)
         out["mlx_lm_tps"] = round(rated_tokens / mlx_time, 2)
@@ -215,12 +222,14 @@ def format_row(r: dict) -> str:
 
 def format_report(report: dict) -> str:
     lines = ["", f"{'task':6s} {'prompts':>7s} {'tok/pass':>8s} {'spec tok/s':>10s} "
-             f"{'plain tok/s':>11s} {'speed-up':>8s} {'mlx-lm tok/s':>12s} {'vs mlx-lm':>9s} "
-             "identical"]
+             f"{'plain tok/s':>11s} {'speed-up':>8s} {'worst':>6s} {'step cost':>9s} "
+             f"{'mlx-lm tok/s':>12s} {'vs mlx-lm':>9s} identical"]
     for name, s in [*report["per_task"].items(), ("all", report["all"])]:
         lines.append(f"{name:6s} {s['prompts']:7d} {s['tokens_per_pass']:8.2f} "
                      f"{s['spec_tps']:10.1f} {s['plain_tps']:11.1f} "
                      f"{s['speedup'] or float('nan'):7.2f}x "
+                     f"{s['min_speedup'] or float('nan'):5.2f}x "
+                     f"{s.get('step_cost_ratio') or float('nan'):8.2f}x "
                      f"{s.get('mlx_lm_tps', float('nan')):12.1f} "
                      f"{s.get('speedup_vs_mlx_lm', float('nan')):8.2f}x {s['identical']}")
     cost = report["pass_cost_ms"]

@@ -149,6 +149,11 @@ def test_summarize_hand_made_rows():
     assert s["spec_tps"] == round(38 / (9 / 20 + 29 / 30), 2) == 26.82
     assert s["plain_tps"] == round(38 / (9 / 10 + 29 / 15), 2) == 13.41
     assert s["speedup"] == round(26.82 / 13.41, 3)
+    assert s["step_cost_ratio"] == round(1.6 / s["speedup"], 3)
+    assert s["min_speedup"] is None  # no per-prompt speed-ups in these rows
+    rows[0].update(id="a", speedup=2.0)
+    rows[1].update(id="b", speedup=1.5)
+    assert (summarize(rows)["min_speedup"], summarize(rows)["worst_prompt"]) == (1.5, "b")
     assert s["identical"] is False
     assert s["accepted_hist"] == {0: 1, 1: 6, 2: 1, 3: 1}
     assert list(s["accepted_hist"]) == [0, 1, 2, 3]
