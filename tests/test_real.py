@@ -83,13 +83,15 @@ def test_greedy_speculative_equals_plain_on_real_prompt(smollm, budget):
 
 def test_context_drafts_copy_a_quoted_text(smollm):
     """Asked to repeat a sentence, the model copies (part of) it; context drafts (no streams at
-    all: budget 0) propose the copy, so far fewer passes give the same output."""
+    all: budget 0, always drafted) propose the copy, so far fewer passes give the same
+    output."""
     model, tokenizer = smollm
     sentence = ("The quick brown fox jumps over the lazy dog while the cat watches "
                 "from the warm windowsill of the old farmhouse.")
     prompt = encode_prompt(tokenizer, f"Repeat this sentence exactly: {sentence}", chat=True)
     plain = [e.token for e in generate_step(model, prompt, max_tokens=40, speculative=False)]
-    events = list(generate_step(model, prompt, max_tokens=40, tree_budget=0, lookup_depth=8))
+    events = list(generate_step(model, prompt, max_tokens=40, tree_budget=0, lookup_depth=8,
+                                 adaptive=False))
     assert [e.token for e in events] == plain
     end = plain.index(tokenizer.eos_token_id)  # the answer; chat-format noise follows
     assert "windowsill of the old farmhouse" in tokenizer.decode(plain[:end])
@@ -131,10 +133,10 @@ def test_streams_block_recorded(smollm):
 
 
 def test_shipped_streams_draft_accepted_tokens(smollm):
-    """The trained streams alone (context drafts off) get well over one token per pass on a
-    code prompt written for this test."""
+    """The trained streams alone (context drafts off, always drafted) get well over one token
+    per pass on a code prompt written for this test."""
     model, tokenizer = smollm
     prompt = encode_prompt(tokenizer, "Write a Python function that checks whether a number "
                                       "is a prime.", chat=True)
-    events = list(generate_step(model, prompt, max_tokens=96, lookup_depth=0))
+    events = list(generate_step(model, prompt, max_tokens=96, lookup_depth=0, adaptive=False))
     assert len(events) / events[-1].passes > MIN_STREAM_TOKENS_PER_PASS
