@@ -40,13 +40,14 @@ class BenchArgs:
     mlx_lm_precision: str = "native"
     limit: int | None = None
     rows: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 16, 24, 32])
+    window: int = 100
     json_path: str | None = None
     png_path: str | None = None
 
 
 def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bool) -> dict:
     """One greedy generation: tokens, tokens/s after the first token, passes, histogram."""
-    tokens, per_pass = [], Counter()
+    tokens, per_pass, stamps = [], Counter(), []
     last = None
     for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens,
                                 speculative=speculative, tree_budget=args.tree_budget,
@@ -54,12 +55,22 @@ def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bo
                                 min_draft_prob=args.min_draft_prob,
                                 adaptive=args.adaptive):
         tokens.append(last.token)
+        stamps.append(time.perf_counter())
         if last.passes > 1:  # pass 1 is the prefill, which drafts nothing
             per_pass[last.passes] += last.from_draft
     passes = last.passes
     hist = Counter(per_pass.get(p, 0) for p in range(2, passes + 1))
-    return {"tokens": tokens, "n": len(tokens), "passes": passes,
+    return {"tokens": tokens, "n": len(tokens), "passes": passes, "stamps": stamps,
             "tps": last.generation_tps, "accepted_hist": dict(sorted(hist.items()))}
+
+
+def window_speedups(spec: list[float], plain: list[float], window: int) -> list[float]:
+    """Speed-up over each whole `window` tokens after the first token: plain's time for
+    those tokens over speculation's. spec, plain: the time each token arrived."""
+    n = min(len(spec), len(plain)) - 1
+    return [round((plain[e] - plain[b]) / (spec[e] - spec[b]), 3)
+            for b, e in ((i, i + window) for i in range(0, n - window + 1, window))
+            if spec[e] > spec[b]]
 
 
 def mlx_lm_run(ref, tokenizer, ids: list[int], max_tokens: int) -> dict:
@@ -145,6 +156,8 @@ def summarize(rows: list[dict]) -> dict:
     worst = min(rated, key=lambda r: r["speedup"]) if rated else None
     out["min_speedup"] = worst["speedup"] if worst else None
     out["worst_prompt"] = worst.get("id") if worst else None
+    windows = [w for r in rows for w in r.get("window_speedups", [])]
+    out["min_window_speedup"] = min(windows) if windows else None
     if all(r.get("mlx_lm_tps") for r in rated) and rated:
         mlx_time = sum((r["tokens"] - 1) / r["mlx_lm_tps"] for r in rated)
         out["mlx_lm_tps"] = round(rated_tokens / mlx_time, 2)
@@ -183,7 +196,9 @@ def bench(args: BenchArgs, log=print) -> dict:
                "spec_tps": round(spec["tps"], 2), "plain_tps": round(plain["tps"], 2),
                "speedup": round(spec["tps"] / plain["tps"], 3) if plain["tps"] else None,
                "identical": spec["tokens"] == plain["tokens"],
-               "accepted_hist": spec["accepted_hist"]}
+               "accepted_hist": spec["accepted_hist"],
+               "window_speedups": window_speedups(spec["stamps"], plain["stamps"],
+                                                  args.window)}
         if ref is not None:
             theirs = mlx_lm_run(ref, tokenizer, ids, args.max_tokens)
             row["mlx_lm_tps"] = round(theirs["tps"], 2)
@@ -214,6 +229,8 @@ def bench(args: BenchArgs, log=print) -> dict:
 
 def format_row(r: dict) -> str:
     theirs = f" mlx-lm {r['mlx_lm_tps']:6.1f}" if "mlx_lm_tps" in r else ""
+    if r.get("window_speedups"):
+        theirs += " windows " + " ".join(f"x{w:.2f}" for w in r["window_speedups"])
     return (f"{r['id'][:28]:28s} {r['task']:5s} {r['tokens']:4d} tok "
             f"{r['tokens_per_pass']:5.2f} tok/pass  spec {r['spec_tps']:6.1f}  "
             f"plain {r['plain_tps']:6.1f}  x{r['speedup'] or float('nan'):.2f}{theirs}  "
@@ -240,6 +257,9 @@ def format_report(report: dict) -> str:
     lines.append(f"one-token floor: {bw['weight_bytes'] / 1e6:.0f} MB of weights at "
                  f"{bw['copy_GBps']} GB/s = {bw['floor_ms']} ms; BLAS: {report['blas']}")
     lines.append(f"accepted drafted tokens per pass: {report['all']['accepted_hist']}")
+    if report["all"].get("min_window_speedup") is not None:
+        lines.append(f"slowest {report['settings']['window']}-token window: "
+                     f"x{report['all']['min_window_speedup']:.2f} of plain decoding")
     return "\n".join(lines)
 
 

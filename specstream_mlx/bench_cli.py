@@ -27,6 +27,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="precision of mlx-lm's model (native: as a user runs it)")
     parser.add_argument("--rows", default="1,2,4,8,12,16,24,32",
                         help="row counts for the pass-cost table")
+    parser.add_argument("--window", type=int, default=100,
+                        help="also report the speed-up over every WINDOW tokens")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--png", default=None, help="draw a chart here (needs matplotlib)")
 
@@ -38,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
         min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
         precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
-        rows=[int(x) for x in args.rows.split(",")], json_path=args.json, png_path=args.png,
+        rows=[int(x) for x in args.rows.split(",")], window=args.window, json_path=args.json,
+        png_path=args.png,
     ))
     return 0

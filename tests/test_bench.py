@@ -15,7 +15,14 @@ from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder, save_model
 
 from specstream_mlx import load
-from specstream_mlx.bench import BenchArgs, bench, draw_chart, format_report, summarize
+from specstream_mlx.bench import (
+    BenchArgs,
+    bench,
+    draw_chart,
+    format_report,
+    summarize,
+    window_speedups,
+)
 from specstream_mlx.cli import main
 from specstream_mlx.config import StreamArgs
 from specstream_mlx.data import write_jsonl
@@ -44,7 +51,7 @@ def folder(root):
 def report(root, folder):
     logs: list[str] = []
     args = BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder), max_tokens=12,
-                     rows=[1, 2, 4], json_path=str(root / "out" / "report.json"))
+                     rows=[1, 2, 4], window=4, json_path=str(root / "out" / "report.json"))
     return bench(args, log=logs.append), logs
 
 
@@ -232,3 +239,19 @@ def test_cli_bench_bad_prompts(folder, tmp_path, capsys):
     code = main(["bench", "--prompts", str(path), "--model", str(folder), "--no-mlx-lm"])
     assert code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_window_speedups_compare_the_same_tokens():
+    spec = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # one token a second after the first
+    plain = [0.0, 2.0, 4.0, 6.0, 7.0, 8.0]  # two seconds, then one
+    assert window_speedups(spec, plain, 2) == [2.0, 1.5]  # tokens 1-2 and 3-4 after the first
+    assert window_speedups(spec, plain, 10) == []  # no whole window
+
+
+def test_report_has_window_speedups(report):
+    rows = report[0]["per_prompt"]
+    for r in rows:
+        assert len(r["window_speedups"]) == (r["tokens"] - 1) // 4
+        assert all(w > 0 for w in r["window_speedups"])
+    windows = [w for r in rows for w in r["window_speedups"]]
+    assert report[0]["all"]["min_window_speedup"] == (min(windows) if windows else None)
