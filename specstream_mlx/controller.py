@@ -125,6 +125,9 @@ class Controller:
     max_chain: int
     gamma: int
     learn_costs: bool = True
+    # Step times here vary by +-20% from one pass to the next: a drafting option must
+    # promise this much more than a plain step before it is taken.
+    margin: float = 1.1
     decay: float = 0.97
     # Calibration of stream path probabilities per depth: accepted / predicted sums.
     accepted: np.ndarray = field(default=None)
@@ -169,8 +172,10 @@ class Controller:
             for k in range(len(gains)):
                 for m in lengths:
                     rows = 1 + k + m
-                    rate = (1 + gains[k] + self.chain_gain(match, m)) / self.costs.estimate(
-                        rows, draft)
+                    cost = self.costs.estimate(rows, draft)
+                    if rows > 1 or draft:  # a guess must beat a plain step clearly
+                        cost *= self.margin
+                    rate = (1 + gains[k] + self.chain_gain(match, m)) / cost
                     if rate > best:
                         best, best_plan = rate, Plan(k, m, draft)
         if best_plan.draft:
@@ -178,7 +183,7 @@ class Controller:
             return best_plan
         # Drafting lost this step. Keep it when the streams still pay for themselves at
         # the draft just seen (their next draft is likely as good); else probe now and then.
-        with_draft = max((1 + gains[k]) / self.costs.estimate(1 + k, True)
+        with_draft = max((1 + gains[k]) / (self.costs.estimate(1 + k, True) * self.margin)
                          for k in range(len(gains)))
         plain = 1 / self.costs.estimate(1, False)
         if tree is not None and tree.logprobs and with_draft >= plain:
