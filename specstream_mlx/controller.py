@@ -6,7 +6,7 @@ per plain pass. Both sides are measured, not assumed:
 
 * costs: the wall time of every step (host work included) by rows of the pass and by
   whether it drafted, kept as running averages per model in this process (`PassCosts`),
-  seeded by a short timing of a few pass sizes before the first generation;
+  seeded by timing a few pass sizes in the first generation of 32 tokens or more;
 * acceptance: a stream node of path probability p is accepted with probability
   min(1, r_d * p), r_d a running calibration per depth d; a context chain drawn from an
   n-token match has its first token accepted with probability f_n and each next one,
@@ -84,7 +84,7 @@ class PassCosts:
             known = sorted((r, t * 0.87) for (r, _), t in self.table.items())
         if not known:
             return 1.0
-        below = [(r, t) for r, t in known if r < rows]
+        below = [(r, t) for r, t in known if r <= rows]
         above = [(r, t) for r, t in known if r > rows]
         if below and above:  # linear between the nearest measured sizes
             (r0, t0), (r1, t1) = below[-1], above[0]

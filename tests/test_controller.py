@@ -39,6 +39,10 @@ def test_estimates_interpolate_and_extrapolate():
     assert c.estimate(3, False) == pytest.approx(0.15)
     assert c.estimate(9, False) == pytest.approx(0.30)  # the measured slope goes on
     assert c.estimate(3, True) == pytest.approx(0.17)  # plus the measured drafting cost
+    only_drafting = PassCosts()
+    only_drafting.observe(2, True, 0.2)
+    assert 0 < only_drafting.estimate(2, False) < 0.2 < only_drafting.estimate(5, True)
+    assert PassCosts().estimate(3, False) == 1.0  # nothing measured: all sizes alike
 
 
 def test_flat_costs_and_confident_streams_draft_deep():
@@ -115,7 +119,8 @@ def test_no_draft_step_leaves_plain_decodings_cache(arch):
 
 def test_costs_are_shared_by_a_models_generations():
     model = tiny_model("llama", seed=1, streams=STREAMS)
-    list(generate_step(model, PROMPT, max_tokens=6))
+    list(generate_step(model, PROMPT, max_tokens=40))  # long enough to time pass sizes
     table = ctl.costs_for(model)
-    assert (1, False) in table.table and ctl.costs_for(model) is table
+    assert {(1, False), (1, True), (2, False), (4, False), (8, False)} <= set(table.table)
+    assert ctl.costs_for(model) is table
     assert ctl.costs_for(tiny_model("llama", seed=2, streams=STREAMS)) is not table
