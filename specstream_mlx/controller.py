@@ -5,8 +5,9 @@ Speculation pays when (expected tokens of a pass) / (cost of the pass) beats one
 per plain pass. Both sides are measured, not assumed:
 
 * costs: the wall time of every step (host work included) by rows of the pass and by
-  whether it drafted, kept as running averages per model in this process (`PassCosts`),
-  seeded by timing a few pass sizes in the first generation of 32 tokens or more;
+  whether it drafted, kept as running averages per model in this process (`PassCosts`);
+  a model's first two steps are a plain one and a one-row drafting one, which measure
+  the reference costs while emitting tokens; other sizes are estimated until tried;
 * acceptance: a stream node of path probability p is accepted with probability
   min(1, r_d * p), r_d a running calibration per depth d; a context chain drawn from an
   n-token match has its first token accepted with probability f_n and each next one,
@@ -164,6 +165,10 @@ class Controller:
     def plan(self, tree: DraftTree | None, chain_len: int, match: int) -> Plan:
         """The best Plan for a stream tree (its nodes best first, with logprobs) and a
         context chain of `chain_len` tokens from a `match`-token match."""
+        if (1, False) not in self.costs.table:  # measure the reference steps first
+            return Plan(0, 0, False)
+        if (1, True) not in self.costs.table:
+            return Plan(0, 0, True)
         gains = np.cumsum([0.0] + self.node_gains(tree))
         lengths = [0] + [m for m in CHAIN_LENGTHS if m < chain_len] + (
             [chain_len] if chain_len else [])

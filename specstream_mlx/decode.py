@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVCache
-from .controller import Controller, PassCosts, Plan, costs_for
+from .controller import Controller, Plan, costs_for
 from .errors import InputError
 from .lookup import NgramIndex
 from .tree import DraftTree
@@ -208,20 +208,6 @@ def speculative_step(
     return StepResult(accepted + [bonus], len(accepted), new_draft, path)
 
 
-def seed_costs(model, cache: KVCache, root: int, costs: PassCosts, top_k: int) -> None:
-    """Time a few pass sizes once (pending rows only, nothing committed), so a controller
-    compares measured costs from its first step."""
-    room = model.args.max_position_embeddings - cache.offset  # positions stay in context
-    for rows, draft in [(1, False), (1, False), (1, True), (2, False), (4, False),
-                        (8, False)]:
-        if rows > room:
-            break
-        tree = DraftTree([root] * (rows - 1), list(range(rows - 1)))
-        tic = time.perf_counter()
-        verify(model, cache, root, tree, None, top_k, draft)
-        costs.observe(rows, draft, time.perf_counter() - tic)
-
-
 def generate_step(
     model,
     prompt: list[int],
@@ -292,10 +278,6 @@ def generate_step(
         yielded += 1
         history.append(root)
         yield TokenEvent(root, False, passes, yielded >= max_tokens)
-        # Timing passes (~1 s on SmolLM2 here) pays only for a longer answer; a short one
-        # runs on the estimates and learns from its own steps.
-        if controller is not None and not controller.costs and max_tokens - yielded >= 32:
-            seed_costs(model, cache, root, controller.costs, top_k)
         while yielded < max_tokens:
             tic = time.perf_counter()
             plan = match = None

@@ -34,6 +34,15 @@ def confident_tree(p: float = 0.9) -> DraftTree:
                                      np.array([[lp, -5.0], [lp, -5.0], [lp, -5.0]]), 6)
 
 
+def test_first_steps_measure_plain_and_drafting_costs():
+    c = Controller(PassCosts(), 6, 8, 3)
+    assert c.plan(confident_tree(), 4, 2) == Plan(0, 0, False)
+    c.costs.observe(1, False, 0.1)
+    assert c.plan(None, 4, 2) == Plan(0, 0, True)
+    c.costs.observe(1, True, 0.11)
+    assert c.plan(confident_tree(), 0, 0).stream_nodes > 0  # rows look cheap until measured
+
+
 def test_estimates_interpolate_and_extrapolate():
     c = costs({1: 0.10, 5: 0.20}, 0.02)
     assert c.estimate(3, False) == pytest.approx(0.15)
@@ -119,8 +128,9 @@ def test_no_draft_step_leaves_plain_decodings_cache(arch):
 
 def test_costs_are_shared_by_a_models_generations():
     model = tiny_model("llama", seed=1, streams=STREAMS)
-    list(generate_step(model, PROMPT, max_tokens=40))  # long enough to time pass sizes
+    events = list(generate_step(model, PROMPT, max_tokens=12))
+    assert [e.passes for e in events[:3]] == [1, 2, 3]  # a plain step, then a 1-row probe
     table = ctl.costs_for(model)
-    assert {(1, False), (1, True), (2, False), (4, False), (8, False)} <= set(table.table)
+    assert {(1, False), (1, True)} <= set(table.table)
     assert ctl.costs_for(model) is table
     assert ctl.costs_for(tiny_model("llama", seed=2, streams=STREAMS)) is not table
