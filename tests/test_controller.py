@@ -40,7 +40,8 @@ def test_first_steps_measure_plain_and_drafting_costs():
     c.costs.observe(1, False, 0.1)
     assert c.plan(None, 4, 2) == Plan(0, 0, True)
     c.costs.observe(1, True, 0.11)
-    assert c.plan(confident_tree(), 0, 0).stream_nodes > 0  # rows look cheap until measured
+    assert c.plan(confident_tree(), 0, 0).stream_nodes > 0  # sure drafts are tried
+    assert c.plan(confident_tree(0.2), 0, 0) == Plan(0, 0, False)  # unsure ones are not
 
 
 def test_estimates_interpolate_and_extrapolate():
