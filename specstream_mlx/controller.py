@@ -58,46 +58,58 @@ class PassCosts:
     def __init__(self, alpha: float = 0.2):
         self.alpha = alpha
         self.table: dict[tuple[int, bool], float] = {}
+        # (measured one-pass sizes, drafting's extra cost), derived from `table`; a plan
+        # asks for ~100 estimates, so they are derived once per measurement, not per call.
+        self._fit: tuple[list[tuple[int, float]], float] | None = None
 
     def observe(self, rows: int, draft: bool, seconds: float) -> None:
         key = (rows, draft)
         old = self.table.get(key)
         self.table[key] = seconds if old is None else old + self.alpha * (seconds - old)
+        self._fit = None
 
-    def __bool__(self) -> bool:
-        return bool(self.table)
+    def fitted(self) -> tuple[list[tuple[int, float]], float]:
+        if self._fit is None:
+            known = sorted((r, t) for (r, d), t in self.table.items() if not d)
+            if not known:  # only drafting passes measured so far
+                known = sorted((r, t * 0.87) for (r, _), t in self.table.items())
+            pairs = [self.table[(r, True)] - self.table[(r, False)]
+                     for r, d in self.table if d and (r, False) in self.table]
+            extra = (max(0.0, float(np.median(pairs))) if pairs
+                     else 0.15 * interpolate(known, 1))
+            self._fit = known, extra
+        return self._fit
 
     def draft_extra(self) -> float:
         """Measured cost of drafting (the streams' rows and candidates) on top of a pass."""
-        pairs = [self.table[(r, True)] - self.table[(r, False)]
-                 for r, d in self.table if d and (r, False) in self.table]
-        if pairs:
-            return max(0.0, float(np.median(pairs)))
-        return 0.15 * self.estimate(1, False)
+        return self.fitted()[1]
 
     def estimate(self, rows: int, draft: bool) -> float:
         if (rows, draft) in self.table:
             return self.table[(rows, draft)]
+        known, extra = self.fitted()
         if draft:
-            return self.estimate(rows, False) + self.draft_extra()
-        known = sorted((r, t) for (r, d), t in self.table.items() if not d)
-        if not known:  # only drafting passes measured so far
-            known = sorted((r, t * 0.87) for (r, _), t in self.table.items())
-        if not known:
-            return 1.0
-        below = [(r, t) for r, t in known if r <= rows]
-        above = [(r, t) for r, t in known if r > rows]
-        if below and above:  # linear between the nearest measured sizes
-            (r0, t0), (r1, t1) = below[-1], above[0]
-            return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
-        r0, t0 = (below or above)[-1 if below else 0]
-        # Until two sizes are measured, a row is assumed to cost a quarter of a one-row
-        # pass (MKL here: 15-40%), so the controller explores only for sure drafts.
-        slope = 0.25 * known[0][1]
-        if len(known) >= 2:
-            slope = max(0.02 * known[0][1],
-                        (known[-1][1] - known[0][1]) / (known[-1][0] - known[0][0]))
-        return max(known[0][1], t0 + slope * (rows - r0))
+            return self.estimate(rows, False) + extra
+        return interpolate(known, rows)
+
+
+def interpolate(known: list[tuple[int, float]], rows: int) -> float:
+    """Seconds of a pass of `rows` rows from measured (rows, seconds), sorted by rows."""
+    if not known:
+        return 1.0
+    below = [(r, t) for r, t in known if r <= rows]
+    above = [(r, t) for r, t in known if r > rows]
+    if below and above:  # linear between the nearest measured sizes
+        (r0, t0), (r1, t1) = below[-1], above[0]
+        return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+    r0, t0 = (below or above)[-1 if below else 0]
+    # Until two sizes are measured, a row is assumed to cost a quarter of a one-row
+    # pass (MKL here: 15-40%), so the controller explores only for sure drafts.
+    slope = 0.25 * known[0][1]
+    if len(known) >= 2:
+        slope = max(0.02 * known[0][1],
+                    (known[-1][1] - known[0][1]) / (known[-1][0] - known[0][0]))
+    return max(known[0][1], t0 + slope * (rows - r0))
 
 
 # One cost table per model, shared by its generations in this process (modules are
@@ -120,15 +132,11 @@ def costs_for(model) -> PassCosts:
 class Controller:
     """Chooses each step's Plan and learns from its outcome (see the module docstring).
 
-    costs: the model's PassCosts; max_nodes: stream nodes at most (the tree budget);
-    max_chain: context draft tokens at most; gamma: the streams' depth.
+    costs: the model's PassCosts; gamma: the streams' depth.
     """
 
     costs: PassCosts
-    max_nodes: int
-    max_chain: int
     gamma: int
-    learn_costs: bool = True
     # Step times here vary by +-20% from one pass to the next: a drafting option must
     # promise this much more than a plain step before it is taken.
     margin: float = 1.1
@@ -208,7 +216,7 @@ class Controller:
                 seconds: float | None) -> None:
         """Learn from a verified step: `tree` as fed (stream nodes first, then the chain's
         own nodes), `path` the accepted node indices (0 first), the step's wall time."""
-        if seconds is not None and self.learn_costs:
+        if seconds is not None:
             self.costs.observe(len(tree), plan.draft, seconds)
         k = len(tree.logprobs)
         if k:

@@ -178,9 +178,8 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     outputs = [targets]
     if streams:
         parents = mx.array([0] + tree.parents, dtype=mx.int32)
-        last = last_accepted(tokens, targets, parents,
-                             mask if mask is not None else mx.ones((1, 1), dtype=mx.bool_),
-                             positions)
+        last = (last_accepted(tokens, targets, parents, mask, positions) if n > 1
+                else mx.array(0))
         if deferred:
             seen = mx.ones((1, cache.offset + n), dtype=mx.bool_)
             if mask is not None:
@@ -260,7 +259,7 @@ def generate_step(
     # Sampling keeps fixed drafts: timed choices would change which random numbers each
     # token draws, and a seeded run must repeat itself.
     if streams and drafter is None and adaptive and sampler is None:
-        controller = Controller(costs_for(model), budget, lookup, sa.num_streams)
+        controller = Controller(costs_for(model), sa.num_streams)
         index = NgramIndex() if lookup > 0 else None
     drafter = drafter or budget_drafter(budget, lookup, min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))

@@ -35,7 +35,7 @@ def confident_tree(p: float = 0.9) -> DraftTree:
 
 
 def test_first_steps_measure_plain_and_drafting_costs():
-    c = Controller(PassCosts(), 6, 8, 3)
+    c = Controller(PassCosts(), 3)
     assert c.plan(confident_tree(), 4, 2) == Plan(0, 0, False)
     c.costs.observe(1, False, 0.1)
     assert c.plan(None, 4, 2) == Plan(0, 0, True)
@@ -56,14 +56,14 @@ def test_estimates_interpolate_and_extrapolate():
 
 
 def test_flat_costs_and_confident_streams_draft_deep():
-    c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.005), 6, 8, 3)
+    c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.005), 3)
     assert c.plan(confident_tree(), 0, 0) == Plan(6, 0, True)  # free rows: take them all
-    c = Controller(costs({r: 0.1 + 0.01 * r for r in range(1, 20)}, 0.005), 6, 8, 3)
+    c = Controller(costs({r: 0.1 + 0.01 * r for r in range(1, 20)}, 0.005), 3)
     assert c.plan(confident_tree(), 0, 0) == Plan(3, 0, True)  # the confident chain only
 
 
 def test_costly_rows_and_unsure_streams_fall_back_to_plain_then_probe():
-    c = Controller(costs({1: 0.1, 2: 0.2, 4: 0.4, 8: 0.8}, 0.05), 6, 8, 3)
+    c = Controller(costs({1: 0.1, 2: 0.2, 4: 0.4, 8: 0.8}, 0.05), 3)
     plans = [c.plan(confident_tree(0.3), 0, 0) for _ in range(40)]
     assert plans[0] == Plan(0, 0, False)
     probes = [i for i, p in enumerate(plans) if p.draft]
@@ -72,7 +72,7 @@ def test_costly_rows_and_unsure_streams_fall_back_to_plain_then_probe():
 
 
 def test_acceptance_calibration_learns_from_outcomes():
-    c = Controller(costs({1: 0.1, 2: 0.13, 3: 0.16, 4: 0.19}, 0.01), 6, 0, 3)
+    c = Controller(costs({1: 0.1, 2: 0.13, 3: 0.16, 4: 0.19}, 0.01), 3)
     tree = confident_tree(0.9).first(3)
     for _ in range(60):  # the streams claim 0.9 but their drafts are never accepted
         c.observe(tree, Plan(3, 0, True), 0, [0], None)
@@ -81,7 +81,7 @@ def test_acceptance_calibration_learns_from_outcomes():
 
 
 def test_chain_statistics_follow_accepted_context_drafts():
-    c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.01), 0, 8, 3)
+    c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.01), 3)
     before = c.chain_gain(1, 8)
     tree = DraftTree().with_chain([7, 8, 9, 10])
     for _ in range(40):
