@@ -246,8 +246,8 @@ def matmul_t(x: mx.array, w: mx.array) -> mx.array:
 
 def linear(layer: nn.Module, x: mx.array) -> mx.array:
     """layer(x) for x (..., in), through matmul_t for a plain float Linear (quantized and
-    LoRA-wrapped layers run their own call)."""
-    if not isinstance(layer, nn.Linear) or "scales" in layer:
+    LoRA-wrapped layers are other classes and run their own call)."""
+    if not isinstance(layer, nn.Linear):
         return layer(x)
     y = matmul_t(x, layer.weight)
     return y + layer.bias if "bias" in layer else y

@@ -100,25 +100,25 @@ _CORE_NEEDS = {
 }
 
 
-def cpu_flags() -> set[str] | None:
-    """This CPU's feature flags from /proc/cpuinfo, or None when it cannot be read."""
+def _cpuinfo(key: str) -> str | None:
+    """The first /proc/cpuinfo value of `key`, or None when it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
 
 
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags from /proc/cpuinfo, or None when it cannot be read."""
+    flags = _cpuinfo("flags")
+    return set(flags.split()) if flags is not None else None
+
+
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return _cpuinfo("model name") or platform.processor()
 
 
 def unsupported_reason(config: str, core: str, flags: set[str] | None) -> str | None:
