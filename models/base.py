@@ -30,6 +30,8 @@ from mlx_lm.models.rope_utils import initialize_rope
 from specstream_mlx.config import StreamArgs
 from specstream_mlx.errors import ModelLoadError
 
+from .kernels import attention, linear, matmul_t
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -209,48 +211,6 @@ class Attention(nn.Module):
             keys, values = k, v
         out = attention(q, keys, values, self.scale, rows.mask)
         return project(self, "o_proj", out.transpose(0, 2, 1, 3).reshape(B, R, -1), adapter, n_main)
-
-
-def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float,
-              mask: mx.array | str | None) -> mx.array:
-    """Scaled dot-product attention: q (B, H, R, D), keys and values (B, H_kv, S, D),
-    mask (R, S) bool, "causal", a 4-D mask or None -> (B, H, R, D).
-
-    On the CPU a few rows under a 2-D mask attend through one product per key/value head
-    (a group's query heads folded into rows): MLX's fallback makes one BLAS call per query
-    head, each paying the library's threading overhead (SmolLM2, 4 rows, 30 layers: 27
-    ms instead of 33)."""
-    B, H, R, D = q.shape
-    Hk = keys.shape[1]
-    if (not 1 < R <= 64 or not isinstance(mask, mx.array) or mask.ndim != 2
-            or mx.default_device() != mx.cpu):
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
-    g = H // Hk
-    s = ((q * scale).reshape(B, Hk, g * R, D) @ keys.swapaxes(-1, -2)).reshape(
-        B, Hk, g, R, -1)
-    s = mx.where(mask, s, mx.array(-float("inf"), s.dtype))
-    p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hk, g * R, -1)
-    return (p @ values).reshape(B, H, R, D)
-
-
-def matmul_t(x: mx.array, w: mx.array) -> mx.array:
-    """x @ w.T for x (..., in) and a float w (out, in). A few rows on the CPU compute
-    (w @ x^T)^T: BLAS libraries handle a skinny right-hand side far better than a few-row
-    left one (MKL, SmolLM2's matmuls with 4 rows: 61 ms a pass instead of 117; its tied
-    head with 4 rows: 18 ms instead of 46)."""
-    rows = x.size // x.shape[-1]
-    if not 1 < rows <= 32 or mx.default_device() != mx.cpu:
-        return x @ w.T
-    return (w @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
-
-
-def linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """layer(x) for x (..., in), through matmul_t for a plain float Linear (quantized and
-    LoRA-wrapped layers are other classes and run their own call)."""
-    if not isinstance(layer, nn.Linear):
-        return layer(x)
-    y = matmul_t(x, layer.weight)
-    return y + layer.bias if "bias" in layer else y
 
 
 def project(module: nn.Module, name: str, x: mx.array, adapter, n_main: int) -> mx.array:
