@@ -22,6 +22,7 @@ from .data import read_jsonl
 from .errors import InputError
 from .generate import encode_prompt, stream_generate
 from .loader import describe_model, load, resolve_path, set_precision
+from .settings import check_output_path, check_settings
 from .tree import DraftTree
 
 
@@ -165,10 +166,31 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def check_bench_args(args: BenchArgs) -> None:
+    """Every setting checked before minutes of benchmarking, outputs included."""
+    check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget, top_k=args.top_k,
+                   lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
+    if args.limit is not None and (not isinstance(args.limit, int) or args.limit < 1):
+        raise InputError(f"limit must be >= 1, got {args.limit!r}")
+    if not isinstance(args.window, int) or args.window < 1:
+        raise InputError(f"window must be >= 1, got {args.window!r}")
+    if not args.rows or not all(isinstance(r, int) and 1 <= r <= 256 for r in args.rows):
+        raise InputError(f"rows must be row counts in [1, 256], got {args.rows!r}")
+    check_output_path(args.json_path, "json")
+    check_output_path(args.png_path, "png")
+    if args.png_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("png needs matplotlib (pip install matplotlib)") from None
+
+
 def bench(args: BenchArgs, log=print) -> dict:
     """Run the benchmark; returns the report (also written as JSON when asked)."""
+    check_bench_args(args)
     records = read_jsonl(args.prompts)[: args.limit]
-    if not records or not all("prompt" in r for r in records):
+    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                              for r in records):
         raise InputError(f"{args.prompts}: need records with a 'prompt' field")
     path = resolve_path(args.model)
     model, tokenizer = load(path, precision=args.precision)
@@ -222,6 +244,7 @@ def bench(args: BenchArgs, log=print) -> dict:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {args.json_path}")
     if args.png_path:
+        Path(args.png_path).parent.mkdir(parents=True, exist_ok=True)
         draw_chart(report, args.png_path)
         log(f"wrote {args.png_path}")
     return report

@@ -6,6 +6,7 @@ import argparse
 
 from .bench import BenchArgs, bench
 from .loader import PRECISIONS
+from .settings import parse_counts
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
         min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
         precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
-        rows=[int(x) for x in args.rows.split(",")], window=args.window, json_path=args.json,
+        rows=parse_counts(args.rows, "--rows"), window=args.window, json_path=args.json,
         png_path=args.png,
     ))
     return 0

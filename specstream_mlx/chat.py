@@ -7,8 +7,9 @@ import sys
 
 from .cli_args import check_args, generate_kwargs
 from .errors import InputError
-from .generate import format_stats, stream_generate
+from .generate import encode_messages, format_stats, stream_generate
 from .loader import describe_model, load
+from .settings import check_text
 
 GREEN, RESET = "\033[32m", "\033[0m"
 HELP = "Commands: /reset clears the conversation, /quit (or Ctrl-D) leaves."
@@ -22,10 +23,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def answer(model, tokenizer, messages: list[dict], kwargs: dict, show_draft: bool) -> str:
     """Stream one assistant answer to stdout; Ctrl-C stops it early. Returns its text."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = encode_messages(tokenizer, messages)
     text, last = "", None
     try:
-        for last in stream_generate(model, tokenizer, list(ids), **kwargs):
+        for last in stream_generate(model, tokenizer, ids, **kwargs):
             piece = last.text
             text += piece
             if show_draft and last.from_draft and piece:
@@ -59,6 +60,11 @@ def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
         if not query.strip():
             print(HELP)
             continue
+        try:
+            check_text(query)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": query})
         try:
             reply = answer(model, tokenizer, messages, kwargs, show_draft)
@@ -71,6 +77,8 @@ def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
 
 def main(args: argparse.Namespace) -> int:
     check_args(args)
+    if args.system is not None:
+        check_text(args.system, "--system")
     model, tokenizer = load(args.model, precision=args.precision)
     print(f"[{describe_model(model)}]\n{HELP}", file=sys.stderr)
     chat_loop(model, tokenizer, generate_kwargs(args), args.system, args.show_draft)

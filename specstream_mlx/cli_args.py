@@ -6,8 +6,8 @@ import argparse
 
 import mlx.core as mx
 
-from .errors import InputError
 from .loader import PRECISIONS
+from .settings import check_settings
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +50,9 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad values before a model is loaded, and seed the sampler."""
-    if args.max_tokens <= 0:
-        raise InputError(f"--max-tokens must be > 0, got {args.max_tokens}")
-    if args.lookup_depth is not None and args.lookup_depth < 0:
-        raise InputError(f"--lookup-depth must be >= 0, got {args.lookup_depth}")
-    if args.min_draft_prob is not None and not 0 <= args.min_draft_prob <= 1:
-        raise InputError(f"--min-draft-prob must be in [0, 1], got {args.min_draft_prob}")
-    if args.temp < 0:
-        raise InputError(f"--temp must be >= 0, got {args.temp}")
+    check_settings(lambda name: "--" + name.replace("_", "-"), max_tokens=args.max_tokens,
+                   temp=args.temp, top_p=args.top_p, seed=args.seed,
+                   tree_budget=args.tree_budget, top_k=args.top_k,
+                   lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
     if args.seed is not None:
         mx.random.seed(args.seed)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .generate import encode_messages
 
 CODE_INSTRUCTION = "Complete the following Python function.\n\n```python\n{code}```"
 
@@ -41,8 +42,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -61,18 +68,20 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
 
 def split_record(record: dict) -> tuple[list[dict], str] | None:
     """(conversation before the completion, completion text), or None if unusable."""
+    if not isinstance(record, dict):
+        return None
     if "messages" in record:
         msgs = record["messages"]
-        if not msgs or msgs[-1].get("role") != "assistant" or not msgs[-1].get("content"):
+        if (not isinstance(msgs, list) or not msgs
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                           for m in msgs)
+                or msgs[-1].get("role") != "assistant" or not msgs[-1]["content"]):
             return None
         return msgs[:-1], msgs[-1]["content"]
-    if isinstance(record.get("prompt"), str) and record.get("completion"):
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str) \
+            and record["completion"]:
         return [{"role": "user", "content": record["prompt"]}], record["completion"]
     return None
-
-
-def encode_prompt_messages(tokenizer, messages: list[dict]) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 def encode_record(tokenizer, record: dict, max_length: int) -> Example | None:
@@ -81,7 +90,7 @@ def encode_record(tokenizer, record: dict, max_length: int) -> Example | None:
     if parts is None:
         return None
     context, completion = parts
-    prompt = encode_prompt_messages(tokenizer, context)
+    prompt = encode_messages(tokenizer, context)
     answer = list(tokenizer.encode(completion, add_special_tokens=False))
     answer.append(tokenizer.eos_token_id)
     tokens = (prompt + answer)[:max_length]

@@ -19,6 +19,7 @@ from .cache import KVCache
 from .controller import Controller, Plan, costs_for
 from .errors import InputError
 from .lookup import NgramIndex
+from .settings import check_settings, check_token_ids
 from .tree import DraftTree
 
 # Maps log-probabilities (rows, vocab) to one token per row (rows,).
@@ -234,23 +235,24 @@ def generate_step(
     on exit (also when the caller stops early) it holds the prompt and every yielded token
     but the last, which would be fed next.
     """
-    if not prompt:
-        raise InputError("the prompt is empty")
-    if max_tokens <= 0:
-        raise InputError(f"max_tokens must be > 0, got {max_tokens}")
+    prompt = check_token_ids(prompt, model.args.vocab_size)
+    check_settings(max_tokens=max_tokens, tree_budget=tree_budget, top_k=top_k,
+                   lookup_depth=lookup_depth, min_draft_prob=min_draft_prob)
     context = model.args.max_position_embeddings
     if len(prompt) >= context:
         raise InputError(
             f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
         )
-    if lookup_depth is not None and lookup_depth < 0:
-        raise InputError(f"lookup_depth must be >= 0, got {lookup_depth}")
-    if min_draft_prob is not None and not 0 <= min_draft_prob <= 1:
-        raise InputError(f"min_draft_prob must be in [0, 1], got {min_draft_prob}")
     max_tokens = min(max_tokens, context - len(prompt))
     sa = model.stream_args
     streams = speculative and sa is not None
     top_k = (top_k or sa.top_k) if streams else 0
+    if streams:
+        drafts_from = len(model.streams.draft_vocab) if model.has_draft_vocab \
+            else model.args.vocab_size
+        if top_k > drafts_from:
+            raise InputError(f"top_k ({top_k}) exceeds the {drafts_from} tokens the streams "
+                             "draft from")
     budget = (sa.tree_budget if tree_budget is None else tree_budget) if streams else 0
     lookup = (sa.lookup_depth if lookup_depth is None else lookup_depth) if streams else 0
     min_prob = (sa.min_draft_prob if min_draft_prob is None else min_draft_prob) if streams \

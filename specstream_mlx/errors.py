@@ -1,8 +1,9 @@
 """User-facing errors: the CLI prints their message instead of a traceback."""
 
 
-class SpecstreamError(Exception):
-    """Base class of every error a user can fix (bad path, bad config, bad input)."""
+class SpecstreamError(ValueError):
+    """Base class of every error a user can fix (bad path, bad config, bad input); a
+    ValueError, so callers that catch bad values catch these too."""
 
 
 class ModelLoadError(SpecstreamError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 from .cache import KVCache
 from .decode import Drafter, generate_step
 from .errors import InputError
+from .settings import check_settings, check_text, check_token_ids
 
 
 @dataclass
@@ -38,14 +40,23 @@ class GenerationResponse:
 
 def encode_prompt(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
     """Token ids of a prompt; with `chat`, wrap it as a user turn via the chat template."""
-    if isinstance(prompt, list):
-        return prompt
-    if not prompt or not prompt.strip():
-        raise InputError("the prompt is empty")
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    if not isinstance(prompt, str | bytes | bytearray | list | tuple):
+        raise InputError(f"prompt must be a string or a list of token ids, got "
+                         f"{type(prompt).__name__}")
+    if not isinstance(prompt, str | bytes | bytearray):
+        return check_token_ids(prompt, sys.maxsize)  # generate_step checks the vocabulary
+    prompt = check_text(prompt)
+    if chat:
+        return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer.encode(prompt))
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt tokens of a conversation, ready for the assistant's turn: its chat
+    template, or for a base model without one the plain text of its turns."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return list(tokenizer.encode("\n\n".join(m["content"] for m in messages)))
 
 
 def peak_memory_gb() -> float:
@@ -84,6 +95,10 @@ def stream_generate(
     measured costs, plain steps included; False always drafts the whole budget.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
     """
+    check_settings(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p,
+                   top_k_sampling=top_k_sampling)
+    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+        raise InputError("stop must be a list of strings")
     ids = encode_prompt(tokenizer, prompt, chat)
     sampler = make_sampler(temp, top_p, min_p, top_k=top_k_sampling) if temp > 0 else None
     eos = set(tokenizer.eos_token_ids)

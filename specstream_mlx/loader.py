@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -72,8 +74,11 @@ def read_config(path: Path) -> dict:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path} must hold a JSON object, not a "
+                             f"{type(config).__name__}")
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ModelLoadError(
             f"{config_path}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"
@@ -82,7 +87,35 @@ def read_config(path: Path) -> dict:
     for key in args_cls.required:
         if key not in config:
             raise ModelLoadError(f"{config_path}: missing key {key!r}")
+    check_fields(config, config_path)
     return config
+
+
+# config.json fields whose type a model needs: positive integers, positive numbers, flags.
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size",
+                 "num_attention_heads", "num_key_value_heads", "vocab_size",
+                 "max_position_embeddings", "head_dim")
+POSITIVE_REALS = ("rms_norm_eps", "rope_theta")
+FLAGS = ("tie_word_embeddings",)
+
+
+def check_fields(config: dict, where: Path) -> None:
+    """Typed fields of config.json, so a "576" or a -1 fails here, named, and not deep in
+    a matmul."""
+    for key in POSITIVE_INTS + POSITIVE_REALS + FLAGS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if key in FLAGS:
+            ok, want = isinstance(value, bool), "true or false"
+        elif key in POSITIVE_INTS:
+            ok, want = type(value) is int and value > 0, "a positive integer"
+        else:
+            ok = (isinstance(value, int | float) and not isinstance(value, bool)
+                  and math.isfinite(value) and value > 0)
+            want = "a positive number"
+        if not ok:
+            raise ModelLoadError(f"{where}: {key} must be {want}, got {value!r}")
 
 
 def _load_weights(path: Path, config: dict) -> tuple[nn.Module, dict]:
@@ -215,5 +248,21 @@ def load(
         tokenizer = load_tokenizer(path)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from e
+    # Too-long prompts get our own one-line error (against the model's real context), not
+    # transformers' warning about the tokenizer's nominal maximum.
+    if hasattr(tokenizer._tokenizer, "model_max_length"):
+        tokenizer._tokenizer.model_max_length = sys.maxsize
     mx.eval(model.parameters())
+    check_finite(model, path)
     return model, tokenizer
+
+
+def check_finite(model: nn.Module, path: Path) -> None:
+    """A NaN or infinite weight (a corrupt or badly converted checkpoint) would make
+    every answer garbage; name the first such tensor instead (one read-back)."""
+    params = [(k, v) for k, v in tree_flatten(model.parameters())
+              if mx.issubdtype(v.dtype, mx.floating)]
+    finite = mx.stack([mx.all(mx.isfinite(v)) for _, v in params])
+    if not finite.all().item():
+        bad = params[int(mx.argmin(finite).item())][0]
+        raise ModelLoadError(f"{path}: weights are not finite (NaN or inf) in {bad}")

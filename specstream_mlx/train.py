@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import random
 import shutil
 import time
@@ -67,6 +68,32 @@ class TrainArgs:
     tree_budget: int = 6
     top_k: int = 3
     draft_vocab: int = 8192  # 0: streams draft from the whole vocabulary
+
+    def validate(self) -> None:
+        """InputError naming the first bad setting (as its flag)."""
+        if self.mode not in ("lossless", "task"):
+            raise InputError(f"--mode must be 'lossless' or 'task', got {self.mode!r}")
+        ints = {"num_streams": 1, "msa_layers": 1, "adapter_rank": 0, "pruning_rank": 0,
+                "warmup": 0, "batch_size": 1, "max_length": 2, "seed": 0,
+                "steps_per_report": 1, "steps_per_eval": 1, "steps_per_checkpoint": 1,
+                "max_valid": 0, "tree_budget": 0, "top_k": 1, "draft_vocab": 0}
+        reals = {"adapter_scale": 0.0, "stream_weight": 0.0, "pruning_weight": 0.0,
+                 "main_weight": 0.0}
+        for name, low in {**ints, **reals}.items():
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            if value is None and name == "main_weight":
+                continue
+            kind = (numbers.Integral,) if name in ints else (numbers.Real,)
+            if isinstance(value, bool) or not isinstance(value, kind) \
+                    or not math.isfinite(value) or value < low:
+                raise InputError(f"{flag} must be {'an integer' if name in ints else 'a number'}"
+                                 f" >= {low}, got {value!r}")
+        for name in ("lr", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value) or value <= 0:
+                raise InputError(f"--{name} must be a number > 0, got {value!r}")
 
     def weights(self) -> tuple[float, float]:
         main = self.main_weight if self.main_weight is not None else float(self.mode == "task")
@@ -391,11 +418,13 @@ def write_output(model, source: Path, out: Path, args: TrainArgs) -> Path:
 
 def train(args: TrainArgs, log=print) -> dict:
     """Run (or resume) training; returns the final metrics and the output folder."""
-    if args.mode not in ("lossless", "task"):
-        raise InputError(f"mode must be 'lossless' or 'task', got {args.mode!r}")
+    args.validate()
+    run_dir = Path(args.run_dir)
+    if not args.resume and (run_dir / "checkpoint").exists():
+        raise InputError(f"{run_dir} holds the checkpoint of an earlier run: pass --resume to "
+                         "continue it, or choose another --run-dir (nothing was overwritten)")
     mx.random.seed(args.seed)
     rng = random.Random(args.seed)
-    run_dir = Path(args.run_dir)
     source = resolve_path(args.model)
     model, tokenizer = load(source, precision="float32")
     train_ex = load_examples(args.data, tokenizer, args.max_length)

@@ -104,7 +104,7 @@ def test_broken_model_folder(tmp_path, capsys):
 def test_max_tokens_zero(folder, capsys):
     assert main(["generate", "--model", folder, "--prompt", "hi", "--max-tokens", "0"]) == 2
     err = capsys.readouterr().err
-    assert "error: --max-tokens must be > 0" in err and "Traceback" not in err
+    assert "error: --max-tokens must be >= 1, got 0" in err and "Traceback" not in err
 
 
 def test_prompt_beyond_the_context(folder, capsys):

@@ -19,7 +19,6 @@ from specstream_mlx.data import (
     build_prompt_sets,
     chitchat_prompts,
     distill,
-    encode_prompt_messages,
     encode_record,
     held_out,
     humaneval_prompts,
@@ -31,6 +30,7 @@ from specstream_mlx.data import (
 )
 from specstream_mlx.decode import generate_step
 from specstream_mlx.errors import InputError
+from specstream_mlx.generate import encode_messages
 
 IM_START, IM_END = 1, 2  # the tiny tokenizer's special ids (IM_END is also eos)
 
@@ -125,7 +125,7 @@ def test_encode_prompt_completion_record(tokenizer):
     prompt = turn("user", "hi") + GEN_PROMPT
     assert ex == Example(prompt + char_ids("ab c") + [EOS_ID], len(prompt))
     assert ex.completion_tokens == 5
-    assert encode_prompt_messages(tokenizer, [{"role": "user", "content": "hi"}]) == prompt
+    assert encode_messages(tokenizer, [{"role": "user", "content": "hi"}]) == prompt
 
 
 def test_encode_messages_record_trains_on_last_assistant_turn(tokenizer):
@@ -312,7 +312,7 @@ def test_distill_writes_the_models_own_greedy_answers(folder):
         model, tokenizer = load(folder, precision="float32")
     assert [{k: v for k, v in r.items() if k != "completion"} for r in out] == records
     for record, result in zip(records, out, strict=True):
-        ids = encode_prompt_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
+        ids = encode_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
         want = plain_greedy(model, ids, 8, set(tokenizer.eos_token_ids))
         assert result["completion"] == tokenizer.decode(want)
     json.dumps(out)  # ready for write_jsonl

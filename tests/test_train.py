@@ -498,4 +498,4 @@ def test_cli_train_bad_input(workdir, tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "missing.jsonl"), "--model", str(folder),
                  "--run-dir", str(tmp_path / "run"), "--mode", "foo"])
     assert code == 2
-    assert "error: mode must be" in capsys.readouterr().err
+    assert "error: --mode must be" in capsys.readouterr().err
