@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .generate import encode_messages
+from .settings import check_output_path, check_value
 
 CODE_INSTRUCTION = "Complete the following Python function.\n\n```python\n{code}```"
 
@@ -259,6 +260,9 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     from .generate import encode_prompt
     from .loader import load
 
+    check_value("max_tokens", max_tokens)
+    check_value("max_tokens", batch_size, "batch_size")
+    check_output_path(out_path, "out_path")
     done: list[dict] = []
     if resume and out_path is not None and Path(out_path).is_file():
         wanted = {(r.get("id"), r["prompt"]) for r in records}

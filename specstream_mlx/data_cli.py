@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from .data import build_prompt_sets, distill, write_jsonl
+from .errors import InputError
 from .loader import resolve_path
+from .settings import check_output_path, check_value
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    for flag in ("chat", "code", "heldout", "valid", "seed"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    check_value("max_tokens", args.max_tokens, "--max-tokens")
+    check_value("max_tokens", args.batch_size, "--batch-size")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    check_output_path(out / "train.jsonl", "--out")
     sets = build_prompt_sets(args.chat + args.valid // 2, args.code + args.valid // 2,
                              args.heldout, args.seed)
     # Validation prompts come off the training pool, so training never sees them.

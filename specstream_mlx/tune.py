@@ -24,6 +24,7 @@ import numpy as np
 
 from .decode import Draft, Drafter, budget_drafter, stream_candidates
 from .errors import InputError
+from .settings import check_output_path, check_settings, check_value
 from .tree import DraftTree
 
 
@@ -215,6 +216,23 @@ class TuneArgs:
     json_path: str | None = None
 
 
+def check_tune_args(args: TuneArgs) -> None:
+    """Every setting of the grid checked before any replay."""
+    check_settings(max_tokens=args.max_tokens, top_k=args.top_k)
+    if args.limit is not None:
+        check_value("max_tokens", args.limit, "limit")
+    for name, values in (("tree_budget", args.budgets), ("lookup_depth", args.lookup_depths),
+                         ("min_draft_prob", args.min_draft_probs)):
+        if values is not None and not values:
+            raise InputError(f"{name}: the grid is empty")
+        for v in values or ():
+            check_value(name, v, f"{name} grid value")
+    if args.rows is not None and not all(isinstance(r, int) and 1 <= r <= 256
+                                         for r in args.rows):
+        raise InputError(f"rows must be row counts in [1, 256], got {args.rows!r}")
+    check_output_path(args.json_path, "json")
+
+
 def tune(args: TuneArgs, log=print) -> dict:
     """Replay every setting of the grid on the prompts, predict speed-ups from this
     machine's measured pass costs, print the best settings (and store the best)."""
@@ -222,8 +240,10 @@ def tune(args: TuneArgs, log=print) -> dict:
     from .data import read_jsonl
     from .loader import describe_model, load, resolve_path
 
+    check_tune_args(args)
     records = read_jsonl(args.prompts)[: args.limit]
-    if not records or not all("prompt" in r for r in records):
+    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                              for r in records):
         raise InputError(f"{args.prompts}: need records with a 'prompt' field")
     path = resolve_path(args.model)
     model, tokenizer = load(path)

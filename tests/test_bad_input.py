@@ -270,3 +270,36 @@ def test_a_base_model_without_chat_template_gets_plain_text():
     ids = encode_messages(Plain(), [{"role": "user", "content": "ab"},
                                     {"role": "assistant", "content": "c"}])
     assert ids == [ord(c) for c in "ab\n\nc"]
+
+
+TOOL_CASES = [
+    (["tune", "--budgets", "-1"], "tree_budget grid value must be in [0, 256], got -1"),
+    (["tune", "--min-draft-probs", "2"], "min_draft_prob grid value must be in [0.0, 1.0]"),
+    (["tune", "--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["tune", "--top-k", "0"], "top_k must be in [1, 64]"),
+    (["tune", "--rows", "0"], "rows must be row counts in [1, 256]"),
+    (["tune", "--limit", "-1"], "limit must be >= 1"),
+    (["tune", "--json", "/"], "is a folder"),
+]
+
+
+@pytest.mark.parametrize("argv, message", TOOL_CASES, ids=[" ".join(a) for a, _ in TOOL_CASES])
+def test_tune_flags(folder, prompts, capsys, argv, message):
+    line = run_cli([argv[0], "--model", folder, "--prompts", prompts, *argv[1:]], capsys)
+    assert message in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chat", "-1"], "--chat must be >= 0"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_data_flags(folder, tmp_path, capsys, flags, message):
+    line = run_cli(["data", "--model", folder, "--out", str(tmp_path / "d"), *flags], capsys)
+    assert message in line
+    assert not (tmp_path / "d").exists()  # checked before anything is written
+
+
+def test_data_out_is_a_file(folder, prompts, capsys):
+    assert "is a file; give a folder" in run_cli(["data", "--model", folder, "--out",
+                                                  prompts], capsys)
