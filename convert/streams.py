@@ -19,8 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.errors import ConversionError
+from specstream_mlx.models.config import StreamArgs
 
 STREAMS_FILE = "streams.safetensors"
 CONFIG_KEY = "speculative_streaming"

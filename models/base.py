@@ -27,8 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.errors import ModelLoadError
+from specstream_mlx.models.config import StreamArgs
 
 from .kernels import attention, linear, matmul_t
 
@@ -462,25 +462,6 @@ class DecoderModel(nn.Module):
         for i in range(self.split, len(self.layers)):
             s = self.layers[i](s, rows, i, self.streams.adapter(i - self.split))
         return self.model.norm(s).reshape(B, S, g, H)
-
-    def upper_streams(self, h: mx.array, positions: mx.array, stream_rows: mx.array
-                      ) -> mx.array:
-        """The stream rows of `upper(h, positions, None, None, stream_rows)`, computed the
-        cheap way when main rows are blind to streams (training in lossless mode): the
-        main rows run once without streams, leaving their K/V in a cache, then only the
-        stream rows run, attending to those K/V (as in a decode pass over a prefix).
-
-        h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal
-        main rows); stream_rows: (S,) int32. Returns (B, S, gamma, hidden), final-normed.
-        """
-        from specstream_mlx.cache import KVCache
-
-        L = h.shape[1]
-        cache = KVCache(len(self.layers))
-        self.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
-        seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
-        return self.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows],
-                                seen, cache, L)
 
     @property
     def has_draft_vocab(self) -> bool:

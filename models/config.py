@@ -1,9 +1,13 @@
-"""Fields every supported architecture shares, named as in Hugging Face config.json."""
+"""Configs named as in Hugging Face config.json: the fields every supported architecture
+shares (BaseArgs) and the `speculative_streaming` block that describes the streams
+(StreamArgs)."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+
+from specstream_mlx.errors import ModelLoadError
 
 
 @dataclass
@@ -41,3 +45,74 @@ class BaseArgs:
             self.rope_theta = rope.get("rope_theta", self.rope_theta)
             if rope.get("rope_type", "default") != "default":
                 self.rope_scaling = rope
+
+
+@dataclass
+class StreamArgs:
+    """Shape of the speculative streams added to a base model.
+
+    num_streams:       gamma, the streams predicting tokens t+2 .. t+gamma+1.
+    msa_layers:        N_s, the top layers that carry stream rows (multi-stream attention).
+    main_sees_streams: ENLSP variant: main row t also attends to its own stream rows.
+                       False (paper v1) keeps the main stream exactly the base model.
+    pruning_rank:      rank of the early-exit (pruning) adapter on the hidden state
+                       entering the stream layers.
+    adapter_rank:      rank of stream-only LoRA adapters in the stream layers (0: none).
+    adapter_scale:     scale applied to the stream-only adapters' output.
+    tree_budget:       default number of draft nodes per pass (the root is extra).
+    top_k:             default candidates taken from each stream.
+    min_draft_prob:    default floor on a stream node's path probability (the product of
+                       its streams' probabilities along the path); 0 keeps the whole budget.
+    lookup_depth:      default length of the context draft added to each tree: the tokens
+                       that followed the last occurrence of the current n-gram (0: off).
+    draft_vocab_size:  streams draft from this many token ids (`streams.draft_vocab`, the
+                       most frequent tokens of the training data); 0 means the full vocab.
+                       Verification always uses the full head, so this stays lossless.
+    """
+
+    num_streams: int = 3
+    msa_layers: int = 4
+    main_sees_streams: bool = False
+    pruning_rank: int = 8
+    adapter_rank: int = 0
+    adapter_scale: float = 1.0
+    tree_budget: int = 6
+    top_k: int = 3
+    lookup_depth: int = 0
+    min_draft_prob: float = 0.0
+    draft_vocab_size: int = 0
+
+    @classmethod
+    def from_dict(cls, params: dict) -> StreamArgs:
+        """Build from a config block, ignoring unknown keys (forward compatibility)."""
+        known = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, num_hidden_layers: int) -> None:
+        """Raise ModelLoadError when the streams cannot fit the model."""
+        if self.num_streams < 1:
+            raise ModelLoadError(f"num_streams must be >= 1, got {self.num_streams}")
+        if not 1 <= self.msa_layers <= num_hidden_layers:
+            raise ModelLoadError(
+                f"msa_layers must be in 1..{num_hidden_layers} (the model's layers), "
+                f"got {self.msa_layers}"
+            )
+        if self.draft_vocab_size < 0 or 0 < self.draft_vocab_size < self.top_k:
+            raise ModelLoadError(
+                f"draft_vocab_size must be 0 (full vocabulary) or >= top_k ({self.top_k}), "
+                f"got {self.draft_vocab_size}"
+            )
+        if not 0.0 <= self.min_draft_prob <= 1.0:
+            raise ModelLoadError(f"min_draft_prob must be in [0, 1], got {self.min_draft_prob}")
+        if self.lookup_depth < 0:
+            raise ModelLoadError(f"lookup_depth must be >= 0, got {self.lookup_depth}")
+        if self.tree_budget < 0 or self.top_k < 1:
+            raise ModelLoadError(
+                f"tree_budget must be >= 0 and top_k >= 1, got {self.tree_budget}, {self.top_k}"
+            )
+        for f in fields(self):
+            if f.name.endswith("rank") and getattr(self, f.name) < 0:
+                raise ModelLoadError(f"{f.name} must be >= 0")

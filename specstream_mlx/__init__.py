@@ -6,12 +6,12 @@
         print(r.text, end="")
 """
 
-from .blas import preload
+from specstream_mlx.blas import preload
 
 preload()  # must precede the first import of mlx.core
 
-from .generate import GenerationResponse, generate, stream_generate  # noqa: E402
-from .loader import load  # noqa: E402
+from specstream_mlx.generate import GenerationResponse, generate, stream_generate  # noqa: E402
+from specstream_mlx.loader import load  # noqa: E402
 
 __all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
 __version__ = "0.1.0"

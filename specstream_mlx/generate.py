@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from .cache import KVCache
-from .decode import Drafter, generate_step
-from .errors import InputError
-from .settings import check_settings, check_text, check_token_ids
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.step import Drafter, generate_step
+from specstream_mlx.errors import InputError
+from specstream_mlx.settings import check_settings, check_text, check_token_ids
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -16,11 +15,11 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
-from .blas import blas_info
-from .config import StreamArgs
-from .convert.streams import CONFIG_KEY, STREAMS_FILE
-from .errors import ModelLoadError, SpecstreamError
-from .models import ARCHITECTURES, get_classes
+from specstream_mlx.blas import blas_info
+from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE
+from specstream_mlx.errors import ModelLoadError, SpecstreamError
+from specstream_mlx.models import get_classes, is_quantized, read_config
+from specstream_mlx.models.config import StreamArgs
 
 PRECISIONS = ("auto", "native", "float32", "float16", "bfloat16")
 
@@ -28,10 +27,10 @@ PRECISIONS = ("auto", "native", "float32", "float16", "bfloat16")
 def resolve_path(path_or_hub_id: str | Path | None) -> Path:
     """A local model folder; the embedded default model for None; else a hub download."""
     if path_or_hub_id is None:
-        from .convert.embedded import ensure_embedded_model
+        from specstream_mlx.convert.embedded import ensure_embedded_model
 
         return ensure_default_streams(ensure_embedded_model())
-    from .convert.hf import resolve_source
+    from specstream_mlx.convert.hf import resolve_source
 
     patterns = ["*.json", "model*.safetensors", STREAMS_FILE, "tokenizer.model", "*.txt",
                 "*.jinja"]
@@ -45,7 +44,7 @@ SHIPPED_STREAMS = Path(__file__).parent / "assets" / "smollm2-135m-instruct"
 def ensure_default_streams(path: Path) -> Path:
     """Give the embedded model the shipped trained streams (untrained ones when the
     package has none), so the speculative path always runs."""
-    from .convert.streams import init_streams, save_streams, write_json_atomic
+    from specstream_mlx.convert.streams import init_streams, save_streams, write_json_atomic
 
     shipped = SHIPPED_STREAMS / STREAMS_FILE
     target = path / STREAMS_FILE
@@ -65,59 +64,6 @@ def ensure_default_streams(path: Path) -> Path:
     return path
 
 
-def read_config(path: Path) -> dict:
-    """config.json of a model folder, checked for a supported model_type and its keys."""
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{path} has no config.json: not a model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_path} must hold a JSON object, not a "
-                             f"{type(config).__name__}")
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
-        raise ModelLoadError(
-            f"{config_path}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    _, args_cls = get_classes(model_type)
-    for key in args_cls.required:
-        if key not in config:
-            raise ModelLoadError(f"{config_path}: missing key {key!r}")
-    check_fields(config, config_path)
-    return config
-
-
-# config.json fields whose type a model needs: positive integers, positive numbers, flags.
-POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size",
-                 "num_attention_heads", "num_key_value_heads", "vocab_size",
-                 "max_position_embeddings", "head_dim")
-POSITIVE_REALS = ("rms_norm_eps", "rope_theta")
-FLAGS = ("tie_word_embeddings",)
-
-
-def check_fields(config: dict, where: Path) -> None:
-    """Typed fields of config.json, so a "576" or a -1 fails here, named, and not deep in
-    a matmul."""
-    for key in POSITIVE_INTS + POSITIVE_REALS + FLAGS:
-        value = config.get(key)
-        if value is None:
-            continue
-        if key in FLAGS:
-            ok, want = isinstance(value, bool), "true or false"
-        elif key in POSITIVE_INTS:
-            ok, want = type(value) is int and value > 0, "a positive integer"
-        else:
-            ok = (isinstance(value, int | float) and not isinstance(value, bool)
-                  and math.isfinite(value) and value > 0)
-            want = "a positive number"
-        if not ok:
-            raise ModelLoadError(f"{where}: {key} must be {want}, got {value!r}")
-
-
 def _load_weights(path: Path, config: dict) -> tuple[nn.Module, dict]:
     """Build the model through mlx-lm's loader (quantization, sharded safetensors)."""
     if not list(path.glob("model*.safetensors")):
@@ -132,10 +78,6 @@ def _load_weights(path: Path, config: dict) -> tuple[nn.Module, dict]:
         raise
     except Exception as e:  # corrupt file, missing or mis-shaped tensor
         raise ModelLoadError(f"cannot load weights from {path}: {e}") from e
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for m in model.modules())
 
 
 def set_precision(model: nn.Module, precision: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from specstream_mlx.errors import InputError
 
 # Upper bounds that keep a typo from allocating a tree or a context draft of millions.
 MAX_TREE_BUDGET = 256

@@ -10,8 +10,8 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.models import get_classes
+from specstream_mlx.models.config import StreamArgs
 
 TINY = {
     "hidden_size": 64,

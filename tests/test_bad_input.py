@@ -14,8 +14,8 @@ from tiny_folder import make_tiny_folder
 
 from specstream_mlx import generate, load
 from specstream_mlx.cli import main
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.errors import SpecstreamError
+from specstream_mlx.models.config import StreamArgs
 
 STREAMS = StreamArgs(num_streams=3, msa_layers=2)
 
@@ -249,7 +249,7 @@ def test_records_of_the_wrong_shape_are_no_examples(folder, tmp_path, capsys):
 
 
 def test_chat_skips_a_line_that_is_not_utf8(loaded, capsys):
-    from specstream_mlx.chat import chat_loop
+    from specstream_mlx.cli.chat import chat_loop
 
     model, tokenizer = loaded
     lines = iter(["caf\udce9", "/quit"])

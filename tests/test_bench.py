@@ -15,7 +15,11 @@ from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder, save_model
 
 from specstream_mlx import load
-from specstream_mlx.bench import (
+from specstream_mlx.cli import main
+from specstream_mlx.errors import InputError
+from specstream_mlx.jsonl import write_jsonl
+from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.tools.bench import (
     BenchArgs,
     bench,
     draw_chart,
@@ -23,10 +27,6 @@ from specstream_mlx.bench import (
     summarize,
     window_speedups,
 )
-from specstream_mlx.cli import main
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.data import write_jsonl
-from specstream_mlx.errors import InputError
 
 STREAMS = StreamArgs(num_streams=3, msa_layers=2)
 PROMPTS = [{"id": "greet", "task": "chat", "prompt": "hi"},

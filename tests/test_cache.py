@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from specstream_mlx.cache import KVCache
+from specstream_mlx.decoding.cache import KVCache
 
 B, H, D = 1, 2, 4
 

@@ -15,9 +15,9 @@ import pytest
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
-from specstream_mlx.chat import GREEN, chat_loop
 from specstream_mlx.cli import main
-from specstream_mlx.config import StreamArgs
+from specstream_mlx.cli.chat import GREEN, chat_loop
+from specstream_mlx.models.config import StreamArgs
 
 STREAMS = StreamArgs(num_streams=3, msa_layers=2)
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from specstream_mlx import controller as ctl
-from specstream_mlx.cache import KVCache
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.controller import Controller, PassCosts, Plan
-from specstream_mlx.decode import generate_step, prefill, speculative_step
-from specstream_mlx.tree import DraftTree
+from specstream_mlx.decoding import controller as ctl
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.controller import Controller, PassCosts, Plan
+from specstream_mlx.decoding.step import generate_step, prefill, speculative_step
+from specstream_mlx.decoding.tree import DraftTree
+from specstream_mlx.models.config import StreamArgs
 
 PROMPT = [3, 17, 42, 8, 91, 5, 3, 17, 42]
 STREAMS = StreamArgs(num_streams=3, msa_layers=2, tree_budget=6, lookup_depth=8)

@@ -25,7 +25,7 @@ from specstream_mlx.convert import gguf as gguf_module
 from specstream_mlx.convert.gguf import convert_gguf
 from specstream_mlx.convert.hf import ConvertOptions, convert
 from specstream_mlx.convert.quantize import QuantPolicy
-from specstream_mlx.decode import generate_step
+from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import ConversionError
 from specstream_mlx.loader import load
 

@@ -12,8 +12,11 @@ from conftest import tiny_model
 from tiny_folder import CHARS, EOS_ID, make_tiny_folder
 
 from specstream_mlx import load
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.data import (
+from specstream_mlx.decoding.step import generate_step
+from specstream_mlx.errors import InputError
+from specstream_mlx.generate import encode_messages
+from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.training.data import (
     Example,
     batch_greedy,
     build_prompt_sets,
@@ -28,9 +31,6 @@ from specstream_mlx.data import (
     stdlib_prompts,
     write_jsonl,
 )
-from specstream_mlx.decode import generate_step
-from specstream_mlx.errors import InputError
-from specstream_mlx.generate import encode_messages
 
 IM_START, IM_END = 1, 2  # the tiny tokenizer's special ids (IM_END is also eos)
 

@@ -14,9 +14,8 @@ import pytest
 from conftest import TINY_CONFIGS, reference_model, tiny_model
 from mlx_lm.sample_utils import make_sampler
 
-from specstream_mlx.cache import KVCache
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.decode import (
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.step import (
     Draft,
     budget_drafter,
     generate_step,
@@ -25,8 +24,9 @@ from specstream_mlx.decode import (
     speculative_step,
     stream_candidates,
 )
+from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
-from specstream_mlx.tree import DraftTree
+from specstream_mlx.models.config import StreamArgs
 
 PROMPT = [3, 17, 42, 8, 91, 5]
 STREAMS = StreamArgs(num_streams=3, msa_layers=2)

@@ -9,10 +9,10 @@ import pytest
 from tiny_folder import EOS_ID, make_tiny_folder
 
 from specstream_mlx import GenerationResponse, generate, load, stream_generate
-from specstream_mlx.config import StreamArgs
+from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import format_stats
-from specstream_mlx.tree import DraftTree
+from specstream_mlx.models.config import StreamArgs
 
 STREAMS = StreamArgs(num_streams=3, msa_layers=2)
 PROMPTS = ["hi", "Hello there!", "abc abc abc abc", "The quick brown fox"]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.decode import generate_step
+from specstream_mlx.decoding.step import generate_step
+from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.models.kernels import _exp_shifted, attention, matmul_t
 
 

@@ -15,11 +15,11 @@ from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.errors import ModelLoadError
-from specstream_mlx.loader import describe_model, is_quantized
-from specstream_mlx.models import ARCHITECTURES, get_classes
+from specstream_mlx.loader import describe_model
+from specstream_mlx.models import ARCHITECTURES, get_classes, is_quantized
+from specstream_mlx.models.config import StreamArgs
 
 STREAMS = StreamArgs(num_streams=3, msa_layers=2, pruning_rank=4)
 PROMPT = mx.array([[1, 40, 75, 76, 3, 87, 75, 72, 2]])

@@ -7,10 +7,10 @@ import random
 import pytest
 from conftest import tiny_model
 
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.decode import generate_step
-from specstream_mlx.lookup import NgramIndex
-from specstream_mlx.tree import DraftTree
+from specstream_mlx.decoding.lookup import NgramIndex
+from specstream_mlx.decoding.step import generate_step
+from specstream_mlx.decoding.tree import DraftTree
+from specstream_mlx.models.config import StreamArgs
 
 
 def brute_force(tokens: list[int], depth: int, min_n: int, max_n: int) -> list[int]:
@@ -86,7 +86,7 @@ def test_with_chain_shares_existing_nodes():
 def test_budget_drafter_adds_the_context_chain():
     import numpy as np
 
-    from specstream_mlx.decode import Draft, budget_drafter
+    from specstream_mlx.decoding.step import Draft, budget_drafter
 
     draft = Draft(np.array([[10, 11], [20, 21]]), np.array([[-0.1, -2.0], [-0.2, -3.0]]))
     history = [5, 6, 10, 20, 30, 40, 50, 7, 5, 6]  # "5 6" occurred, followed by 10 20 30

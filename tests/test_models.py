@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import reference_model, tiny_model
 
-from specstream_mlx.cache import KVCache
-from specstream_mlx.config import StreamArgs
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import ModelLoadError
 from specstream_mlx.models.base import msa_mask, prefix_mask
-from specstream_mlx.tree import DraftTree
+from specstream_mlx.models.config import StreamArgs
 
 ATOL = 1e-4
 TOKENS = [[3, 17, 42, 8, 91, 5, 5, 60, 23, 1, 77, 34], [9, 2, 64, 64, 13, 88, 41, 7, 0, 56, 30, 12]]

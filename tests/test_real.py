@@ -12,9 +12,9 @@ import pytest
 
 from specstream_mlx import generate, load
 from specstream_mlx.convert.embedded import ensure_embedded_model
-from specstream_mlx.decode import Draft, generate_step
+from specstream_mlx.decoding.step import Draft, generate_step
+from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.generate import encode_prompt
-from specstream_mlx.tree import DraftTree
 
 pytestmark = pytest.mark.real
 

@@ -19,12 +19,13 @@ from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
 from specstream_mlx.cli import main
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.convert.streams import STREAMS_FILE, init_streams
-from specstream_mlx.data import Example, load_examples, write_jsonl
-from specstream_mlx.decode import generate_step
+from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
-from specstream_mlx.train import (
+from specstream_mlx.jsonl import write_jsonl
+from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.training.data import Example, load_examples
+from specstream_mlx.training.train import (
     Sample,
     TrainArgs,
     build_draft_vocab,

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from specstream_mlx.tree import DraftTree
+from specstream_mlx.decoding.tree import DraftTree
 
 
 def random_candidates(seed: int, gamma: int = 3, k: int = 3):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from specstream_mlx.config import StreamArgs
-from specstream_mlx.decode import budget_drafter, generate_step
+from specstream_mlx.decoding.step import budget_drafter, generate_step
+from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
-from specstream_mlx.tree import DraftTree
-from specstream_mlx.tune import (
+from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.tools.tune import (
     Setting,
     Trace,
     evaluate,
@@ -134,7 +134,7 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
     from tiny_folder import make_tiny_folder
 
     from specstream_mlx.cli import main
-    from specstream_mlx.data import write_jsonl
+    from specstream_mlx.jsonl import write_jsonl
 
     folder = make_tiny_folder(tmp_path / "tiny", streams=STREAMS)[0]
     write_jsonl(tmp_path / "p.jsonl", [

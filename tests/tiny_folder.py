@@ -19,8 +19,8 @@ import mlx.nn as nn
 from conftest import TINY_CONFIGS, tiny_model
 from mlx.utils import tree_flatten
 
-from specstream_mlx.config import StreamArgs
 from specstream_mlx.convert.streams import init_streams, save_streams
+from specstream_mlx.models.config import StreamArgs
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = ["Ġ", "Ċ"] + [chr(c) for c in range(33, 127) if chr(c) not in "`~"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import check_args, generate_kwargs
-from .errors import InputError
-from .generate import encode_messages, format_stats, stream_generate
-from .loader import describe_model, load
-from .settings import check_text
+from specstream_mlx.cli.args import check_args, generate_kwargs
+from specstream_mlx.errors import InputError
+from specstream_mlx.generate import encode_messages, format_stats, stream_generate
+from specstream_mlx.loader import describe_model, load
+from specstream_mlx.settings import check_text
 
 GREEN, RESET = "\033[32m", "\033[0m"
 HELP = "Commands: /reset clears the conversation, /quit (or Ctrl-D) leaves."

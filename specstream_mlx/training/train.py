@@ -30,11 +30,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import StreamArgs
-from .convert.streams import STREAMS_FILE, init_streams, save_streams
-from .data import Example, load_examples
-from .errors import InputError
-from .loader import load, resolve_path
+from specstream_mlx.convert.streams import STREAMS_FILE, init_streams, save_streams
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.errors import InputError
+from specstream_mlx.loader import load, resolve_path
+from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.training.data import Example, load_examples
 
 
 @dataclass
@@ -268,16 +269,35 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
                  sum(len(s.tokens) - s.start for s in samples))
 
 
+def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
+                  ) -> mx.array:
+    """The stream rows of `model.upper(h, positions, None, None, stream_rows)`, computed the
+    cheap way when main rows are blind to streams (lossless mode): the main rows run once
+    without streams, leaving their K/V in a cache, then only the stream rows run,
+    attending to those K/V (as in a decode pass over a prefix).
+
+    h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal main
+    rows); stream_rows: (S,) int32. Returns (B, S, gamma, hidden), final-normed.
+    """
+    L = h.shape[1]
+    cache = KVCache(len(model.layers))
+    model.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
+    seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
+    return model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows], seen,
+                             cache, L)
+
+
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
            pruning_weight: float, frozen_main: bool = False):
     """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
     stream top-1 hits per target)).
 
     frozen_main (lossless mode, no main loss): the main rows cannot change, so they run
-    forward once and only the stream rows carry gradients (model.upper_streams).
+    forward once and only the stream rows carry gradients (upper_streams).
     """
     if frozen_main and not main_weight:
-        hm, hs = None, model.upper_streams(batch.hidden, batch.positions, batch.stream_rows)
+        hm, hs = None, upper_streams(model, batch.hidden, batch.positions,
+                                              batch.stream_rows)
     else:
         hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows)
     H = hs.shape[-1]

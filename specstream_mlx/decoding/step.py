@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache
-from .controller import Controller, Plan, costs_for
-from .errors import InputError
-from .lookup import NgramIndex
-from .settings import check_settings, check_token_ids
-from .tree import DraftTree
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.controller import Controller, Plan, costs_for
+from specstream_mlx.decoding.lookup import NgramIndex
+from specstream_mlx.decoding.tree import DraftTree
+from specstream_mlx.errors import InputError
+from specstream_mlx.settings import check_settings, check_token_ids
 
 # Maps log-probabilities (rows, vocab) to one token per row (rows,).
 Sampler = Callable[[mx.array], mx.array]

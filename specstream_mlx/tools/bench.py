@@ -16,14 +16,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .blas import blas_info
-from .cache import KVCache
-from .data import read_jsonl
-from .errors import InputError
-from .generate import encode_prompt, stream_generate
-from .loader import describe_model, load, resolve_path, set_precision
-from .settings import check_output_path, check_settings
-from .tree import DraftTree
+from specstream_mlx.blas import blas_info
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.tree import DraftTree
+from specstream_mlx.errors import InputError
+from specstream_mlx.generate import encode_prompt, stream_generate
+from specstream_mlx.jsonl import read_jsonl
+from specstream_mlx.loader import describe_model, load, resolve_path, set_precision
+from specstream_mlx.settings import check_output_path, check_settings
 
 
 @dataclass
@@ -89,7 +89,7 @@ def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int,
               streams: bool = True) -> float:
     """Milliseconds of one verify-and-draft pass of `tree` on top of `cache` (with
     streams False: a plain decoding pass, no stream rows)."""
-    from .decode import rows_needing_streams
+    from specstream_mlx.decoding.step import rows_needing_streams
 
     tokens = mx.array([[4] + tree.tokens], dtype=mx.int32)
     positions = mx.array(cache.offset + tree.depths)

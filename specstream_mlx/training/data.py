@@ -15,13 +15,13 @@ import importlib.util
 import json
 import random
 import sysconfig
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .generate import encode_messages
-from .settings import check_output_path, check_value
+from specstream_mlx.errors import InputError
+from specstream_mlx.generate import encode_messages
+from specstream_mlx.jsonl import read_jsonl, write_jsonl
+from specstream_mlx.settings import check_output_path, check_value
 
 CODE_INSTRUCTION = "Complete the following Python function.\n\n```python\n{code}```"
 
@@ -36,35 +36,6 @@ class Example:
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens) - self.completion_start
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped); clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from None
-    records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e})") from e
-    return records
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    path.write_text("".join(line + "\n" for line in lines))
-    return len(lines)
 
 
 def split_record(record: dict) -> tuple[list[dict], str] | None:
@@ -203,7 +174,7 @@ def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
     """
     import mlx.core as mx
 
-    from .cache import KVCache
+    from specstream_mlx.decoding.cache import KVCache
 
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = mx.array([P - len(p) for p in prompts])[:, None]  # (B, 1)
@@ -257,8 +228,8 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     finished batch is appended there at once (a long run is usable before it ends), and
     `resume` keeps the records already there (same id and prompt) and distills the rest.
     """
-    from .generate import encode_prompt
-    from .loader import load
+    from specstream_mlx.generate import encode_prompt
+    from specstream_mlx.loader import load
 
     check_value("max_tokens", max_tokens)
     check_value("max_tokens", batch_size, "batch_size")

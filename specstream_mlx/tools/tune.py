@@ -22,10 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .decode import Draft, Drafter, budget_drafter, stream_candidates
-from .errors import InputError
-from .settings import check_output_path, check_settings, check_value
-from .tree import DraftTree
+from specstream_mlx.decoding.step import Draft, Drafter, budget_drafter, stream_candidates
+from specstream_mlx.decoding.tree import DraftTree
+from specstream_mlx.errors import InputError
+from specstream_mlx.settings import check_output_path, check_settings, check_value
 
 
 @dataclass
@@ -165,8 +165,8 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
                 progress: bool = True) -> list[Trace | None]:
     """Traces of JSONL records, aligned with them (None: no answer): the 'completion'
     when present (distilled data), else the model's greedy answer generated here."""
-    from .decode import generate_step
-    from .generate import encode_prompt
+    from specstream_mlx.decoding.step import generate_step
+    from specstream_mlx.generate import encode_prompt
 
     traces = []
     for n, rec in enumerate(records, start=1):
@@ -236,9 +236,9 @@ def check_tune_args(args: TuneArgs) -> None:
 def tune(args: TuneArgs, log=print) -> dict:
     """Replay every setting of the grid on the prompts, predict speed-ups from this
     machine's measured pass costs, print the best settings (and store the best)."""
-    from .bench import pass_cost
-    from .data import read_jsonl
-    from .loader import describe_model, load, resolve_path
+    from specstream_mlx.jsonl import read_jsonl
+    from specstream_mlx.loader import describe_model, load, resolve_path
+    from specstream_mlx.tools.bench import pass_cost
 
     check_tune_args(args)
     records = read_jsonl(args.prompts)[: args.limit]

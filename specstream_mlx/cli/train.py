@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .train import TrainArgs, train
+from specstream_mlx.training.train import TrainArgs, train
 
 HELP = {
     "data": "training JSONL ('messages' or 'prompt'/'completion' records)",

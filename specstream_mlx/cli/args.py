@@ -6,8 +6,8 @@ import argparse
 
 import mlx.core as mx
 
-from .loader import PRECISIONS
-from .settings import check_settings
+from specstream_mlx.loader import PRECISIONS
+from specstream_mlx.settings import check_settings
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

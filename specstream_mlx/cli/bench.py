@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .bench import BenchArgs, bench
-from .loader import PRECISIONS
-from .settings import parse_counts
+from specstream_mlx.loader import PRECISIONS
+from specstream_mlx.settings import parse_counts
+from specstream_mlx.tools.bench import BenchArgs, bench
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

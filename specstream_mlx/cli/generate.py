@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import check_args, generate_kwargs
-from .generate import format_stats, stream_generate
-from .loader import describe_model, load
+from specstream_mlx.cli.args import check_args, generate_kwargs
+from specstream_mlx.generate import format_stats, stream_generate
+from specstream_mlx.loader import describe_model, load
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .tune import TuneArgs, tune
+from specstream_mlx.tools.tune import TuneArgs, tune
 
 
 def _ints(text: str) -> list[int]:

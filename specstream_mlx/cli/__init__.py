@@ -6,9 +6,15 @@ import argparse
 import sys
 import warnings
 
-from . import bench_cli, chat, convert_cli, data_cli, generate_cli, train_cli, tune_cli
-from .cli_args import add_model_args
-from .errors import SpecstreamError
+from specstream_mlx.cli import bench as bench_cli
+from specstream_mlx.cli import chat
+from specstream_mlx.cli import convert as convert_cli
+from specstream_mlx.cli import data as data_cli
+from specstream_mlx.cli import generate as generate_cli
+from specstream_mlx.cli import train as train_cli
+from specstream_mlx.cli import tune as tune_cli
+from specstream_mlx.cli.args import add_model_args
+from specstream_mlx.errors import SpecstreamError
 
 SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
 # Subcommands that do not decode: no model and sampling flags.

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .data import build_prompt_sets, distill, write_jsonl
-from .errors import InputError
-from .loader import resolve_path
-from .settings import check_output_path, check_value
+from specstream_mlx.errors import InputError
+from specstream_mlx.jsonl import write_jsonl
+from specstream_mlx.loader import resolve_path
+from specstream_mlx.settings import check_output_path, check_value
+from specstream_mlx.training.data import build_prompt_sets, distill
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .tree import DraftTree
+from specstream_mlx.decoding.tree import DraftTree
 
 # Context drafts, measured on 48 validation answers (lookup.py): first-token acceptance by
 # match length, and the acceptance of each next token given the previous one.

@@ -10,10 +10,10 @@ import argparse
 import sys
 import time
 
-from .convert.hf import ADAPTER_MODES, ConvertOptions, convert
-from .convert.output import folder_size
-from .convert.quantize import BITS, DTYPES, GROUP_SIZES, KEEP_HIGH_PARTS, QuantPolicy
-from .errors import ConversionError
+from specstream_mlx.convert.hf import ADAPTER_MODES, ConvertOptions, convert
+from specstream_mlx.convert.output import folder_size
+from specstream_mlx.convert.quantize import BITS, DTYPES, GROUP_SIZES, KEEP_HIGH_PARTS, QuantPolicy
+from specstream_mlx.errors import ConversionError
 
 
 def _streams(text: str) -> tuple[int, int]:

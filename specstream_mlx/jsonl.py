@@ -1,0 +1,39 @@
+"""JSONL files (one JSON record per line): prompt sets, training data, distilled answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from specstream_mlx.errors import InputError
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from e
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Write `records` as UTF-8 JSONL (folders created); returns how many."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    path.write_text("".join(line + "\n" for line in lines))
+    return len(lines)
