@@ -467,12 +467,13 @@ class DecoderModel(nn.Module):
     def has_draft_vocab(self) -> bool:
         return self.stream_args is not None and "draft_vocab" in self.streams
 
-    def draft_logits(self, h: mx.array) -> mx.array:
+    def draft_logits(self, h: mx.array, weight: mx.array | None = None) -> mx.array:
         """Stream rows' logits over the draft vocabulary: (..., hidden) -> (..., V_d), or
-        the full head (..., vocab) without one. Map indices back with `draft_tokens`."""
+        the full head (..., vocab) without one. Map indices back with `draft_tokens`.
+        `weight`: `draft_head()`, gathered once by a caller that drafts many times."""
         if not self.has_draft_vocab:
             return self.head(h)
-        return matmul_t(h, self._draft_weight())
+        return matmul_t(h, weight if weight is not None else self.draft_head())
 
     def draft_tokens(self, idx: mx.array) -> mx.array:
         """Indices into the draft vocabulary -> token ids (identity without one)."""
@@ -480,29 +481,23 @@ class DecoderModel(nn.Module):
             return idx
         return self.streams.draft_vocab[idx]
 
-    def _draft_weight(self) -> mx.array:
-        """The head's rows for the draft vocabulary, (V_d, hidden), gathered once per
-        vocabulary: a dense copy (dequantized if needed) a few MB in size."""
+    def draft_head(self) -> mx.array | None:
+        """The head's rows for the draft vocabulary, (V_d, hidden) in the model's dtype (a
+        dense copy, dequantized if needed, a few MB), or None without a draft vocabulary."""
+        if not self.has_draft_vocab:
+            return None
         ids = self.streams.draft_vocab
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        source = head.weight  # a new array after a precision change
-        cached = self.__dict__.get("_draft_cache")
-        if cached is None or cached[0] is not ids or cached[1] is not source:
-            if self.args.tie_word_embeddings:
-                w = head(ids)  # dequantizes a quantized embedding
-            elif isinstance(head, nn.QuantizedLinear):
-                biases = head["biases"][ids] if "biases" in head else None
-                w = mx.dequantize(head.weight[ids], head.scales[ids], biases,
-                                  group_size=head.group_size, bits=head.bits,
-                                  mode=getattr(head, "mode", "affine"))
-            else:
-                w = head.weight[ids]
-            w = w.astype(self.model.norm.weight.dtype)
-            mx.eval(w)
-            # A plain attribute, not a parameter: it must not be saved or trained.
-            cached = (ids, source, w)
-            object.__setattr__(self, "_draft_cache", cached)
-        return cached[2]
+        if self.args.tie_word_embeddings:
+            w = head(ids)  # dequantizes a quantized embedding
+        elif isinstance(head, nn.QuantizedLinear):
+            biases = head["biases"][ids] if "biases" in head else None
+            w = mx.dequantize(head.weight[ids], head.scales[ids], biases,
+                              group_size=head.group_size, bits=head.bits,
+                              mode=getattr(head, "mode", "affine"))
+        else:
+            w = head.weight[ids]
+        return w.astype(self.model.norm.weight.dtype)
 
     def early_exit_logits(self, h: mx.array) -> mx.array:
         """Pruning estimate from the hidden state entering the MSA layers, over the draft

@@ -20,17 +20,10 @@ import numpy as np
 from conftest import TINY_CONFIGS
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
+from tiny_folder import save_tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHARS = ["Ġ", "Ċ"] + [chr(c) for c in range(33, 127) if chr(c) not in "`~"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def tiny_config(arch: str) -> dict:
     """The Hugging Face config.json of a tiny model of `arch` (a conftest.TINY_CONFIGS key)."""
     config = dict(TINY_CONFIGS[arch])
@@ -63,27 +56,6 @@ def tiny_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
-def write_tokenizer(folder: Path) -> None:
-    """tokenizer.json (byte-level BPE, no merges) and tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIALS)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
-
 def write_hf_checkpoint(
     folder: Path,
     arch: str = "llama",
@@ -104,7 +76,7 @@ def write_hf_checkpoint(
     weights = tiny_weights(config, seed)
     tensors = {**weights, **(extra or {})}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(folder)
+    save_tokenizer(folder)
     if shards == 1:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return folder, weights

@@ -104,10 +104,12 @@ def choose(logits: mx.array, sampler: Sampler | None) -> mx.array:
     return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
-def stream_candidates(model, hs: mx.array, k: int) -> tuple[mx.array, mx.array]:
+def stream_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None = None
+                      ) -> tuple[mx.array, mx.array]:
     """Top-k of each stream: hs (..., gamma, hidden) -> tokens, logprobs (..., gamma, k),
-    best first (over the draft vocabulary when the streams have one)."""
-    logits = model.draft_logits(hs)
+    best first (over the draft vocabulary when the streams have one; `draft_head`:
+    model.draft_head(), gathered once per generation)."""
+    logits = model.draft_logits(hs, draft_head)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
     vals = mx.take_along_axis(logprobs, idx, axis=-1)
@@ -156,7 +158,8 @@ def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
 
 
 def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None,
-           top_k: int, draft: bool = True) -> tuple[list[int], int, Draft | None]:
+           top_k: int, draft: bool = True, draft_head: mx.array | None = None
+           ) -> tuple[list[int], int, Draft | None]:
     """One forward pass of `root` + `tree` with the cache's committed tokens as prefix:
     returns the accepted path (node indices, 0 first), the token after it, and (with
     `draft`, top_k > 0 and streams) the streams' candidates at its last node. The pass's
@@ -189,7 +192,7 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
                                    seen, cache, n)[0, 0]
         else:
             hs = hs[0, last]
-        outputs += list(stream_candidates(model, hs, top_k))
+        outputs += list(stream_candidates(model, hs, top_k, draft_head))
     mx.eval(*outputs)  # the step's one read-back
     path, bonus = tree.accept(targets.tolist())
     new_draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
@@ -198,11 +201,12 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
 
 def speculative_step(
     model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int,
-    draft: bool = True,
+    draft: bool = True, draft_head: mx.array | None = None,
 ) -> StepResult:
     """Verify `tree` after `root` and, with `draft` and top_k > 0, draft the next
     candidates, in one forward pass; commits the accepted path's K/V."""
-    path, bonus, new_draft = verify(model, cache, root, tree, sampler, top_k, draft)
+    path, bonus, new_draft = verify(model, cache, root, tree, sampler, top_k, draft,
+                                    draft_head)
     cache.commit(path)
     accepted = [tree.tokens[i - 1] for i in path[1:]]
     return StepResult(accepted + [bonus], len(accepted), new_draft, path)
@@ -265,6 +269,7 @@ def generate_step(
         index = NgramIndex() if lookup > 0 else None
     drafter = drafter or budget_drafter(budget, lookup, min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))
+    draft_head = model.draft_head() if streams else None  # gathered once, not per step
     history = list(prompt)
     yielded = 0
     try:
@@ -272,7 +277,7 @@ def generate_step(
         root = choose(logits[None], sampler)[0]
         draft = None
         if streams:
-            cand, lp = stream_candidates(model, hs, top_k)
+            cand, lp = stream_candidates(model, hs, top_k, draft_head)
             mx.eval(root, cand, lp)
             draft = Draft(np.array(cand), np.array(lp))
         root, passes = root.item(), 1
@@ -290,7 +295,7 @@ def generate_step(
             # Drafts deeper than the tokens still allowed could never be emitted.
             tree = tree.truncate(max_tokens - yielded - 1)
             result = speculative_step(model, cache, root, tree, sampler, top_k,
-                                      plan.draft if plan is not None else True)
+                                      plan.draft if plan is not None else True, draft_head)
             if controller is not None:
                 controller.observe(tree, plan, match, result.path, time.perf_counter() - tic)
             passes += 1
