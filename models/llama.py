@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import DecoderModel, check_args
 from .config import BaseArgs
+from .decoder import DecoderModel, check_args
 
 
 @dataclass

@@ -12,7 +12,7 @@ RTLD_GLOBAL before `mlx.core` makes MLX's `cblas_*` symbols resolve to it. Candi
   dies with SIGILL on an AVX2-only CPU.
 
 Every candidate is timed in its own subprocess (the sgemm shapes of a decode pass: one
-row, and a few rows in the orientation models/base.py uses for them), so a library that
+row, and a few rows in the orientation models/kernels.py uses for them), so a library that
 loses never enters this process; the choice is cached in $SPECSTREAM_HOME/blas.json.
 SPECSTREAM_BLAS=mkl|openblas|reference forces a choice.
 """

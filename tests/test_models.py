@@ -10,8 +10,8 @@ from conftest import reference_model, tiny_model
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import ModelLoadError
-from specstream_mlx.models.base import msa_mask, prefix_mask
 from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.models.masks import msa_mask, prefix_mask
 
 ATOL = 1e-4
 TOKENS = [[3, 17, 42, 8, 91, 5, 5, 60, 23, 1, 77, 34], [9, 2, 64, 64, 13, 88, 41, 7, 0, 56, 30, 12]]
@@ -197,7 +197,7 @@ def test_tree_mask_equals_paths(arch, with_streams):
 
 
 def test_msa_mask_docstring_example():
-    """msa_mask reproduces the worked example in models/base.py exactly."""
+    """msa_mask reproduces the worked example in models/masks.py exactly."""
     chain = mx.array([[True, False], [True, True]])
     mask = msa_mask(prefix_mask(chain, 1, 2), mx.array([1], dtype=mx.int32), 2, False)
     expected = [

@@ -22,8 +22,9 @@ def test_wheel_maps_convert_and_models_into_the_package(tmp_path):
     )
     (wheel,) = tmp_path.glob("specstream_mlx-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ["__init__.py", "decode.py", "convert/gguf.py", "convert/streams.py",
-                   "models/base.py", "models/llama.py", "models/qwen2.py"]:
+    for module in ["__init__.py", "decoding/step.py", "cli/__init__.py", "tools/bench.py",
+                   "training/train.py", "convert/gguf.py", "convert/streams.py",
+                   "models/decoder.py", "models/llama.py", "models/qwen2.py"]:
         assert f"specstream_mlx/{module}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "specstream = specstream_mlx.cli:main" in zipfile.ZipFile(wheel).read(

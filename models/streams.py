@@ -1,0 +1,77 @@
+"""The speculative-streaming parameters: stream embeddings, the early-exit (pruning)
+adapter, the draft vocabulary, and stream-only low-rank adapters of the MSA layers."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from specstream_mlx.models.config import StreamArgs
+
+
+class StreamAdapter(nn.Module):
+    """Low-rank updates of one MSA layer's projections that act on stream rows only.
+
+    For each projection p: delta = scale * (x @ p_a.T) @ p_b.T, with p_a (rank, in) and
+    p_b (out, rank); p_b starts at zero, so a fresh adapter changes nothing. Main rows
+    never see it: the base model stays exact (lossless mode).
+    """
+
+    def __init__(self, args, rank: int, scale: float):
+        super().__init__()
+        hidden = args.hidden_size
+        head_dim = args.head_dim or hidden // args.num_attention_heads
+        q_out, kv_out = args.num_attention_heads * head_dim, args.num_key_value_heads * head_dim
+        dims = {
+            "q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+            "o_proj": (q_out, hidden), "gate_proj": (hidden, args.intermediate_size),
+            "up_proj": (hidden, args.intermediate_size),
+            "down_proj": (args.intermediate_size, hidden),
+        }
+        self.scale = scale
+        for name, (d_in, d_out) in dims.items():
+            setattr(self, f"{name}_a", mx.random.normal((rank, d_in)) * d_in**-0.5)
+            setattr(self, f"{name}_b", mx.zeros((d_out, rank)))
+
+    def delta(self, name: str, x: mx.array) -> mx.array:
+        """x: (B, rows, in) -> (B, rows, out)."""
+        a, b = self[f"{name}_a"], self[f"{name}_b"]
+        return ((x @ a.T) @ b.T) * self.scale
+
+
+class Streams(nn.Module):
+    """The speculative-streaming parameters: gamma*hidden + 2*rank*hidden numbers.
+
+    embeddings: (gamma, hidden) stream-identifier embeddings P[j], added where streams start.
+    pruning_down / pruning_up: rank-r residual adapter o(h) = h + up(down(h)) on the hidden
+    state entering the stream layers; LMHead(o(h)) estimates the next token early.
+    draft_vocab: (V_d,) int32 token ids the streams draft from (with draft_vocab_size > 0).
+    """
+
+    def __init__(self, args: StreamArgs, model_args):
+        super().__init__()
+        hidden = model_args.hidden_size
+        self.embeddings = mx.random.normal((args.num_streams, hidden)) * 0.02
+        # Training may keep `embeddings` at unit scale and put the hidden state's scale
+        # here (Adam's steps are ~lr per element); saving folds it back in.
+        self.embedding_scale = 1.0
+        if args.pruning_rank > 0:
+            self.pruning_down = mx.random.normal((args.pruning_rank, hidden)) * hidden**-0.5
+            self.pruning_up = mx.zeros((hidden, args.pruning_rank))
+        if args.draft_vocab_size > 0:  # replaced by the trained/loaded ids
+            self.draft_vocab = mx.arange(args.draft_vocab_size, dtype=mx.int32)
+        if args.adapter_rank > 0:  # adapters[i] belongs to MSA layer i (layer N - N_s + i)
+            self.adapters = [
+                StreamAdapter(model_args, args.adapter_rank, args.adapter_scale)
+                for _ in range(args.msa_layers)
+            ]
+
+    def adapter(self, i: int):
+        """The stream-only adapter of MSA layer i, or None."""
+        return self.adapters[i] if "adapters" in self else None
+
+    def early_exit(self, h: mx.array) -> mx.array:
+        """h: (..., hidden) -> (..., hidden), the pruning adapter's estimate input."""
+        if "pruning_down" not in self:
+            return h
+        return h + (h @ self.pruning_down.T) @ self.pruning_up.T
