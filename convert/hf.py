@@ -62,8 +62,8 @@ from specstream_mlx.convert.quantize import DTYPES, QuantPolicy, cast, quantize
 from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.errors import ConversionError, ModelLoadError
 from specstream_mlx.models import get_classes, is_quantized, read_config
-from specstream_mlx.models.base import Streams
 from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.models.streams import Streams
 
 STREAM_ALIASES = {
     "speculative_streaming.stream_embeddings": "embeddings",

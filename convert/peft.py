@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from specstream_mlx.errors import ConversionError
-from specstream_mlx.models.base import PROJECTIONS
+from specstream_mlx.models.layers import PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -505,7 +505,7 @@ def test_failed_forced_conversion_keeps_old_folder(tmp_path, tiny_gguf, monkeypa
     def fail(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(gguf, "_save_tokenizer", fail)
+    monkeypatch.setattr(gguf, "save_tokenizer", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         convert_gguf(tiny_gguf, out, force=True)
     assert [p.name for p in out.iterdir()] == ["old.txt"] and leftovers(tmp_path) == []

@@ -24,18 +24,10 @@ from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.training.batch import build_draft_vocab, make_batch, vocab_lookup
 from specstream_mlx.training.data import Example, load_examples
-from specstream_mlx.training.train import (
-    Sample,
-    TrainArgs,
-    build_draft_vocab,
-    evaluate,
-    frozen_hidden,
-    losses,
-    make_batch,
-    train,
-    vocab_lookup,
-)
+from specstream_mlx.training.hidden import Sample, frozen_hidden
+from specstream_mlx.training.train import TrainArgs, evaluate, losses, train
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -14,7 +14,6 @@ entering layer N - N_s are computed once and training runs the top layers only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -35,7 +34,15 @@ from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.errors import InputError
 from specstream_mlx.loader import load, resolve_path
 from specstream_mlx.models.config import StreamArgs
-from specstream_mlx.training.data import Example, load_examples
+from specstream_mlx.training.batch import (
+    Batch,
+    batches,
+    build_draft_vocab,
+    make_batch,
+    vocab_lookup,
+)
+from specstream_mlx.training.data import load_examples
+from specstream_mlx.training.hidden import Sample, cached_hidden, hidden_key
 
 
 @dataclass
@@ -101,174 +108,6 @@ class TrainArgs:
         return main, self.stream_weight
 
 
-@dataclass
-class Sample:
-    """An example with the frozen hidden states entering the stream layers (T, hidden)."""
-
-    tokens: np.ndarray
-    start: int
-    hidden: mx.array
-
-
-def frozen_hidden(model, examples: list[Example], batch_tokens: int = 4096,
-                  progress=None) -> list[Sample]:
-    """Run the frozen lower layers once over every example (batched by length);
-    `progress(done, total)` is called after each batch."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    samples: list[Sample | None] = [None] * len(examples)
-    i = 0
-    while i < len(order):
-        # Sorted by length, so the group's last example sets its padded length.
-        size = 1
-        while (i + size < len(order)
-               and (size + 1) * len(examples[order[i + size]].tokens) <= batch_tokens):
-            size += 1
-        group = order[i : i + size]
-        T = len(examples[group[-1]].tokens)
-        tokens = np.zeros((len(group), T), dtype=np.int32)
-        for row, j in enumerate(group):
-            tokens[row, : len(examples[j].tokens)] = examples[j].tokens
-        # Padding sits after each sequence, so causal attention keeps it out of the rows.
-        h = model.lower(mx.array(tokens), mx.arange(T, dtype=mx.int32))
-        mx.eval(h)
-        for row, j in enumerate(group):
-            n = len(examples[j].tokens)
-            samples[j] = Sample(np.array(examples[j].tokens), examples[j].completion_start,
-                                h[row, :n])
-        i += len(group)
-        if progress is not None:
-            progress(i, len(order))
-    return samples
-
-
-def build_draft_vocab(examples: list[Example], size: int, vocab_size: int) -> np.ndarray:
-    """The `size` token ids the streams will draft from: the most frequent tokens of the
-    training examples (prompts included: completions copy from them), then the lowest
-    unseen ids (BPE gives low ids to frequent merges). (size,) int32, ascending."""
-    size = min(size, vocab_size)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for e in examples:
-        np.add.at(counts, np.asarray(e.tokens), 1)
-    # Stable sort: ties (e.g. unseen tokens) keep ascending id order.
-    order = np.argsort(-counts, kind="stable")
-    return np.sort(order[:size]).astype(np.int32)
-
-
-def vocab_lookup(draft_vocab: np.ndarray | None, vocab_size: int) -> np.ndarray:
-    """Token id -> index in the draft vocabulary, -1 outside it: (vocab_size,)."""
-    if draft_vocab is None:
-        return np.arange(vocab_size, dtype=np.int64)
-    lookup = np.full(vocab_size, -1, dtype=np.int64)
-    lookup[draft_vocab] = np.arange(len(draft_vocab))
-    return lookup
-
-
-def cached_hidden(model, examples: list[Example], cache: Path, key: str, log=print
-                  ) -> list[Sample]:
-    """`frozen_hidden`, stored in `cache` (safetensors) and reused while `key` (the base
-    model and the exact token sequences) is unchanged: resuming or re-running a training
-    skips the frozen layers' minutes of work."""
-    if cache.exists():
-        tensors, meta = mx.load(str(cache), return_metadata=True)
-        if meta.get("key") == key and len(tensors) == len(examples):
-            log(f"frozen hidden states reused from {cache}")
-            return [Sample(np.array(e.tokens), e.completion_start, tensors[str(i)])
-                    for i, e in enumerate(examples)]
-    tic = last = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:  # a line a minute: this takes a while
-        nonlocal last
-        if done == total or time.perf_counter() - last > 60:
-            last = time.perf_counter()
-            log(f"frozen hidden states: {done}/{total} examples, {last - tic:.0f} s")
-
-    samples = frozen_hidden(model, examples, progress=progress)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".tmp-{cache.name}")
-    mx.save_safetensors(str(tmp), {str(i): s.hidden for i, s in enumerate(samples)},
-                        metadata={"key": key})
-    tmp.replace(cache)
-    return samples
-
-
-def hidden_key(source: Path, split: int, examples: list[Example]) -> str:
-    """Identity of a frozen-hidden cache: model weights, split layer and token data."""
-    h = hashlib.sha256(f"{source.resolve()}|{split}".encode())
-    for f in sorted(source.glob("*.safetensors")):
-        if f.name != STREAMS_FILE:
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for e in examples:
-        h.update(np.asarray(e.tokens, dtype=np.int32).tobytes())
-        h.update(str(e.completion_start).encode())
-    return h.hexdigest()
-
-
-@dataclass
-class Batch:
-    """Padded samples: hidden (B, T, hidden), tokens (B, T), gather indices for the loss.
-
-    Stream and pruning targets are indices into the draft vocabulary; targets outside it
-    cannot be drafted, so they are left out of the loss and counted in `stream_missed`.
-    """
-
-    hidden: mx.array
-    positions: mx.array
-    stream_rows: mx.array
-    main_index: mx.array  # (M,) flat (b, t) rows predicting their next token
-    main_target: mx.array  # (M,) token ids
-    prune_index: mx.array  # (P,) the main rows whose next token is in the draft vocab
-    prune_target: mx.array  # (P,) draft-vocabulary indices
-    stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a draftable target
-    stream_target: mx.array  # (K,) draft-vocabulary indices
-    stream_id: np.ndarray  # (K,) which stream each target belongs to
-    stream_missed: np.ndarray  # (gamma,) targets per stream outside the draft vocab
-    tokens: int  # completion tokens in the batch
-
-
-def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = None) -> Batch:
-    """Loss rows: position t predicts t+1 (main) and t+1+j (stream j), for targets
-    inside the completion; t starts at the last prompt token, which drafts too.
-    lookup: token id -> draft-vocabulary index or -1 (see `vocab_lookup`); None: the
-    whole vocabulary."""
-    if lookup is None:
-        lookup = vocab_lookup(None, max(int(s.tokens.max()) for s in samples) + 1)
-    B = len(samples)
-    T = -(-max(len(s.tokens) for s in samples) // 32) * 32  # few distinct shapes
-    hidden = mx.zeros((B, T, samples[0].hidden.shape[-1]), dtype=samples[0].hidden.dtype)
-    for b, s in enumerate(samples):
-        hidden[b, : len(s.tokens)] = s.hidden
-    first = max(0, min(s.start for s in samples) - 1)
-    rows = np.arange(first, T - 1)
-    S = len(rows)
-    main_idx, main_tgt, pr_idx, pr_tgt, st_idx, st_tgt, st_id = [], [], [], [], [], [], []
-    missed = np.zeros(gamma, dtype=np.int64)
-    for b, s in enumerate(samples):
-        n = len(s.tokens)
-        for si, t in enumerate(rows):
-            if t < s.start - 1 or t + 1 >= n:
-                continue
-            main_idx.append(b * T + t)
-            main_tgt.append(s.tokens[t + 1])
-            if lookup[s.tokens[t + 1]] >= 0:
-                pr_idx.append(b * T + t)
-                pr_tgt.append(lookup[s.tokens[t + 1]])
-            for j in range(1, gamma + 1):
-                if t + 1 + j < n:
-                    target = lookup[s.tokens[t + 1 + j]]
-                    if target < 0:
-                        missed[j - 1] += 1
-                        continue
-                    st_idx.append((b * S + si) * gamma + (j - 1))
-                    st_tgt.append(target)
-                    st_id.append(j - 1)
-    as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
-    return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
-                 as_int(main_tgt), as_int(pr_idx), as_int(pr_tgt), as_int(st_idx),
-                 as_int(st_tgt), np.array(st_id, dtype=np.int64), missed,
-                 sum(len(s.tokens) - s.start for s in samples))
-
-
 def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
                   ) -> mx.array:
     """The stream rows of `model.upper(h, positions, None, None, stream_rows)`, computed the
@@ -320,14 +159,6 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
         loss = loss + pruning_weight * prune_ce
     hits = mx.argmax(stream_logits, axis=-1) == batch.stream_target
     return loss, (main_ce, per_stream, prune_ce, hits)
-
-
-def batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
-    """Batches of similar length (little padding), in random order."""
-    order = sorted(samples, key=lambda s: len(s.tokens) + rng.random())
-    groups = [order[i : i + size] for i in range(0, len(order), size)]
-    rng.shuffle(groups)
-    return groups
 
 
 def evaluate(model, samples: list[Sample], args: TrainArgs,

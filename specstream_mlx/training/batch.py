@@ -1,0 +1,108 @@
+"""Training batches: the draft vocabulary, padded batches with the gather indices of every
+loss (main, stream j, pruning), and batches of similar length in random order."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from specstream_mlx.training.data import Example
+from specstream_mlx.training.hidden import Sample
+
+
+def build_draft_vocab(examples: list[Example], size: int, vocab_size: int) -> np.ndarray:
+    """The `size` token ids the streams will draft from: the most frequent tokens of the
+    training examples (prompts included: completions copy from them), then the lowest
+    unseen ids (BPE gives low ids to frequent merges). (size,) int32, ascending."""
+    size = min(size, vocab_size)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for e in examples:
+        np.add.at(counts, np.asarray(e.tokens), 1)
+    # Stable sort: ties (e.g. unseen tokens) keep ascending id order.
+    order = np.argsort(-counts, kind="stable")
+    return np.sort(order[:size]).astype(np.int32)
+
+
+def vocab_lookup(draft_vocab: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """Token id -> index in the draft vocabulary, -1 outside it: (vocab_size,)."""
+    if draft_vocab is None:
+        return np.arange(vocab_size, dtype=np.int64)
+    lookup = np.full(vocab_size, -1, dtype=np.int64)
+    lookup[draft_vocab] = np.arange(len(draft_vocab))
+    return lookup
+
+
+@dataclass
+class Batch:
+    """Padded samples: hidden (B, T, hidden), tokens (B, T), gather indices for the loss.
+
+    Stream and pruning targets are indices into the draft vocabulary; targets outside it
+    cannot be drafted, so they are left out of the loss and counted in `stream_missed`.
+    """
+
+    hidden: mx.array
+    positions: mx.array
+    stream_rows: mx.array
+    main_index: mx.array  # (M,) flat (b, t) rows predicting their next token
+    main_target: mx.array  # (M,) token ids
+    prune_index: mx.array  # (P,) the main rows whose next token is in the draft vocab
+    prune_target: mx.array  # (P,) draft-vocabulary indices
+    stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a draftable target
+    stream_target: mx.array  # (K,) draft-vocabulary indices
+    stream_id: np.ndarray  # (K,) which stream each target belongs to
+    stream_missed: np.ndarray  # (gamma,) targets per stream outside the draft vocab
+    tokens: int  # completion tokens in the batch
+
+
+def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = None) -> Batch:
+    """Loss rows: position t predicts t+1 (main) and t+1+j (stream j), for targets
+    inside the completion; t starts at the last prompt token, which drafts too.
+    lookup: token id -> draft-vocabulary index or -1 (see `vocab_lookup`); None: the
+    whole vocabulary."""
+    if lookup is None:
+        lookup = vocab_lookup(None, max(int(s.tokens.max()) for s in samples) + 1)
+    B = len(samples)
+    T = -(-max(len(s.tokens) for s in samples) // 32) * 32  # few distinct shapes
+    hidden = mx.zeros((B, T, samples[0].hidden.shape[-1]), dtype=samples[0].hidden.dtype)
+    for b, s in enumerate(samples):
+        hidden[b, : len(s.tokens)] = s.hidden
+    first = max(0, min(s.start for s in samples) - 1)
+    rows = np.arange(first, T - 1)
+    S = len(rows)
+    main_idx, main_tgt, pr_idx, pr_tgt, st_idx, st_tgt, st_id = [], [], [], [], [], [], []
+    missed = np.zeros(gamma, dtype=np.int64)
+    for b, s in enumerate(samples):
+        n = len(s.tokens)
+        for si, t in enumerate(rows):
+            if t < s.start - 1 or t + 1 >= n:
+                continue
+            main_idx.append(b * T + t)
+            main_tgt.append(s.tokens[t + 1])
+            if lookup[s.tokens[t + 1]] >= 0:
+                pr_idx.append(b * T + t)
+                pr_tgt.append(lookup[s.tokens[t + 1]])
+            for j in range(1, gamma + 1):
+                if t + 1 + j < n:
+                    target = lookup[s.tokens[t + 1 + j]]
+                    if target < 0:
+                        missed[j - 1] += 1
+                        continue
+                    st_idx.append((b * S + si) * gamma + (j - 1))
+                    st_tgt.append(target)
+                    st_id.append(j - 1)
+    as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
+    return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
+                 as_int(main_tgt), as_int(pr_idx), as_int(pr_tgt), as_int(st_idx),
+                 as_int(st_tgt), np.array(st_id, dtype=np.int64), missed,
+                 sum(len(s.tokens) - s.start for s in samples))
+
+
+def batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
+    """Batches of similar length (little padding), in random order."""
+    order = sorted(samples, key=lambda s: len(s.tokens) + rng.random())
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    rng.shuffle(groups)
+    return groups
