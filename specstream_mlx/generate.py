@@ -73,10 +73,10 @@ def stream_generate(
     temp: float = 0.0,
     top_p: float = 0.0,
     min_p: float = 0.0,
-    top_k_sampling: int = 0,
+    top_k: int = 0,
     speculative: bool = True,
     tree_budget: int | None = None,
-    top_k: int | None = None,
+    draft_top_k: int | None = None,
     lookup_depth: int | None = None,
     min_draft_prob: float | None = None,
     chat: bool = True,
@@ -87,20 +87,22 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate text for `prompt` (a string, chat-formatted when `chat`, or token ids).
 
-    temp 0 is greedy: the output equals plain greedy decoding token for token. With
-    temp > 0 the tokens follow the model's sampling distribution exactly. `tree_budget`
-    `top_k` (draft candidates per stream), `lookup_depth` (context draft length) and
-    `min_draft_prob` (floor on a stream node's path probability) default to the model's
-    stream config. `adaptive` (default) lets the controller pick each step's draft from
-    measured costs, plain steps included; False always drafts the whole budget.
+    Sampling is mlx-lm's, with its names (`temp`, `top_p`, `min_p`, `top_k`): temp 0 is
+    greedy, and the output equals plain greedy decoding token for token; with temp > 0
+    the tokens follow the model's sampling distribution exactly. Drafting: `tree_budget`
+    (stream nodes per pass), `draft_top_k` (candidates per stream), `lookup_depth`
+    (context draft length) and `min_draft_prob` (floor on a stream node's path
+    probability) default to the model's stream config. `adaptive` (default) lets the
+    controller pick each step's draft from measured costs, plain steps included; False
+    always drafts the whole budget.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
     """
     check_settings(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p,
-                   top_k_sampling=top_k_sampling)
+                   top_k=top_k)
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
         raise InputError("stop must be a list of strings")
     ids = encode_prompt(tokenizer, prompt, chat)
-    sampler = make_sampler(temp, top_p, min_p, top_k=top_k_sampling) if temp > 0 else None
+    sampler = make_sampler(temp, top_p, min_p, top_k=top_k) if temp > 0 else None
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()
@@ -113,7 +115,7 @@ def stream_generate(
         sampler=sampler,
         speculative=speculative,
         tree_budget=tree_budget,
-        top_k=top_k,
+        draft_top_k=draft_top_k,
         lookup_depth=lookup_depth,
         min_draft_prob=min_draft_prob,
         drafter=drafter,

@@ -24,9 +24,9 @@ RULES = {
     "temp": ("real", 0.0, None, False),
     "top_p": ("real", 0.0, 1.0, False),
     "min_p": ("real", 0.0, 1.0, False),
-    "top_k_sampling": ("int", 0, None, False),
+    "top_k": ("int", 0, None, False),  # sampling, as mlx-lm names it
     "tree_budget": ("int", 0, MAX_TREE_BUDGET, True),
-    "top_k": ("int", 1, MAX_DRAFT_TOP_K, True),
+    "draft_top_k": ("int", 1, MAX_DRAFT_TOP_K, True),
     "lookup_depth": ("int", 0, MAX_LOOKUP_DEPTH, True),
     "min_draft_prob": ("real", 0.0, 1.0, True),
     "seed": ("int", 0, 2**63 - 1, True),

@@ -41,9 +41,11 @@ def run_cli(argv: list[str], capsys) -> str:
 
 
 GENERATE_FLAGS = [
-    (["--top-k", "-1"], "--top-k must be in [1, 64], got -1"),
-    (["--top-k", "0"], "--top-k must be in [1, 64]"),
-    (["--top-k", "100000"], "--top-k must be in [1, 64]"),
+    (["--draft-top-k", "-1"], "--draft-top-k must be in [1, 64], got -1"),
+    (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
+    (["--min-p", "1.5"], "--min-p must be in [0.0, 1.0]"),
+    (["--draft-top-k", "0"], "--draft-top-k must be in [1, 64]"),
+    (["--draft-top-k", "100000"], "--draft-top-k must be in [1, 64]"),
     (["--temp", "inf"], "--temp must be a finite number"),
     (["--temp", "nan"], "--temp must be a finite number"),
     (["--temp", "-1"], "--temp must be >= 0.0"),
@@ -156,11 +158,11 @@ API_CASES = [
     ({"temp": float("inf")}, "temp must be a finite number"),
     ({"top_p": 2}, "top_p must be in [0.0, 1.0]"),
     ({"min_p": -1}, "min_p must be in [0.0, 1.0]"),
-    ({"top_k_sampling": -2}, "top_k_sampling must be >= 0"),
+    ({"top_k": -2}, "top_k must be >= 0"),
     ({"max_tokens": "5"}, "max_tokens must be a number, got str '5'"),
     ({"max_tokens": 2.5}, "max_tokens must be an integer"),
     ({"tree_budget": -1}, "tree_budget must be in [0, 256]"),
-    ({"top_k": 0}, "top_k must be in [1, 64]"),
+    ({"draft_top_k": 0}, "draft_top_k must be in [1, 64]"),
     ({"lookup_depth": 10**9}, "lookup_depth must be in [0, 256]"),
     ({"min_draft_prob": float("nan")}, "min_draft_prob must be a finite number"),
     ({"stop": "x"}, "stop must be a list of strings"),
@@ -183,7 +185,7 @@ def test_top_k_beyond_the_draft_vocabulary(tmp_path):
                                                                     draft_vocab_size=8))
     model, tokenizer = load(folder)
     with pytest.raises(SpecstreamError, match="exceeds the 8 tokens the streams draft from"):
-        generate(model, tokenizer, "hello", max_tokens=4, top_k=9)
+        generate(model, tokenizer, "hello", max_tokens=4, draft_top_k=9)
 
 
 # --- bench and train ----------------------------------------------------------------
@@ -276,7 +278,7 @@ TOOL_CASES = [
     (["tune", "--budgets", "-1"], "tree_budget grid value must be in [0, 256], got -1"),
     (["tune", "--min-draft-probs", "2"], "min_draft_prob grid value must be in [0.0, 1.0]"),
     (["tune", "--max-tokens", "0"], "max_tokens must be >= 1"),
-    (["tune", "--top-k", "0"], "top_k must be in [1, 64]"),
+    (["tune", "--draft-top-k", "0"], "draft_top_k must be in [1, 64]"),
     (["tune", "--rows", "0"], "rows must be row counts in [1, 256]"),
     (["tune", "--limit", "-1"], "limit must be >= 1"),
     (["tune", "--json", "/"], "is a folder"),

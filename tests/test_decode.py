@@ -137,7 +137,8 @@ def test_greedy_speculative_equals_plain(arch, budget, top_k, num_streams, msa_l
     sa = StreamArgs(num_streams=num_streams, msa_layers=msa_layers)
     model = tiny_model(arch, seed=budget + 7 * num_streams, streams=sa)
     expected = plain(model, PROMPT, 32)
-    events = list(generate_step(model, PROMPT, max_tokens=32, tree_budget=budget, top_k=top_k))
+    events = list(generate_step(model, PROMPT, max_tokens=32, tree_budget=budget,
+                                  draft_top_k=top_k))
     assert tokens_of(events) == expected
     passes = [e.passes for e in events]
     assert passes[0] == 1 and passes == sorted(passes) and passes[-1] <= len(events)

@@ -174,7 +174,7 @@ def test_speculative_and_plain_greedy_text_are_identical(loaded, prompt):
 def test_tree_settings_keep_the_greedy_text(loaded, tree_budget, top_k):
     base = run(loaded, "The quick brown fox", max_tokens=40, speculative=False)
     spec = run(loaded, "The quick brown fox", max_tokens=40, tree_budget=tree_budget,
-               top_k=top_k)
+               draft_top_k=top_k)
     assert text_of(spec) == text_of(base)
 
 

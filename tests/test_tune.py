@@ -43,7 +43,7 @@ def test_replay_matches_generate_step(arch, budget, depth, min_prob):
     model = tiny_model(arch, seed=2, streams=STREAMS)
     n = 40
     plain = [e.token for e in generate_step(model, PROMPT, max_tokens=n, speculative=False)]
-    tokens, accepted = decoded(model, n, tree_budget=budget, top_k=2, lookup_depth=depth,
+    tokens, accepted = decoded(model, n, tree_budget=budget, draft_top_k=2, lookup_depth=depth,
                                min_draft_prob=min_prob)
     assert tokens == plain
     tr = trace(model, PROMPT, plain, top_k=2)
@@ -57,7 +57,7 @@ def test_replay_matches_generate_step(arch, budget, depth, min_prob):
 def test_replay_with_max_tokens_matches_a_shorter_run():
     model = tiny_model("qwen3", seed=1, streams=STREAMS)
     plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, speculative=False)]
-    _, accepted = decoded(model, 17, tree_budget=2, top_k=2, lookup_depth=4)
+    _, accepted = decoded(model, 17, tree_budget=2, draft_top_k=2, lookup_depth=4)
     rp = replay(trace(model, PROMPT, plain, top_k=2), budget_drafter(2, 4), max_tokens=17)
     assert rp.accepted == accepted and rp.tokens == 17
 

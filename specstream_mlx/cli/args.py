@@ -19,10 +19,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="min-p sampling: drop tokens below min_p x the top one (0: off)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--tree-budget", type=int, default=None,
                         help="draft nodes per pass (default: the model's stream config)")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--draft-top-k", type=int, default=None,
                         help="draft candidates per stream (default: the model's stream config)")
     parser.add_argument("--lookup-depth", type=int, default=None,
                         help="context draft: tokens copied from where the current n-gram "
@@ -40,9 +44,11 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "temp": args.temp,
         "top_p": args.top_p,
+        "min_p": args.min_p,
+        "top_k": args.top_k,
         "speculative": not args.no_speculative,
         "tree_budget": args.tree_budget,
-        "top_k": args.top_k,
+        "draft_top_k": args.draft_top_k,
         "lookup_depth": args.lookup_depth,
         "min_draft_prob": args.min_draft_prob,
     }
@@ -51,8 +57,8 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad values before a model is loaded, and seed the sampler."""
     check_settings(lambda name: "--" + name.replace("_", "-"), max_tokens=args.max_tokens,
-                   temp=args.temp, top_p=args.top_p, seed=args.seed,
-                   tree_budget=args.tree_budget, top_k=args.top_k,
+                   temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k,
+                   seed=args.seed, tree_budget=args.tree_budget, draft_top_k=args.draft_top_k,
                    lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
     if args.seed is not None:
         mx.random.seed(args.seed)

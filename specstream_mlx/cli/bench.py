@@ -14,7 +14,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: embedded)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--tree-budget", type=int, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--draft-top-k", type=int, default=None,
+                        help="draft candidates per stream (default: the model's stream config)")
     parser.add_argument("--lookup-depth", type=int, default=None,
                         help="context draft length (0: streams only; default: model config)")
     parser.add_argument("--min-draft-prob", type=float, default=None,
@@ -37,7 +38,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     bench(BenchArgs(
         prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
-        tree_budget=args.tree_budget, top_k=args.top_k, lookup_depth=args.lookup_depth,
+        tree_budget=args.tree_budget, draft_top_k=args.draft_top_k, lookup_depth=args.lookup_depth,
         min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
         precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,

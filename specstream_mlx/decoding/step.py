@@ -212,6 +212,40 @@ def speculative_step(
     return StepResult(accepted + [bonus], len(accepted), new_draft, path)
 
 
+@dataclass(frozen=True)
+class Drafting:
+    """How one generation drafts, resolved once from the caller's values and the model's
+    stream config: `enabled` False is plain decoding (no streams, or speculative off)."""
+
+    enabled: bool
+    budget: int = 0  # stream nodes per tree at most
+    top_k: int = 0  # candidates per stream
+    lookup: int = 0  # context-draft length
+    min_prob: float = 0.0  # floor on a stream node's path probability
+
+    @classmethod
+    def resolve(cls, model, speculative: bool, tree_budget: int | None,
+                draft_top_k: int | None, lookup_depth: int | None,
+                min_draft_prob: float | None) -> Drafting:
+        check_settings(tree_budget=tree_budget, draft_top_k=draft_top_k,
+                       lookup_depth=lookup_depth, min_draft_prob=min_draft_prob)
+        sa = model.stream_args
+        if not speculative or sa is None:
+            return cls(False)
+        top_k = draft_top_k or sa.top_k
+        drafts_from = len(model.streams.draft_vocab) if model.has_draft_vocab \
+            else model.args.vocab_size
+        if top_k > drafts_from:
+            raise InputError(f"draft_top_k ({top_k}) exceeds the {drafts_from} tokens the "
+                             "streams draft from")
+
+        def pick(value, default):
+            return default if value is None else value
+
+        return cls(True, pick(tree_budget, sa.tree_budget), top_k,
+                   pick(lookup_depth, sa.lookup_depth), pick(min_draft_prob, sa.min_draft_prob))
+
+
 def generate_step(
     model,
     prompt: list[int],
@@ -220,7 +254,7 @@ def generate_step(
     sampler: Sampler | None = None,
     speculative: bool = True,
     tree_budget: int | None = None,
-    top_k: int | None = None,
+    draft_top_k: int | None = None,
     lookup_depth: int | None = None,
     min_draft_prob: float | None = None,
     prefill_chunk: int = 512,
@@ -230,42 +264,32 @@ def generate_step(
 ) -> Iterator[TokenEvent]:
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
-    sampler None is greedy. tree_budget, top_k, lookup_depth and min_draft_prob default
-    to the model's stream config (see budget_drafter). `drafter` replaces the default
-    budget tree (tests use it to force perfect drafts). `adaptive` lets a Controller
-    choose each step's draft from measured costs (controller.py), plain steps included,
-    when decoding greedily; False (and sampling) always drafts the whole budget. Prompt
-    plus generated tokens never exceed the context. The cache, when given, must be empty;
-    on exit (also when the caller stops early) it holds the prompt and every yielded token
-    but the last, which would be fed next.
+    sampler None is greedy. tree_budget, draft_top_k, lookup_depth and min_draft_prob
+    default to the model's stream config (see Drafting, budget_drafter). `drafter`
+    replaces the default budget tree (tests use it to force perfect drafts). `adaptive`
+    lets a Controller choose each step's draft from measured costs (controller.py), plain
+    steps included, when decoding greedily; False (and sampling) always drafts the whole
+    budget. Prompt plus generated tokens never exceed the context. The cache, when given,
+    must be empty; on exit (also when the caller stops early) it holds the prompt and
+    every yielded token but the last, which would be fed next.
     """
     prompt = check_token_ids(prompt, model.args.vocab_size)
-    check_settings(max_tokens=max_tokens, tree_budget=tree_budget, top_k=top_k,
-                   lookup_depth=lookup_depth, min_draft_prob=min_draft_prob)
+    check_settings(max_tokens=max_tokens)
+    d = Drafting.resolve(model, speculative, tree_budget, draft_top_k, lookup_depth,
+                         min_draft_prob)
     context = model.args.max_position_embeddings
     if len(prompt) >= context:
         raise InputError(
             f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
         )
     max_tokens = min(max_tokens, context - len(prompt))
-    sa = model.stream_args
-    streams = speculative and sa is not None
-    top_k = (top_k or sa.top_k) if streams else 0
-    if streams:
-        drafts_from = len(model.streams.draft_vocab) if model.has_draft_vocab \
-            else model.args.vocab_size
-        if top_k > drafts_from:
-            raise InputError(f"top_k ({top_k}) exceeds the {drafts_from} tokens the streams "
-                             "draft from")
-    budget = (sa.tree_budget if tree_budget is None else tree_budget) if streams else 0
-    lookup = (sa.lookup_depth if lookup_depth is None else lookup_depth) if streams else 0
-    min_prob = (sa.min_draft_prob if min_draft_prob is None else min_draft_prob) if streams \
-        else 0.0
+    streams, top_k, budget, lookup, min_prob = d.enabled, d.top_k, d.budget, d.lookup, \
+        d.min_prob
     controller = index = None
     # Sampling keeps fixed drafts: timed choices would change which random numbers each
     # token draws, and a seeded run must repeat itself.
     if streams and drafter is None and adaptive and sampler is None:
-        controller = Controller(costs_for(model), sa.num_streams)
+        controller = Controller(costs_for(model), model.stream_args.num_streams)
         index = NgramIndex() if lookup > 0 else None
     drafter = drafter or budget_drafter(budget, lookup, min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))

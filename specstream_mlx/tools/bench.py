@@ -32,7 +32,7 @@ class BenchArgs:
     model: str | None = None
     max_tokens: int = 128
     tree_budget: int | None = None
-    top_k: int | None = None
+    draft_top_k: int | None = None
     lookup_depth: int | None = None
     min_draft_prob: float | None = None
     adaptive: bool = True
@@ -52,7 +52,7 @@ def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bo
     last = None
     for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens,
                                 speculative=speculative, tree_budget=args.tree_budget,
-                                top_k=args.top_k, lookup_depth=args.lookup_depth,
+                                draft_top_k=args.draft_top_k, lookup_depth=args.lookup_depth,
                                 min_draft_prob=args.min_draft_prob,
                                 adaptive=args.adaptive):
         tokens.append(last.token)
@@ -168,7 +168,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def check_bench_args(args: BenchArgs) -> None:
     """Every setting checked before minutes of benchmarking, outputs included."""
-    check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget, top_k=args.top_k,
+    check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget,
+                   draft_top_k=args.draft_top_k,
                    lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
     if args.limit is not None and (not isinstance(args.limit, int) or args.limit < 1):
         raise InputError(f"limit must be >= 1, got {args.limit!r}")

@@ -210,7 +210,7 @@ class TuneArgs:
     budgets: list[int] | None = None
     lookup_depths: list[int] | None = None
     min_draft_probs: list[float] | None = None
-    top_k: int | None = None
+    draft_top_k: int | None = None
     rows: list[int] | None = None
     write: bool = False
     json_path: str | None = None
@@ -218,7 +218,7 @@ class TuneArgs:
 
 def check_tune_args(args: TuneArgs) -> None:
     """Every setting of the grid checked before any replay."""
-    check_settings(max_tokens=args.max_tokens, top_k=args.top_k)
+    check_settings(max_tokens=args.max_tokens, draft_top_k=args.draft_top_k)
     if args.limit is not None:
         check_value("max_tokens", args.limit, "limit")
     for name, values in (("tree_budget", args.budgets), ("lookup_depth", args.lookup_depths),
@@ -250,7 +250,7 @@ def tune(args: TuneArgs, log=print) -> dict:
     if model.stream_args is None:
         raise InputError(f"{path} has no streams: nothing to tune")
     log(f"[{describe_model(model)}]")
-    top_k = args.top_k or model.stream_args.top_k
+    top_k = args.draft_top_k or model.stream_args.top_k
     budgets = args.budgets or [0, 1, 2, 3, 4, 6, 8]
     depths = args.lookup_depths or [0, 4, 6, 8, 12]
     min_probs = args.min_draft_probs or [0.0, 0.05, 0.1, 0.2]
