@@ -55,11 +55,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, infer_quant_config, save_config, save_model
 from tqdm import tqdm
 
+from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.convert.gguf import convert_gguf
 from specstream_mlx.convert.output import check_target, install, staging_folder
 from specstream_mlx.convert.peft import fuse_adapter, read_adapter, stream_adapter_tensors
 from specstream_mlx.convert.quantize import DTYPES, QuantPolicy, cast, quantize
-from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.errors import ConversionError, ModelLoadError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs

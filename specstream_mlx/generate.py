@@ -11,7 +11,8 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from specstream_mlx.decoding.cache import KVCache
-from specstream_mlx.decoding.step import Drafter, generate_step
+from specstream_mlx.decoding.drafter import Drafter
+from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_text, check_token_ids
 

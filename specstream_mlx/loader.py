@@ -16,7 +16,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from specstream_mlx.blas import blas_info
-from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE
+from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
@@ -44,7 +44,7 @@ SHIPPED_STREAMS = Path(__file__).parent / "assets" / "smollm2-135m-instruct"
 def ensure_default_streams(path: Path) -> Path:
     """Give the embedded model the shipped trained streams (untrained ones when the
     package has none), so the speculative path always runs."""
-    from specstream_mlx.convert.streams import init_streams, save_streams, write_json_atomic
+    from specstream_mlx.checkpoint import init_streams, save_streams, write_json_atomic
 
     shipped = SHIPPED_STREAMS / STREAMS_FILE
     target = path / STREAMS_FILE

@@ -15,9 +15,8 @@ from conftest import TINY_CONFIGS, reference_model, tiny_model
 from mlx_lm.sample_utils import make_sampler
 
 from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.drafter import Draft, budget_drafter
 from specstream_mlx.decoding.step import (
-    Draft,
-    budget_drafter,
     generate_step,
     last_accepted,
     prefill,

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
-from specstream_mlx.convert.streams import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
+from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.errors import ModelLoadError
 from specstream_mlx.loader import describe_model
 from specstream_mlx.models import ARCHITECTURES, get_classes, is_quantized

@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
+from specstream_mlx.checkpoint import STREAMS_FILE, init_streams
 from specstream_mlx.cli import main
-from specstream_mlx.convert.streams import STREAMS_FILE, init_streams
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.jsonl import write_jsonl

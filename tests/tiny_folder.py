@@ -19,7 +19,7 @@ import mlx.nn as nn
 from conftest import TINY_CONFIGS, tiny_model
 from mlx.utils import tree_flatten
 
-from specstream_mlx.convert.streams import init_streams, save_streams
+from specstream_mlx.checkpoint import init_streams, save_streams
 from specstream_mlx.models.config import StreamArgs
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from specstream_mlx.decoding.cache import KVCache
-from specstream_mlx.decoding.controller import Controller, Plan, costs_for
+from specstream_mlx.decoding.controller import Controller, costs_for
+from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter, planned_tree
 from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -24,21 +25,6 @@ from specstream_mlx.settings import check_settings, check_token_ids
 
 # Maps log-probabilities (rows, vocab) to one token per row (rows,).
 Sampler = Callable[[mx.array], mx.array]
-
-
-@dataclass
-class Draft:
-    """The streams' proposal at the last accepted position.
-
-    candidates: (gamma, k) token ids, best first; logprobs: (gamma, k).
-    """
-
-    candidates: np.ndarray
-    logprobs: np.ndarray
-
-
-# Builds the next tree from a draft and the tokens so far (prompt + generated).
-Drafter = Callable[[Draft, list[int]], DraftTree]
 
 
 @dataclass
@@ -60,41 +46,6 @@ class TokenEvent:
     from_draft: bool
     passes: int
     final: bool = False
-
-
-def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0) -> Drafter:
-    """The default drafter: the `budget` most probable nodes of the candidate tree (those
-    with a path probability of at least `min_prob`), plus (lookup_depth > 0) a context
-    draft of up to lookup_depth tokens copied from where the current n-gram last occurred
-    in the prompt or the answer (see lookup.py)."""
-    index = NgramIndex() if lookup_depth > 0 else None
-
-    def draft_tree(draft: Draft, history: list[int]) -> DraftTree:
-        tree = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget, min_prob)
-        if index is not None:
-            chain = index.continuation(history, lookup_depth)
-            if chain:
-                tree = tree.with_chain(chain)
-        return tree
-
-    return draft_tree
-
-
-def planned_tree(controller: Controller, draft: Draft | None, history: list[int],
-                 index: NgramIndex | None, limits: tuple[int, int, float]
-                 ) -> tuple[DraftTree, Plan, int]:
-    """The controller's choice among the streams' best nodes and the context draft.
-
-    limits: (tree budget, lookup depth, min_draft_prob). Returns the tree to verify, the
-    plan and the length of the context draft's n-gram match."""
-    budget, lookup, min_prob = limits
-    full = None
-    if draft is not None:
-        full = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget, min_prob)
-    chain, match = index.match(history, lookup) if index is not None else ([], 0)
-    plan = controller.plan(full, len(chain), match)
-    tree = full.first(plan.stream_nodes) if full is not None else DraftTree()
-    return tree.with_chain(chain[: plan.chain]), plan, match
 
 
 def choose(logits: mx.array, sampler: Sampler | None) -> mx.array:

@@ -22,7 +22,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from specstream_mlx.decoding.step import Draft, Drafter, budget_drafter, stream_candidates
+from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter
+from specstream_mlx.decoding.step import stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_output_path, check_settings, check_value

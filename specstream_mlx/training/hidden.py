@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from specstream_mlx.convert.streams import STREAMS_FILE
+from specstream_mlx.checkpoint import STREAMS_FILE
 from specstream_mlx.training.data import Example
 
 

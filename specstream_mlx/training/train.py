@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from specstream_mlx.convert.streams import STREAMS_FILE, init_streams, save_streams
+from specstream_mlx.checkpoint import STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.errors import InputError
 from specstream_mlx.loader import load, resolve_path
