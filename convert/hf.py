@@ -55,7 +55,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, infer_quant_config, save_config, save_model
 from tqdm import tqdm
 
-from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
+from specstream_mlx.checkpoint import (
+    CONFIG_KEY,
+    STREAMS_FILE,
+    init_streams,
+    resolve_source,
+    save_streams,
+)
 from specstream_mlx.convert.gguf import convert_gguf
 from specstream_mlx.convert.output import check_target, install, staging_folder
 from specstream_mlx.convert.peft import fuse_adapter, read_adapter, stream_adapter_tensors
@@ -149,26 +155,6 @@ def _convert_gguf(path: Path, mlx_path: Path, options: ConvertOptions, force: bo
     with tempfile.TemporaryDirectory(dir=mlx_path.parent, prefix=f".{mlx_path.name}.gguf-") as tmp:
         raw = convert_gguf(path, Path(tmp) / "model")
         return convert(raw, mlx_path, options, force=force)
-
-
-def resolve_source(path_or_hub_id: str | Path, patterns: list[str],
-                   error: type[Exception] = ConversionError) -> Path:
-    """A local folder as it is; `owner/name` downloaded from the hub (only `patterns`).
-
-    Raises `error` (the caller's user-facing error type) for anything else.
-    """
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise error(f"{text}: folder not found (nor a hub id like owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown or gated repository
-        raise error(f"{text} is neither a local folder nor a downloadable hub id ({e})") from None
 
 
 # --- the pipeline ----------------------------------------------------------------------

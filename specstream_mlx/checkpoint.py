@@ -54,3 +54,23 @@ def init_streams(model, stream_args: StreamArgs | None = None, seed: int = 0) ->
     mx.random.seed(seed)
     model.attach_streams(stream_args or StreamArgs())
     mx.eval(model.streams.parameters())
+
+
+def resolve_source(path_or_hub_id: str | Path, patterns: list[str],
+                   error: type[Exception] = ConversionError) -> Path:
+    """A local folder as it is; `owner/name` downloaded from the hub (only `patterns`).
+
+    Raises `error` (the caller's user-facing error type) for anything else.
+    """
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise error(f"{text}: folder not found (nor a hub id like owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown or gated repository
+        raise error(f"{text} is neither a local folder nor a downloadable hub id ({e})") from None

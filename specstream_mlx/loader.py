@@ -16,7 +16,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from specstream_mlx.blas import blas_info
-from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE
+from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, resolve_source
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
@@ -30,7 +30,6 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
         from specstream_mlx.convert.embedded import ensure_embedded_model
 
         return ensure_default_streams(ensure_embedded_model())
-    from specstream_mlx.convert.hf import resolve_source
 
     patterns = ["*.json", "model*.safetensors", STREAMS_FILE, "tokenizer.model", "*.txt",
                 "*.jinja"]
