@@ -93,11 +93,14 @@ class DecoderModel(nn.Module):
             h = self.layers[i](h, rows, i)
         return h
 
-    def upper(self, h, positions, tree_mask=None, cache=None, stream_rows=None):
+    def upper(self, h, positions, tree_mask=None, cache=None, stream_rows=None,
+              embedding_scale: float = 1.0):
         """Layers split .. N-1, with stream rows for `stream_rows` (S,) when given.
 
         h: (B, L, hidden) from `lower`. Returns the final-normed main rows (B, L, hidden)
-        and stream rows (B, S, gamma, hidden), or None without streams.
+        and stream rows (B, S, gamma, hidden), or None without streams. The stream
+        embeddings enter as streams.embeddings * embedding_scale (training keeps them at
+        unit scale: Adam moves each weight by ~lr a step, whatever its size).
         """
         B, L, _ = h.shape
         prefix = cache.offset if cache is not None else 0
@@ -116,7 +119,7 @@ class DecoderModel(nn.Module):
             pos = mx.concatenate([positions, stream_pos.reshape(-1)])
             rows = self.pass_rows(pos, mask, cache, L)
             # S[t, j] = M[t] + P[j]: (B, S, g, hidden)
-            P = self.streams.embeddings * self.streams.embedding_scale
+            P = self.streams.embeddings * embedding_scale
             s = mx.take(h, stream_rows, axis=1)[:, :, None, :] + P
             h = mx.concatenate([h, s.reshape(B, -1, h.shape[-1])], axis=1)
         for i in range(self.split, len(self.layers)):
@@ -128,14 +131,14 @@ class DecoderModel(nn.Module):
         return h[:, :L], h[:, L:].reshape(B, -1, self.stream_args.num_streams, h.shape[-1])
 
     def stream_pass(self, h: mx.array, positions: mx.array, seen: mx.array, cache,
-                    pending: int) -> mx.array:
+                    pending: int, embedding_scale: float = 1.0) -> mx.array:
         """Stream rows of S main rows, run after their main rows went through the MSA layers
         (which left their K/V in `cache`): valid when main rows do not see their streams.
 
         h: (B, S, hidden) the main rows' hidden states entering the first MSA layer;
         positions: (S,) int32 their positions; seen: (S, offset + pending) bool, what each
-        main row saw among the cache's committed slots and the `pending` slots after them.
-        Returns (B, S, gamma, hidden), final-normed.
+        main row saw among the cache's committed slots and the `pending` slots after them;
+        embedding_scale as in `upper`. Returns (B, S, gamma, hidden), final-normed.
         """
         sa = self.stream_args
         if sa.main_sees_streams:
@@ -145,7 +148,7 @@ class DecoderModel(nn.Module):
         mask = stream_mask(seen, mx.arange(S), g)
         pos = (positions[:, None] + mx.arange(1, g + 1)).reshape(-1).astype(mx.int32)
         rows = self.pass_rows(pos, mask, cache, 0, pending)
-        P = self.streams.embeddings * self.streams.embedding_scale
+        P = self.streams.embeddings * embedding_scale
         s = (h[:, :, None, :] + P).reshape(B, -1, H)
         for i in range(self.split, len(self.layers)):
             s = self.layers[i](s, rows, i, self.streams.adapter(i - self.split))

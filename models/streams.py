@@ -52,9 +52,6 @@ class Streams(nn.Module):
         super().__init__()
         hidden = model_args.hidden_size
         self.embeddings = mx.random.normal((args.num_streams, hidden)) * 0.02
-        # Training may keep `embeddings` at unit scale and put the hidden state's scale
-        # here (Adam's steps are ~lr per element); saving folds it back in.
-        self.embedding_scale = 1.0
         if args.pruning_rank > 0:
             self.pruning_down = mx.random.normal((args.pruning_rank, hidden)) * hidden**-0.5
             self.pruning_up = mx.zeros((hidden, args.pruning_rank))

@@ -108,8 +108,8 @@ class TrainArgs:
         return main, self.stream_weight
 
 
-def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
-                  ) -> mx.array:
+def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array,
+                  embedding_scale: float = 1.0) -> mx.array:
     """The stream rows of `model.upper(h, positions, None, None, stream_rows)`, computed the
     cheap way when main rows are blind to streams (lossless mode): the main rows run once
     without streams, leaving their K/V in a cache, then only the stream rows run,
@@ -123,22 +123,24 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
     model.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
     seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
     return model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows], seen,
-                             cache, L)
+                             cache, L, embedding_scale)
 
 
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
-           pruning_weight: float, frozen_main: bool = False):
+           pruning_weight: float, frozen_main: bool = False, embedding_scale: float = 1.0):
     """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
     stream top-1 hits per target)).
 
     frozen_main (lossless mode, no main loss): the main rows cannot change, so they run
     forward once and only the stream rows carry gradients (upper_streams).
+    embedding_scale: the stream embeddings' scale (see DecoderModel.upper).
     """
     if frozen_main and not main_weight:
         hm, hs = None, upper_streams(model, batch.hidden, batch.positions,
-                                              batch.stream_rows)
+                                     batch.stream_rows, embedding_scale)
     else:
-        hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows)
+        hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows,
+                             embedding_scale)
     H = hs.shape[-1]
     gamma = hs.shape[2]
     stream_logits = model.draft_logits(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
@@ -162,7 +164,7 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
 
 
 def evaluate(model, samples: list[Sample], args: TrainArgs,
-             lookup: np.ndarray | None = None) -> dict:
+             lookup: np.ndarray | None = None, embedding_scale: float = 1.0) -> dict:
     """Validation loss and each stream's top-1 accuracy on held-out samples (a target
     outside the draft vocabulary counts as a miss)."""
     gamma = model.stream_args.num_streams
@@ -171,7 +173,7 @@ def evaluate(model, samples: list[Sample], args: TrainArgs,
         batch = make_batch(group, gamma, lookup)
         counts += batch.stream_missed
         loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight,
-                                      args.mode == "lossless")
+                                      args.mode == "lossless", embedding_scale)
         mx.eval(loss, hit)
         hit = np.array(hit)
         for j in range(gamma):
@@ -187,19 +189,13 @@ def evaluate(model, samples: list[Sample], args: TrainArgs,
 def scale_stream_embeddings(model, samples: list[Sample], seed: int) -> float:
     """Start P[j] at half the typical size of the hidden state it is added to, and let
     training move it at that scale: the hidden state entering the stream layers has an
-    RMS of ~20 in SmolLM2, ~1000x the fresh P, and Adam moves P by ~lr per step."""
+    RMS of ~20 in SmolLM2, ~1000x the fresh P, and Adam moves P by ~lr per step. The
+    embeddings are set at unit scale; returns the scale every pass multiplies them by."""
     sample = mx.concatenate([s.hidden[1:] for s in samples[:64]])  # token 0 is an outlier
     rms = mx.sqrt(mx.mean(sample * sample)).item()
     mx.random.seed(seed)
     model.streams.embeddings = mx.random.normal(model.streams.embeddings.shape) * 0.5
-    model.streams.embedding_scale = rms
     return rms
-
-
-def fold_embedding_scale(model) -> None:
-    """Store P = embeddings * embedding_scale as plain embeddings (the file format)."""
-    model.streams.embeddings = model.streams.embeddings * model.streams.embedding_scale
-    model.streams.embedding_scale = 1.0
 
 
 def trainable(model, args: TrainArgs) -> None:
@@ -243,7 +239,8 @@ def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def write_output(model, source: Path, out: Path, args: TrainArgs) -> Path:
+def write_output(model, source: Path, out: Path, args: TrainArgs,
+                 embedding_scale: float = 1.0) -> Path:
     """A model folder with the trained streams: the base files (copied when lossless,
     rewritten with fused weights in task mode), streams.safetensors and config block."""
     if out.exists():
@@ -262,7 +259,8 @@ def write_output(model, source: Path, out: Path, args: TrainArgs) -> Path:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
         (out / "config.json").write_text(json.dumps(config, indent=2))
-    fold_embedding_scale(model)  # same P, stored as the file format wants
+    # The file stores P itself: the unit-scale embeddings times their training scale.
+    model.streams.embeddings = model.streams.embeddings * embedding_scale
     save_streams(model, out)
     return out
 
@@ -308,7 +306,7 @@ def train(args: TrainArgs, log=print) -> dict:
                       hidden_key(source, model.split, ex), log)
         for name, ex in (("train", train_ex), ("valid", valid_ex)))
     log(f"hidden states ready in {time.perf_counter() - tic:.0f} s")
-    scale_stream_embeddings(model, train_set, args.seed)
+    scale = scale_stream_embeddings(model, train_set, args.seed)
     trainable(model, args)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total = max(1, int(steps_per_epoch * args.epochs))
@@ -320,9 +318,10 @@ def train(args: TrainArgs, log=print) -> dict:
     state = {"step": 0, "args": asdict(args)}
     if args.resume:
         state = load_checkpoint(run_dir, model, optimizer)
+        scale = state.get("embedding_scale", scale)
         log(f"resumed at step {state['step']}")
     loss_and_grad = nn.value_and_grad(model, lambda m, b: losses(
-        m, b, *args.weights(), args.pruning_weight, args.mode == "lossless"))
+        m, b, *args.weights(), args.pruning_weight, args.mode == "lossless", scale))
     gamma = args.num_streams
     plan = []
     while len(plan) < total:
@@ -345,11 +344,11 @@ def train(args: TrainArgs, log=print) -> dict:
                 f"{tps:.0f} tokens/s")
             running, window_tokens, window_tic = [], 0, time.perf_counter()
         if valid_set and (done % args.steps_per_eval == 0 or done == total):
-            metrics = evaluate(model, valid_set, args, lookup)
+            metrics = evaluate(model, valid_set, args, lookup, scale)
             log(f"step {done} validation: {metrics}")
         if done % args.steps_per_checkpoint == 0 or done == total:
             save_checkpoint(run_dir, model, optimizer, {
-                **state, "step": done, "embedding_scale": model.streams.embedding_scale})
-    out = write_output(model, source, run_dir / "model", args)
+                **state, "step": done, "embedding_scale": scale})
+    out = write_output(model, source, run_dir / "model", args, scale)
     log(f"wrote {out}")
     return {"output": str(out), **metrics}
