@@ -12,6 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.drafter import Drafter
+from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_text, check_token_ids
@@ -37,6 +38,7 @@ class GenerationResponse:
     drafted_tokens: int
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop", "length", or None while generating
+    prompt_cached_tokens: int = 0  # prompt tokens whose K/V came from a PromptCache
 
 
 def encode_prompt(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
@@ -85,6 +87,7 @@ def stream_generate(
     drafter: Drafter | None = None,
     cache: KVCache | None = None,
     adaptive: bool = True,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text for `prompt` (a string, chat-formatted when `chat`, or token ids).
 
@@ -97,6 +100,9 @@ def stream_generate(
     controller pick each step's draft from measured costs, plain steps included; False
     always drafts the whole budget.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
+    `prompt_cache` (a PromptCache of this model) reuses the K/V of an earlier generation
+    whose tokens this prompt extends (a conversation's previous turn): only the new
+    tokens are prefilled, and the output is the same as with a fresh prefill.
     """
     check_settings(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p,
                    top_k=top_k)
@@ -109,6 +115,11 @@ def stream_generate(
     detok.reset()
     text, drafted, n = "", 0, 0
     tic = time.perf_counter()
+    reused, generated = 0, []
+    if prompt_cache is not None:
+        if cache is not None:
+            raise InputError("pass cache or prompt_cache, not both")
+        cache, reused = prompt_cache.take(ids)
     steps = generate_step(
         model,
         ids,
@@ -124,40 +135,47 @@ def stream_generate(
         adaptive=adaptive,
     )
     prompt_tps = gen_tic = 0.0
-    for event in steps:
-        if n == 0:
-            gen_tic = time.perf_counter()
-            prompt_tps = len(ids) / (gen_tic - tic)
-        n += 1
-        drafted += event.from_draft
-        finish = "stop" if event.token in eos else ("length" if event.final else None)
-        if event.token not in eos:
-            detok.add_token(event.token)
-        piece = detok.last_segment  # reading it consumes it
-        if stop and finish is None and any(s in text + piece for s in stop):
-            finish = "stop"
-        if finish:
-            detok.finalize()
-            piece += detok.last_segment
-        text += piece
-        elapsed = time.perf_counter() - gen_tic
-        yield GenerationResponse(
-            text=piece,
-            token=event.token,
-            from_draft=event.from_draft,
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            # The first token comes from the prefill; rate the tokens after it.
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            passes=event.passes,
-            tokens_per_pass=n / event.passes,
-            drafted_tokens=drafted,
-            peak_memory=peak_memory_gb(),
-            finish_reason=finish,
-        )
-        if finish:
-            break
+    try:
+        for event in steps:
+            if n == 0:
+                gen_tic = time.perf_counter()
+                prompt_tps = (len(ids) - reused) / (gen_tic - tic)
+            n += 1
+            generated.append(event.token)
+            drafted += event.from_draft
+            finish = "stop" if event.token in eos else ("length" if event.final else None)
+            if event.token not in eos:
+                detok.add_token(event.token)
+            piece = detok.last_segment  # reading it consumes it
+            if stop and finish is None and any(s in text + piece for s in stop):
+                finish = "stop"
+            if finish:
+                detok.finalize()
+                piece += detok.last_segment
+            text += piece
+            elapsed = time.perf_counter() - gen_tic
+            yield GenerationResponse(
+                text=piece,
+                token=event.token,
+                from_draft=event.from_draft,
+                prompt_tokens=len(ids),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                # The first token comes from the prefill; rate the tokens after it.
+                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                passes=event.passes,
+                tokens_per_pass=n / event.passes,
+                drafted_tokens=drafted,
+                peak_memory=peak_memory_gb(),
+                finish_reason=finish,
+                prompt_cached_tokens=reused,
+            )
+            if finish:
+                break
+    finally:
+        steps.close()  # its own cleanup first: the cache then holds the yielded tokens
+        if prompt_cache is not None:
+            prompt_cache.put(ids + generated[:-1], cache)
 
 
 def generate(model, tokenizer, prompt: str | list[int], *, verbose: bool = False,
@@ -182,6 +200,7 @@ def format_stats(r: GenerationResponse) -> str:
     return (
         f"[{r.generation_tokens} tokens, {r.passes} passes, "
         f"{r.tokens_per_pass:.2f} tokens/pass, {r.generation_tps:.1f} tokens/s, "
-        f"prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tokens/s, "
-        f"peak memory {r.peak_memory:.2f} GB]"
+        f"prompt {r.prompt_tokens} tokens"
+        + (f" ({r.prompt_cached_tokens} reused)" if r.prompt_cached_tokens else "")
+        + f" at {r.prompt_tps:.1f} tokens/s, peak memory {r.peak_memory:.2f} GB]"
     )

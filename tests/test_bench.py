@@ -255,3 +255,18 @@ def test_report_has_window_speedups(report):
         assert all(w > 0 for w in r["window_speedups"])
     windows = [w for r in rows for w in r["window_speedups"]]
     assert report[0]["all"]["min_window_speedup"] == (min(windows) if windows else None)
+
+
+def test_conversation_ttft_reuses_the_previous_turns(root, folder):
+    logs: list[str] = []
+    args = BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder), max_tokens=6,
+                     rows=[1], mlx_lm=False, conversation=4)
+    turns = bench(args, log=logs.append)["conversation"]
+    assert [t["turn"] for t in turns] == [1, 2, 3, 4]
+    assert turns[0]["reused_tokens"] == 0
+    for prev, t in zip(turns, turns[1:], strict=False):
+        # everything before this turn's new message is reused (up to the last answer token)
+        assert prev["prompt_tokens"] <= t["reused_tokens"] < t["prompt_tokens"]
+    assert all(t["identical"] for t in turns)
+    assert all(t["ttft_reused_ms"] > 0 and t["ttft_fresh_ms"] > 0 for t in turns)
+    assert any("first token after" in line for line in logs)

@@ -33,6 +33,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also report the speed-up over every WINDOW tokens")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--png", default=None, help="draw a chart here (needs matplotlib)")
+    parser.add_argument("--conversation", type=int, default=0, metavar="TURNS",
+                        help="also time the first token of each turn of a TURNS-turn "
+                             "conversation, with KV reuse and with a fresh prefill")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,6 +46,6 @@ def main(args: argparse.Namespace) -> int:
         precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
         rows=parse_counts(args.rows, "--rows"), window=args.window, json_path=args.json,
-        png_path=args.png,
+        png_path=args.png, conversation=args.conversation,
     ))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from specstream_mlx.cli.args import check_args, generate_kwargs
+from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages, format_stats, stream_generate
 from specstream_mlx.loader import describe_model, load
@@ -21,12 +22,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="colour the tokens that came from accepted drafts")
 
 
-def answer(model, tokenizer, messages: list[dict], kwargs: dict, show_draft: bool) -> str:
-    """Stream one assistant answer to stdout; Ctrl-C stops it early. Returns its text."""
+def answer(model, tokenizer, messages: list[dict], kwargs: dict, show_draft: bool,
+           prompt_cache: PromptCache | None = None) -> str:
+    """Stream one assistant answer to stdout; Ctrl-C stops it early. Returns its text.
+    With `prompt_cache`, the conversation so far is not prefilled again."""
     ids = encode_messages(tokenizer, messages)
     text, last = "", None
     try:
-        for last in stream_generate(model, tokenizer, ids, **kwargs):
+        for last in stream_generate(model, tokenizer, ids, prompt_cache=prompt_cache,
+                                    **kwargs):
             piece = last.text
             text += piece
             if show_draft and last.from_draft and piece:
@@ -45,6 +49,7 @@ def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
     """Read turns (from `read`, default input()) until /quit, Ctrl-D or Ctrl-C."""
     read = read or input
     messages = [{"role": "system", "content": system}] if system else []
+    prompt_cache = PromptCache(model)  # each turn prefills only its new tokens
     while True:
         try:
             query = read(">> ")
@@ -67,7 +72,7 @@ def chat_loop(model, tokenizer, kwargs: dict, system: str | None = None,
             continue
         messages.append({"role": "user", "content": query})
         try:
-            reply = answer(model, tokenizer, messages, kwargs, show_draft)
+            reply = answer(model, tokenizer, messages, kwargs, show_draft, prompt_cache)
         except InputError as e:
             messages.pop()
             print(f"error: {e}. Use /reset to start a new conversation.", file=sys.stderr)

@@ -221,8 +221,10 @@ def generate_step(
     lets a Controller choose each step's draft from measured costs (controller.py), plain
     steps included, when decoding greedily; False (and sampling) always drafts the whole
     budget. Prompt plus generated tokens never exceed the context. The cache, when given,
-    must be empty; on exit (also when the caller stops early) it holds the prompt and
-    every yielded token but the last, which would be fed next.
+    is empty or holds the K/V of prompt[:cache.offset] (reused from an earlier generation:
+    only the rest of the prompt is prefilled; see PromptCache); on exit (also when the
+    caller stops early) it holds the prompt and every yielded token but the last, which
+    would be fed next.
     """
     prompt = check_token_ids(prompt, model.args.vocab_size)
     check_settings(max_tokens=max_tokens)
@@ -244,11 +246,15 @@ def generate_step(
         index = NgramIndex() if lookup > 0 else None
     drafter = drafter or budget_drafter(budget, lookup, min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))
+    if cache.offset >= len(prompt):
+        raise InputError(f"the cache holds {cache.offset} tokens, the prompt only "
+                         f"{len(prompt)}: the prompt's last token must be fed")
+    reused = cache.offset
     draft_head = model.draft_head() if streams else None  # gathered once, not per step
     history = list(prompt)
     yielded = 0
     try:
-        logits, hs = prefill(model, cache, prompt, prefill_chunk, streams)
+        logits, hs = prefill(model, cache, prompt[reused:], prefill_chunk, streams)
         root = choose(logits[None], sampler)[0]
         draft = None
         if streams:

@@ -18,9 +18,10 @@ from mlx.utils import tree_flatten
 
 from specstream_mlx.blas import blas_info
 from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
-from specstream_mlx.generate import encode_prompt, stream_generate
+from specstream_mlx.generate import encode_messages, encode_prompt, stream_generate
 from specstream_mlx.jsonl import read_jsonl
 from specstream_mlx.loader import describe_model, load, resolve_path, set_precision
 from specstream_mlx.settings import check_output_path, check_settings
@@ -44,6 +45,7 @@ class BenchArgs:
     window: int = 100
     json_path: str | None = None
     png_path: str | None = None
+    conversation: int = 0  # turns of a conversation timed with and without KV reuse
 
 
 def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bool) -> dict:
@@ -166,6 +168,40 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def conversation_ttft(model, tokenizer, questions: list[str], max_tokens: int,
+                      log=print) -> list[dict]:
+    """A conversation of len(questions) user turns, each answered twice, interleaved: with
+    a PromptCache (only the turn's new tokens are prefilled) and with a fresh prefill of
+    the whole conversation. Per turn: prompt tokens, tokens reused, time to first token
+    of both, and whether the two answers are identical (greedy)."""
+    cache = PromptCache(model)
+    messages, turns = [], []
+    for k, question in enumerate(questions):
+        messages.append({"role": "user", "content": question})
+        ids = encode_messages(tokenizer, messages)
+        runs = {}
+        for reuse in ([True, False] if k % 2 == 0 else [False, True]):
+            tic = time.perf_counter()
+            ttft, tokens, text, last = None, [], "", None
+            for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens,
+                                        prompt_cache=cache if reuse else None):
+                ttft = ttft if ttft is not None else time.perf_counter() - tic
+                tokens.append(last.token)
+                text += last.text
+            runs[reuse] = (ttft, tokens, text, last.prompt_cached_tokens)
+        turn = {"turn": k + 1, "prompt_tokens": len(ids), "reused_tokens": runs[True][3],
+                "ttft_reused_ms": round(runs[True][0] * 1000, 1),
+                "ttft_fresh_ms": round(runs[False][0] * 1000, 1),
+                "identical": runs[True][1] == runs[False][1]}
+        turns.append(turn)
+        log(f"turn {turn['turn']}: prompt {turn['prompt_tokens']} tokens, "
+            f"{turn['reused_tokens']} reused; first token after {turn['ttft_reused_ms']} ms "
+            f"(fresh prefill {turn['ttft_fresh_ms']} ms), "
+            f"{'same answer' if turn['identical'] else 'DIFFERENT ANSWER'}")
+        messages.append({"role": "assistant", "content": runs[True][2]})
+    return turns
+
+
 def check_bench_args(args: BenchArgs) -> None:
     """Every setting checked before minutes of benchmarking, outputs included."""
     check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget,
@@ -173,6 +209,8 @@ def check_bench_args(args: BenchArgs) -> None:
                    lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
     if args.limit is not None and (not isinstance(args.limit, int) or args.limit < 1):
         raise InputError(f"limit must be >= 1, got {args.limit!r}")
+    if not isinstance(args.conversation, int) or args.conversation < 0:
+        raise InputError(f"conversation must be >= 0, got {args.conversation!r}")
     if not isinstance(args.window, int) or args.window < 1:
         raise InputError(f"window must be >= 1, got {args.window!r}")
     if not args.rows or not all(isinstance(r, int) and 1 <= r <= 256 for r in args.rows):
@@ -240,6 +278,11 @@ def bench(args: BenchArgs, log=print) -> dict:
         "bandwidth": bandwidth_floor(model),
     }
     log(format_report(report))
+    if args.conversation:
+        questions = [records[i % len(records)]["prompt"] for i in range(args.conversation)]
+        log(f"conversation of {args.conversation} turns, KV reuse vs fresh prefill:")
+        report["conversation"] = conversation_ttft(model, tokenizer, questions,
+                                                   min(args.max_tokens, 64), log)
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,86 @@
+"""KV caches of recent generations, reused by later prompts that extend them.
+
+A conversation's turn n+1 starts with the tokens of turn n (its prompt and answer), so
+its prefill only needs the new tokens. PromptCache keeps the caches of recent
+generations of one model, least recently used first out once their bytes exceed a bound;
+`take(tokens)` hands out the cache sharing the longest prefix with `tokens`, trimmed to
+that prefix, and `put` gives it back after the generation. A cache is in one generation
+at a time (taken out while in use), so concurrent requests never share one.
+
+    cache = PromptCache(model, max_bytes=1 << 30)
+    for r in stream_generate(model, tok, messages_1, prompt_cache=cache): ...
+    for r in stream_generate(model, tok, messages_2, prompt_cache=cache): ...  # reuses 1
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.errors import InputError
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class PromptCache:
+    """LRU of (tokens, KVCache) for one model, bounded by `max_bytes` of cache storage."""
+
+    def __init__(self, model, max_bytes: int = 1 << 30):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise InputError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+        self.num_layers = len(model.layers)
+        self.max_bytes = max_bytes
+        self._entries: list[tuple[list[int], KVCache]] = []  # least recently used first
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.reused_tokens = 0
+
+    def take(self, tokens: Sequence[int]) -> tuple[KVCache, int]:
+        """A cache for a generation after `tokens` and how many of them it already holds:
+        the stored cache sharing the longest prefix with them (removed from the LRU),
+        trimmed to that prefix and to at most len(tokens) - 1 (the last prompt token must
+        be fed); a new empty cache when none shares a token."""
+        with self._lock:
+            best, best_len = None, 0
+            for i, (stored, _) in enumerate(self._entries):
+                n = common_prefix(stored, tokens)
+                if n > best_len:
+                    best, best_len = i, n
+            if best is None:
+                self.misses += 1
+                return KVCache(self.num_layers), 0
+            _, cache = self._entries.pop(best)
+            keep = min(best_len, len(tokens) - 1)
+            cache.trim(cache.offset - keep)
+            self.hits += 1
+            self.reused_tokens += keep
+            return cache, keep
+
+    def put(self, tokens: Sequence[int], cache: KVCache) -> None:
+        """Keep `cache`, which holds the K/V of `tokens` (its first cache.offset tokens are
+        used), as the most recently used entry; evict the least recently used beyond
+        max_bytes."""
+        if cache.offset == 0 or cache.nbytes > self.max_bytes:
+            return
+        tokens = list(tokens[: cache.offset])
+        with self._lock:
+            self._entries.append((tokens, cache))
+            while sum(c.nbytes for _, c in self._entries) > self.max_bytes:
+                self._entries.pop(0)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(c.nbytes for _, c in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
