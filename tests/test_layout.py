@@ -16,7 +16,7 @@ RANKS = {
     "models": 2, "checkpoint": 2.5,
     "decoding": 3, "convert": 3,
     "generate": 4, "loader": 4,
-    "training": 5, "tools": 5,
+    "training": 5, "tools": 5, "serve": 5,
     "cli": 6, "__init__": 7,
 }
 

@@ -12,7 +12,8 @@ import pytest
 
 from specstream_mlx import generate, load
 from specstream_mlx.convert.embedded import ensure_embedded_model
-from specstream_mlx.decoding.step import Draft, generate_step
+from specstream_mlx.decoding.drafter import Draft
+from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.generate import encode_prompt
 
@@ -140,3 +141,31 @@ def test_shipped_streams_draft_accepted_tokens(smollm):
                                       "is a prime.", chat=True)
     events = list(generate_step(model, prompt, max_tokens=96, lookup_depth=0, adaptive=False))
     assert len(events) / events[-1].passes > MIN_STREAM_TOKENS_PER_PASS
+
+
+def test_server_answers_like_the_python_api(smollm):
+    """The real `openai` client against `specstream serve`'s app on the embedded model:
+    a two-turn conversation, greedy, equal to the Python API; the second turn reuses the
+    first turn's KV cache."""
+    openai = pytest.importorskip("openai")
+    from test_serve import Server
+
+    from specstream_mlx.generate import encode_messages
+    from specstream_mlx.serve.app import ServeConfig, create_app
+
+    model, tok = smollm
+    server = Server(create_app(model, tok, ServeConfig(model_name="smollm2")))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        for turn in range(2):
+            r = client.chat.completions.create(model="smollm2", messages=messages,
+                                               max_tokens=24)
+            want = generate(model, tok, encode_messages(tok, messages), max_tokens=24)
+            assert r.choices[0].message.content == want
+            if turn == 1:
+                assert r.model_extra["specstream"]["prompt_cached_tokens"] > 20
+            messages += [{"role": "assistant", "content": want},
+                         {"role": "user", "content": "And of Italy?"}]
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ from specstream_mlx.cli import chat
 from specstream_mlx.cli import convert as convert_cli
 from specstream_mlx.cli import data as data_cli
 from specstream_mlx.cli import generate as generate_cli
+from specstream_mlx.cli import serve as serve_cli
 from specstream_mlx.cli import train as train_cli
 from specstream_mlx.cli import tune as tune_cli
 from specstream_mlx.cli.args import add_model_args
@@ -20,7 +21,7 @@ SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
 # Subcommands that do not decode: no model and sampling flags.
 TOOL_SUBCOMMANDS = {
     "convert": convert_cli, "data": data_cli, "train": train_cli, "bench": bench_cli,
-    "tune": tune_cli,
+    "tune": tune_cli, "serve": serve_cli,
 }
 
 

@@ -1,0 +1,52 @@
+"""Serve the model over an OpenAI-compatible HTTP API (chat and text completions)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specstream_mlx.errors import InputError
+from specstream_mlx.loader import PRECISIONS, describe_model, load
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    parser.add_argument("--max-queue", type=int, default=16,
+                        help="requests that may wait for the model; one more gets 429")
+    parser.add_argument("--max-tokens-limit", type=int, default=4096,
+                        help="the most tokens one request may ask for")
+    parser.add_argument("--prompt-cache-mb", type=int, default=1024,
+                        help="memory for the KV caches of recent conversations")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from specstream_mlx.serve.app import ServeConfig, create_app
+    except ImportError:
+        raise InputError("serve needs its extra: pip install 'specstream-mlx[serve]'") from None
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    for flag in ("max_queue", "max_tokens_limit", "prompt_cache_mb"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("--api-key is empty")
+    model, tokenizer = load(args.model, precision=args.precision)
+    print(f"[{describe_model(model)}]", file=sys.stderr)
+    config = ServeConfig(model_name=args.model or "smollm2-135m-instruct",
+                         api_key=args.api_key, max_queue=args.max_queue,
+                         max_tokens_limit=args.max_tokens_limit,
+                         prompt_cache_bytes=args.prompt_cache_mb << 20)
+    print(f"serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(model, tokenizer, config), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
