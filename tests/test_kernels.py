@@ -44,6 +44,17 @@ def test_folded_attention_matches_sdpa(rows):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keys", [100, 600])
+def test_one_row_attention_matches_sdpa(keys):
+    """One row without a mask: MLX's kernel below LONG_PREFIX keys, the folded one above."""
+    q = mx.random.normal((1, 8, 1, 16))
+    k = mx.random.normal((1, 2, keys, 16))
+    v = mx.random.normal((1, 2, keys, 16))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None)
+    np.testing.assert_allclose(np.array(attention(q, k, v, 0.25, None)), np.array(want),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_verification_with_folded_attention_equals_plain():
     """Many-row verify passes (folded attention, fused exp) keep greedy output exact."""
     model = tiny_model("llama", seed=3, streams=StreamArgs(num_streams=3, msa_layers=2))
