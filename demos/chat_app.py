@@ -2,7 +2,8 @@
 
 The app keeps the conversation as a list of messages, formats it with the tokenizer's chat
 template every turn, streams the answer as it is decoded and prints how many tokens each
-forward pass produced (tokens/pass > 1 means the model's drafts were accepted).
+forward pass produced (tokens/pass > 1 means the model's drafts were accepted). A
+PromptCache keeps the previous turn's KV cache, so each turn prefills only its new tokens.
 
     python demos/chat_app.py                          # the embedded SmolLM2-135M-Instruct
     python demos/chat_app.py --model path/to/folder   # any specstream / MLX model folder
@@ -16,20 +17,25 @@ from __future__ import annotations
 import argparse
 
 from specstream_mlx import load, stream_generate
+from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.errors import InputError
+from specstream_mlx.generate import encode_messages
 
 
-def answer(model, tokenizer, messages: list[dict], max_tokens: int) -> str:
+def answer(model, tokenizer, messages: list[dict], max_tokens: int,
+           cache: PromptCache) -> str:
     """Stream the assistant's reply to `messages`, then print its statistics."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = encode_messages(tokenizer, messages)
     reply, last = "", None
     print("assistant> ", end="", flush=True)
-    for last in stream_generate(model, tokenizer, list(prompt), max_tokens=max_tokens):
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                prompt_cache=cache):
         print(last.text, end="", flush=True)
         reply += last.text
     print()
     print(f"  [{last.generation_tokens} tokens in {last.passes} passes: "
-          f"{last.tokens_per_pass:.2f} tokens/pass, {last.generation_tps:.1f} tokens/s]")
+          f"{last.tokens_per_pass:.2f} tokens/pass, {last.generation_tps:.1f} tokens/s, "
+          f"{last.prompt_cached_tokens} of {last.prompt_tokens} prompt tokens reused]")
     return reply
 
 
@@ -42,6 +48,7 @@ def main() -> None:
 
     model, tokenizer = load(args.model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    cache = PromptCache(model)
     while True:
         try:
             user = input("you> ").strip()
@@ -52,7 +59,7 @@ def main() -> None:
             break
         messages.append({"role": "user", "content": user})
         try:
-            reply = answer(model, tokenizer, messages, args.max_tokens)
+            reply = answer(model, tokenizer, messages, args.max_tokens, cache)
         except InputError as e:  # e.g. the conversation outgrew the context: start over
             print(f"\n  [{e}; starting a new conversation]")
             messages = messages[:1] if args.system else []
