@@ -33,7 +33,6 @@ stream stays the base model exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from specstream_mlx.errors import ConversionError
+from specstream_mlx.jsonl import read_json_object
 from specstream_mlx.models.layers import PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
@@ -116,10 +116,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ConversionError(f"{folder} has no {CONFIG_FILE}: not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    config = read_json_object(path, ConversionError)
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{path}: peft_type {config['peft_type']!r} is not supported (LORA)")
     for key in ("use_dora", "fan_in_fan_out"):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from pathlib import Path
 
 import mlx.nn as nn
 
 from specstream_mlx.errors import ModelLoadError
+from specstream_mlx.jsonl import read_json_object
 
 # model_type -> module; Mistral and SmolLM checkpoints use the Llama layout.
 ARCHITECTURES = {
@@ -32,13 +32,7 @@ def read_config(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{path} has no config.json: not a model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_path} must hold a JSON object, not a "
-                             f"{type(config).__name__}")
+    config = read_json_object(config_path, ModelLoadError)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ModelLoadError(

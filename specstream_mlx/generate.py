@@ -43,12 +43,9 @@ class GenerationResponse:
 
 def encode_prompt(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
     """Token ids of a prompt; with `chat`, wrap it as a user turn via the chat template."""
-    if not isinstance(prompt, str | bytes | bytearray | list | tuple):
-        raise InputError(f"prompt must be a string or a list of token ids, got "
-                         f"{type(prompt).__name__}")
-    if not isinstance(prompt, str | bytes | bytearray):
+    if isinstance(prompt, list | tuple):
         return check_token_ids(prompt, sys.maxsize)  # generate_step checks the vocabulary
-    prompt = check_text(prompt)
+    prompt = check_text(prompt)  # refuses any other type by name
     if chat:
         return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer.encode(prompt))

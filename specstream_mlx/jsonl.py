@@ -1,4 +1,5 @@
-"""JSONL files (one JSON record per line): prompt sets, training data, distilled answers."""
+"""JSON files: JSONL (one record per line: prompt sets, training data, distilled answers)
+and single-object config files, each bad file a clear error."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     path.write_text("".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """The JSON object in `path`; `error` (the caller's user-facing type) names the file
+    when it is not valid JSON or holds another JSON value (a list, a number, ...)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value

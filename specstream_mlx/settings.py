@@ -30,6 +30,10 @@ RULES = {
     "lookup_depth": ("int", 0, MAX_LOOKUP_DEPTH, True),
     "min_draft_prob": ("real", 0.0, 1.0, True),
     "seed": ("int", 0, 2**63 - 1, True),
+    "limit": ("int", 1, None, True),
+    "batch_size": ("int", 1, None, False),
+    "window": ("int", 1, None, False),
+    "conversation": ("int", 0, None, False),
 }
 
 
@@ -129,3 +133,9 @@ def parse_counts(text: str, label: str, low: int = 1, high: int = 256) -> list[i
     if not all(low <= c <= high for c in counts):
         raise InputError(f"{label}: every count must be in [{low}, {high}], got {text!r}")
     return counts
+
+
+def check_rows(rows, label: str = "rows") -> None:
+    """A non-empty list of pass row counts, each in 1..256."""
+    if not rows or not all(isinstance(r, int) and 1 <= r <= 256 for r in rows):
+        raise InputError(f"{label} must be row counts in [1, 256], got {rows!r}")

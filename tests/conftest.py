@@ -92,3 +92,21 @@ def reference_model(name: str, model: nn.Module):
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """A tiny model folder on disk with fresh streams (3 streams in the top 2 layers), one
+    per test module."""
+    from tiny_folder import make_tiny_folder  # it imports this module
+
+    streams = StreamArgs(num_streams=3, msa_layers=2)
+    return str(make_tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny", streams=streams)[0])
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    """`load(folder)`: the model and tokenizer of `folder`."""
+    from specstream_mlx import load
+
+    return load(folder)

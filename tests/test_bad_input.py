@@ -17,18 +17,6 @@ from specstream_mlx.cli import main
 from specstream_mlx.errors import SpecstreamError
 from specstream_mlx.models.config import StreamArgs
 
-STREAMS = StreamArgs(num_streams=3, msa_layers=2)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> str:
-    return str(make_tiny_folder(tmp_path_factory.mktemp("bad") / "tiny", streams=STREAMS)[0])
-
-
-@pytest.fixture(scope="module")
-def loaded(folder):
-    return load(folder)
-
 
 def run_cli(argv: list[str], capsys) -> str:
     """Runs the CLI; asserts exit status 2 and one error line; returns that line."""

@@ -12,24 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_folder import make_tiny_folder
 
-from specstream_mlx import load
 from specstream_mlx.cli import main
 from specstream_mlx.cli.chat import GREEN, chat_loop
-from specstream_mlx.models.config import StreamArgs
-
-STREAMS = StreamArgs(num_streams=3, msa_layers=2)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> str:
-    return str(make_tiny_folder(tmp_path_factory.mktemp("cli") / "tiny", streams=STREAMS)[0])
-
-
-@pytest.fixture(scope="module")
-def loaded(folder):
-    return load(folder)
 
 
 def scripted(*turns):

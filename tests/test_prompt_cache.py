@@ -4,20 +4,11 @@ tokens, and the answer is token for token the one a fresh prefill gives."""
 from __future__ import annotations
 
 import pytest
-from tiny_folder import make_tiny_folder
 
-from specstream_mlx import load, stream_generate
+from specstream_mlx import stream_generate
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.prompt_cache import PromptCache, common_prefix
 from specstream_mlx.errors import InputError
-from specstream_mlx.models.config import StreamArgs
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    folder, _ = make_tiny_folder(tmp_path_factory.mktemp("pc") / "m",
-                                 streams=StreamArgs(num_streams=3, msa_layers=2))
-    return load(folder)
 
 
 def run(loaded, ids, **kw):

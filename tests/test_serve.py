@@ -11,14 +11,12 @@ import time
 
 import httpx
 import pytest
-from tiny_folder import make_tiny_folder
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from specstream_mlx import load, stream_generate  # noqa: E402
+from specstream_mlx import stream_generate  # noqa: E402
 from specstream_mlx.generate import encode_messages  # noqa: E402
-from specstream_mlx.models.config import StreamArgs  # noqa: E402
 from specstream_mlx.serve.app import ServeConfig, create_app  # noqa: E402
 
 KEY = "test-key"
@@ -48,13 +46,6 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    folder, _ = make_tiny_folder(tmp_path_factory.mktemp("serve") / "m",
-                                 streams=StreamArgs(num_streams=3, msa_layers=2))
-    return load(folder)
 
 
 @pytest.fixture(scope="module")

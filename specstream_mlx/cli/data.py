@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     check_value("max_tokens", args.max_tokens, "--max-tokens")
-    check_value("max_tokens", args.batch_size, "--batch-size")
+    check_value("batch_size", args.batch_size, "--batch-size")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_path(out / "train.jsonl", "--out")

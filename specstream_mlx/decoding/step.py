@@ -17,7 +17,13 @@ import numpy as np
 
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.controller import Controller, costs_for
-from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter, planned_tree
+from specstream_mlx.decoding.drafter import (
+    Draft,
+    Drafter,
+    Drafting,
+    budget_drafter,
+    planned_tree,
+)
 from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -163,40 +169,6 @@ def speculative_step(
     return StepResult(accepted + [bonus], len(accepted), new_draft, path)
 
 
-@dataclass(frozen=True)
-class Drafting:
-    """How one generation drafts, resolved once from the caller's values and the model's
-    stream config: `enabled` False is plain decoding (no streams, or speculative off)."""
-
-    enabled: bool
-    budget: int = 0  # stream nodes per tree at most
-    top_k: int = 0  # candidates per stream
-    lookup: int = 0  # context-draft length
-    min_prob: float = 0.0  # floor on a stream node's path probability
-
-    @classmethod
-    def resolve(cls, model, speculative: bool, tree_budget: int | None,
-                draft_top_k: int | None, lookup_depth: int | None,
-                min_draft_prob: float | None) -> Drafting:
-        check_settings(tree_budget=tree_budget, draft_top_k=draft_top_k,
-                       lookup_depth=lookup_depth, min_draft_prob=min_draft_prob)
-        sa = model.stream_args
-        if not speculative or sa is None:
-            return cls(False)
-        top_k = draft_top_k or sa.top_k
-        drafts_from = len(model.streams.draft_vocab) if model.has_draft_vocab \
-            else model.args.vocab_size
-        if top_k > drafts_from:
-            raise InputError(f"draft_top_k ({top_k}) exceeds the {drafts_from} tokens the "
-                             "streams draft from")
-
-        def pick(value, default):
-            return default if value is None else value
-
-        return cls(True, pick(tree_budget, sa.tree_budget), top_k,
-                   pick(lookup_depth, sa.lookup_depth), pick(min_draft_prob, sa.min_draft_prob))
-
-
 def generate_step(
     model,
     prompt: list[int],
@@ -236,15 +208,14 @@ def generate_step(
             f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
         )
     max_tokens = min(max_tokens, context - len(prompt))
-    streams, top_k, budget, lookup, min_prob = d.enabled, d.top_k, d.budget, d.lookup, \
-        d.min_prob
+    streams, top_k = d.enabled, d.top_k
     controller = index = None
     # Sampling keeps fixed drafts: timed choices would change which random numbers each
     # token draws, and a seeded run must repeat itself.
     if streams and drafter is None and adaptive and sampler is None:
         controller = Controller(costs_for(model), model.stream_args.num_streams)
-        index = NgramIndex() if lookup > 0 else None
-    drafter = drafter or budget_drafter(budget, lookup, min_prob)
+        index = NgramIndex() if d.lookup > 0 else None
+    drafter = drafter or budget_drafter(d.budget, d.lookup, d.min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))
     if cache.offset >= len(prompt):
         raise InputError(f"the cache holds {cache.offset} tokens, the prompt only "
@@ -269,8 +240,7 @@ def generate_step(
             tic = time.perf_counter()
             plan = match = None
             if controller is not None:
-                tree, plan, match = planned_tree(controller, draft, history, index,
-                                                 (budget, lookup, min_prob))
+                tree, plan, match = planned_tree(controller, draft, history, index, d)
             else:
                 tree = drafter(draft, history) if streams else DraftTree()
             # Drafts deeper than the tokens still allowed could never be emitted.

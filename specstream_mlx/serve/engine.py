@@ -44,11 +44,10 @@ class Engine:
     """The worker thread and its queue of at most `max_queue` waiting jobs."""
 
     def __init__(self, model, tokenizer, max_queue: int = 16,
-                 prompt_cache_bytes: int = 1 << 30, on_token=None):
+                 prompt_cache_bytes: int = 1 << 30):
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = PromptCache(model, prompt_cache_bytes)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.on_token = on_token  # metrics hook: called with each GenerationResponse
         self.busy = False
         self._thread = threading.Thread(target=self._run, name="specstream-worker",
                                         daemon=True)
@@ -88,8 +87,6 @@ class Engine:
                                      prompt_cache=self.prompt_cache, **job.settings):
                 if job.cancelled.is_set():
                     break
-                if self.on_token is not None:
-                    self.on_token(r)
                 job.emit(r)
             job.emit(Done())
         except SpecstreamError as e:

@@ -24,7 +24,7 @@ from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages, encode_prompt, stream_generate
 from specstream_mlx.jsonl import read_jsonl
 from specstream_mlx.loader import describe_model, load, resolve_path, set_precision
-from specstream_mlx.settings import check_output_path, check_settings
+from specstream_mlx.settings import check_output_path, check_rows, check_settings
 
 
 @dataclass
@@ -207,14 +207,8 @@ def check_bench_args(args: BenchArgs) -> None:
     check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget,
                    draft_top_k=args.draft_top_k,
                    lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
-    if args.limit is not None and (not isinstance(args.limit, int) or args.limit < 1):
-        raise InputError(f"limit must be >= 1, got {args.limit!r}")
-    if not isinstance(args.conversation, int) or args.conversation < 0:
-        raise InputError(f"conversation must be >= 0, got {args.conversation!r}")
-    if not isinstance(args.window, int) or args.window < 1:
-        raise InputError(f"window must be >= 1, got {args.window!r}")
-    if not args.rows or not all(isinstance(r, int) and 1 <= r <= 256 for r in args.rows):
-        raise InputError(f"rows must be row counts in [1, 256], got {args.rows!r}")
+    check_settings(limit=args.limit, window=args.window, conversation=args.conversation)
+    check_rows(args.rows)
     check_output_path(args.json_path, "json")
     check_output_path(args.png_path, "png")
     if args.png_path:

@@ -26,7 +26,7 @@ from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter
 from specstream_mlx.decoding.step import stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
-from specstream_mlx.settings import check_output_path, check_settings, check_value
+from specstream_mlx.settings import check_output_path, check_rows, check_settings, check_value
 
 
 @dataclass
@@ -219,18 +219,15 @@ class TuneArgs:
 
 def check_tune_args(args: TuneArgs) -> None:
     """Every setting of the grid checked before any replay."""
-    check_settings(max_tokens=args.max_tokens, draft_top_k=args.draft_top_k)
-    if args.limit is not None:
-        check_value("max_tokens", args.limit, "limit")
+    check_settings(max_tokens=args.max_tokens, draft_top_k=args.draft_top_k, limit=args.limit)
     for name, values in (("tree_budget", args.budgets), ("lookup_depth", args.lookup_depths),
                          ("min_draft_prob", args.min_draft_probs)):
         if values is not None and not values:
             raise InputError(f"{name}: the grid is empty")
         for v in values or ():
             check_value(name, v, f"{name} grid value")
-    if args.rows is not None and not all(isinstance(r, int) and 1 <= r <= 256
-                                         for r in args.rows):
-        raise InputError(f"rows must be row counts in [1, 256], got {args.rows!r}")
+    if args.rows is not None:
+        check_rows(args.rows)
     check_output_path(args.json_path, "json")
 
 

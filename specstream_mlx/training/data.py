@@ -232,7 +232,7 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     from specstream_mlx.loader import load
 
     check_value("max_tokens", max_tokens)
-    check_value("max_tokens", batch_size, "batch_size")
+    check_value("batch_size", batch_size)
     check_output_path(out_path, "out_path")
     done: list[dict] = []
     if resume and out_path is not None and Path(out_path).is_file():
