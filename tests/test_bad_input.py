@@ -293,3 +293,13 @@ def test_data_flags(folder, tmp_path, capsys, flags, message):
 def test_data_out_is_a_file(folder, prompts, capsys):
     assert "is a file; give a folder" in run_cli(["data", "--model", folder, "--out",
                                                   prompts], capsys)
+
+
+def test_peft_config_that_is_not_an_object(folder, tmp_path, capsys):
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    line = run_cli(["convert", "--hf-path", folder, "--mlx-path", str(tmp_path / "out"),
+                    "--adapter-path", str(adapter)], capsys)
+    assert "must hold a JSON object, not a list" in line
+    assert not (tmp_path / "out").exists()
