@@ -15,6 +15,10 @@ from .layers import LanguageModel, Rows, rope_table
 from .masks import msa_mask, prefix_mask, sdpa_mask, stream_mask
 from .streams import Streams
 
+# Stream-only passes with more rows than this attend group by group (grouped_attention):
+# training passes hundreds; a decode pass has one node's few (kernels.attention's path).
+GROUPED_ROWS = 64
+
 
 class DecoderModel(nn.Module):
     """A decoder-only model whose top layers can carry speculative stream rows.
@@ -65,12 +69,12 @@ class DecoderModel(nn.Module):
 
     # --- forward ---------------------------------------------------------------------
 
-    def pass_rows(self, positions: mx.array, mask, cache, n_main: int, pending: int = 0
-                  ) -> Rows:
+    def pass_rows(self, positions: mx.array, mask, cache, n_main: int, pending: int = 0,
+                  group: int = 0) -> Rows:
         """The Rows of a pass, with the RoPE table computed once for all its layers."""
         attn = self.layers[0].self_attn
         table = rope_table(attn.rope, positions, attn.head_dim, self.model.norm.weight.dtype)
-        return Rows(positions, mask, cache, n_main, pending, table)
+        return Rows(positions, mask, cache, n_main, pending, table, group)
 
     def head(self, h: mx.array) -> mx.array:
         """Normalised hidden states (..., hidden) -> logits (..., vocab)."""
@@ -138,16 +142,21 @@ class DecoderModel(nn.Module):
         h: (B, S, hidden) the main rows' hidden states entering the first MSA layer;
         positions: (S,) int32 their positions; seen: (S, offset + pending) bool, what each
         main row saw among the cache's committed slots and the `pending` slots after them;
-        embedding_scale as in `upper`. Returns (B, S, gamma, hidden), final-normed.
+        or positions (B, S) and seen (B, S, offset + pending), each batch entry's own rows
+        (training); embedding_scale as in `upper`. Returns (B, S, gamma, hidden),
+        final-normed.
         """
         sa = self.stream_args
         if sa.main_sees_streams:
             raise ValueError("stream_pass needs main rows that do not see their streams")
         B, S, H = h.shape
         g = sa.num_streams
-        mask = stream_mask(seen, mx.arange(S), g)
-        pos = (positions[:, None] + mx.arange(1, g + 1)).reshape(-1).astype(mx.int32)
-        rows = self.pass_rows(pos, mask, cache, 0, pending)
+        pos = (positions[..., None] + mx.arange(1, g + 1)).astype(mx.int32)
+        pos = pos.reshape(*positions.shape[:-1], -1)
+        if seen.ndim == 3 or S * g > GROUPED_ROWS:  # skip the (S*g)^2 stream-stream block
+            rows = self.pass_rows(pos, mx.repeat(seen, g, axis=-2), cache, 0, pending, g)
+        else:  # decoding (S = 1): the few-rows attention under one full mask
+            rows = self.pass_rows(pos, stream_mask(seen, mx.arange(S), g), cache, 0, pending)
         P = self.streams.embeddings * embedding_scale
         s = (h[:, :, None, :] + P).reshape(B, -1, H)
         for i in range(self.split, len(self.layers)):

@@ -79,3 +79,37 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float,
     e = _exp_shifted(s, mx.max(s, axis=-1, keepdims=True))
     p = (e / mx.sum(e, axis=-1, keepdims=True)).reshape(B, Hk, g * R, -1)
     return (p @ values).reshape(B, H, R, D)
+
+
+def grouped_attention(q: mx.array, keys: mx.array, values: mx.array, own_keys: mx.array,
+                      own_values: mx.array, scale: float, mask: mx.array, group: int
+                      ) -> mx.array:
+    """Attention of rows that come in groups of `group` siblings (the stream rows of a
+    stream-only pass: row (n, j) is stream j+1 of node n): each row sees the shared keys
+    its `mask` allows and its own group's rows up to itself. The same result as one
+    attention over shared + own keys under the full mask, without the (R, R) block of
+    which only the diagonal groups are visible (training: 576 stream rows over 224 keys
+    score 227 keys a row instead of 800).
+
+    q: (B, H, R, D) with R = N * group; keys, values: (B, H_kv, P, D) shared;
+    own_keys, own_values: (B, H_kv, R, D) the rows' own; mask: (R, P) bool, or (B, R, P)
+    one per batch entry. Returns (B, H, R, D).
+    """
+    B, H, R, D = q.shape
+    Hk, P = keys.shape[1], keys.shape[2]
+    rep, N = H // Hk, R // group
+    q = q * scale
+    # Query heads of a key/value head folded into rows: one product per key/value head.
+    shared = (q.reshape(B, Hk, rep * R, D) @ keys.swapaxes(-1, -2)).reshape(
+        B, Hk, rep, N, group, P)
+    blocked = mx.array(-float("inf"), q.dtype)
+    bias = mx.where(mask, mx.array(0.0, q.dtype), blocked).reshape(*mask.shape[:-2], N, group, P)
+    shared = shared + (bias[:, None, None] if mask.ndim == 3 else bias)
+    k_own = own_keys.reshape(B, Hk, 1, N, group, D)
+    own = q.reshape(B, Hk, rep, N, group, D) @ k_own.swapaxes(-1, -2)
+    causal = mx.tril(mx.ones((group, group), dtype=mx.bool_))
+    own = own + mx.where(causal, mx.array(0.0, q.dtype), blocked)
+    p = mx.softmax(mx.concatenate([shared, own], axis=-1), axis=-1)
+    out = (p[..., :P].reshape(B, Hk, rep * R, P) @ values).reshape(B, Hk, rep, N, group, D)
+    out = out + p[..., P:] @ own_values.reshape(B, Hk, 1, N, group, D)
+    return out.reshape(B, H, R, D)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .kernels import attention, linear
+from .kernels import attention, grouped_attention, linear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -23,7 +23,10 @@ class Rows:
     cache: the KV cache or None; n_main: the first n_main rows are main rows, the rest
     stream rows; pending: with n_main 0 (a pass of stream rows only), how many rows an
     earlier pass wrote after the cache's committed slots that these rows also see;
-    rotation: the RoPE table of `positions`, shared by every layer of the pass.
+    rotation: the RoPE table of `positions`, shared by every layer of the pass;
+    group: with n_main 0, rows come in groups of this many streams of one node, each
+    seeing its own group causally, and `mask` (R, keys) covers the cache's keys only
+    (kernels.grouped_attention); 0: `mask` covers every key.
     """
 
     positions: mx.array
@@ -32,6 +35,7 @@ class Rows:
     n_main: int
     pending: int = 0
     rotation: tuple[mx.array, mx.array] | None = None  # rope_table(...) of `positions`
+    group: int = 0
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
@@ -126,6 +130,11 @@ class Attention(nn.Module):
                 keys, values = cache.write(layer, k[:, :, :n_main], v[:, :, :n_main])
             else:
                 keys, values = cache.read(layer, rows.pending)
+                if rows.group:
+                    out = grouped_attention(q, keys, values, k, v, self.scale, rows.mask,
+                                            rows.group)
+                    return project(self, "o_proj", out.transpose(0, 2, 1, 3).reshape(B, R, -1),
+                                   adapter, n_main)
             if R > n_main:
                 keys = mx.concatenate([keys, k[:, :, n_main:]], axis=2)
                 values = mx.concatenate([values, v[:, :, n_main:]], axis=2)
@@ -140,6 +149,8 @@ def project(module: nn.Module, name: str, x: mx.array, adapter, n_main: int) -> 
     y = linear(getattr(module, name), x)
     if adapter is None or x.shape[1] == n_main:
         return y
+    if n_main == 0:  # stream rows only: no main rows to keep apart
+        return y + adapter.delta(name, x)
     delta = adapter.delta(name, x[:, n_main:])
     return mx.concatenate([y[:, :n_main], y[:, n_main:] + delta], axis=1)
 

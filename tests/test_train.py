@@ -120,6 +120,25 @@ def test_make_batch_rows_and_targets():
     assert 14 not in batch.stream_target.tolist() and 22 not in batch.stream_target.tolist()
 
 
+def test_make_batch_per_sample_rows_cover_each_completion_only():
+    H = 4
+    s0 = Sample(np.arange(10, 17), 4, mx.random.normal((7, H)))  # rows 3, 4 have targets
+    s1 = Sample(np.arange(20, 26), 2, mx.random.normal((6, H)))  # rows 1, 2, 3
+    shared = make_batch([s0, s1], gamma=2)
+    batch = make_batch([s0, s1], gamma=2, per_sample=True)
+    # Each sample's own rows t = start-1 .. n-3; the shorter repeats its last row.
+    assert batch.stream_rows.tolist() == [[3, 4, 4], [1, 2, 3]]
+    S = 3
+    want = [(0, 0, 1, 15), (0, 0, 2, 16), (0, 1, 1, 16),
+            (1, 0, 1, 23), (1, 0, 2, 24), (1, 1, 1, 24), (1, 1, 2, 25), (1, 2, 1, 25)]
+    assert batch.stream_index.tolist() == [(b * S + s) * 2 + j - 1 for b, s, j, _ in want]
+    assert batch.stream_target.tolist() == [y for *_, y in want]
+    # Same main rows, same targets in the same order as the shared layout.
+    for name in ("main_index", "main_target", "prune_index", "prune_target", "stream_target"):
+        assert getattr(batch, name).tolist() == getattr(shared, name).tolist(), name
+    assert batch.stream_id.tolist() == shared.stream_id.tolist()
+
+
 def test_make_batch_single_sample_first_row():
     s = Sample(np.arange(40, 50), 6, mx.zeros((10, 3)))
     batch = make_batch([s], gamma=3)
@@ -263,6 +282,52 @@ def test_frozen_main_path_gives_the_same_loss_and_gradients(arch):
     for name, grad in g0.items():
         np.testing.assert_allclose(np.array(g1[name]), np.array(grad), rtol=1e-3, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_grouped_stream_rows_give_the_full_pass_loss_and_gradients(arch, per_sample,
+                                                                  monkeypatch):
+    """Stream rows attending group by group (kernels.grouped_attention, forced here for
+    every stream-only pass), in the shared or the per-sample row layout, give the loss,
+    hits and gradients of the full MSA pass under one mask."""
+    import mlx.nn as nn
+
+    from specstream_mlx.models import decoder
+
+    monkeypatch.setattr(decoder, "GROUPED_ROWS", 0)
+    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4)
+    model = tiny_model(arch, seed=7, streams=streams)
+    for adapter in model.streams.adapters:
+        for name, value in list(adapter.parameters().items()):
+            if name.endswith("_b"):
+                setattr(adapter, name, mx.random.normal(value.shape) * 0.1)
+    model.freeze()
+    model.streams.unfreeze()
+    rng = np.random.default_rng(2)
+    examples = [Example(rng.integers(3, 97, n).tolist(), start)
+                for n, start in [(14, 6), (9, 3), (22, 12), (3, 2)]]
+    samples = frozen_hidden(model, examples)
+    results = []
+    for frozen, batch in ((False, make_batch(samples, 3)),
+                          (True, make_batch(samples, 3, per_sample=per_sample))):
+        fn = nn.value_and_grad(model, lambda m, b, f=frozen: losses(m, b, 0.0, 0.3, 0.2, f))
+        (loss, (_, per_stream, _, hits)), grads = fn(model, batch)
+        results.append((loss, per_stream, hits, dict(tree_flatten(grads))))
+    (l0, s0, h0, g0), (l1, s1, h1, g1) = results
+    np.testing.assert_allclose(l1.item(), l0.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(s1), np.array(s0), rtol=1e-5)
+    assert np.array(h1).tolist() == np.array(h0).tolist()
+    assert g1.keys() == g0.keys() and len(g0) > 5
+    for name, grad in g0.items():
+        np.testing.assert_allclose(np.array(g1[name]), np.array(grad), rtol=1e-3, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_per_sample_rows_need_the_frozen_main_path():
+    model = tiny_model("llama", seed=8, streams=StreamArgs(num_streams=2, msa_layers=2))
+    samples = frozen_hidden(model, [Example(list(range(3, 15)), 5)])
+    with pytest.raises(ValueError, match="frozen-main"):
+        losses(model, make_batch(samples, 2, per_sample=True), 1.0, 0.3, 0.2, True)
 
 
 @pytest.mark.parametrize("batch_tokens", [4096, 20, 1])

@@ -39,6 +39,9 @@ def vocab_lookup(draft_vocab: np.ndarray | None, vocab_size: int) -> np.ndarray:
 class Batch:
     """Padded samples: hidden (B, T, hidden), tokens (B, T), gather indices for the loss.
 
+    stream_rows: the main rows that carry streams, (S,) shared by the batch (every row
+    from the earliest completion on), or (B, S) each sample's own completion rows (the
+    per-sample layout: padding and prompt rows carry no stream rows).
     Stream and pruning targets are indices into the draft vocabulary; targets outside it
     cannot be drafted, so they are left out of the loss and counted in `stream_missed`.
     """
@@ -57,11 +60,13 @@ class Batch:
     tokens: int  # completion tokens in the batch
 
 
-def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = None) -> Batch:
+def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = None,
+               per_sample: bool = False) -> Batch:
     """Loss rows: position t predicts t+1 (main) and t+1+j (stream j), for targets
     inside the completion; t starts at the last prompt token, which drafts too.
     lookup: token id -> draft-vocabulary index or -1 (see `vocab_lookup`); None: the
-    whole vocabulary."""
+    whole vocabulary. per_sample: stream rows (B, S) per sample, only the rows with a
+    stream target (a shorter sample repeats its last row; those copies carry no loss)."""
     if lookup is None:
         lookup = vocab_lookup(None, max(int(s.tokens.max()) for s in samples) + 1)
     B = len(samples)
@@ -69,21 +74,29 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
     hidden = mx.zeros((B, T, samples[0].hidden.shape[-1]), dtype=samples[0].hidden.dtype)
     for b, s in enumerate(samples):
         hidden[b, : len(s.tokens)] = s.hidden
-    first = max(0, min(s.start for s in samples) - 1)
-    rows = np.arange(first, T - 1)
-    S = len(rows)
+    if per_sample:
+        # Row t has a stream target when t + 2 < n.
+        own = [np.arange(max(0, s.start - 1), len(s.tokens) - 2) for s in samples]
+        S = max(1, max(len(r) for r in own))
+        rows = np.stack([np.pad(r, (0, S - len(r)), mode="edge") if len(r) else np.zeros(S)
+                         for r in own]).astype(np.int64)
+    else:
+        first = max(0, min(s.start for s in samples) - 1)
+        rows = np.arange(first, T - 1)
+        S = len(rows)
     main_idx, main_tgt, pr_idx, pr_tgt, st_idx, st_tgt, st_id = [], [], [], [], [], [], []
     missed = np.zeros(gamma, dtype=np.int64)
     for b, s in enumerate(samples):
         n = len(s.tokens)
-        for si, t in enumerate(rows):
-            if t < s.start - 1 or t + 1 >= n:
-                continue
+        for t in range(max(0, s.start - 1), n - 1):
             main_idx.append(b * T + t)
             main_tgt.append(s.tokens[t + 1])
             if lookup[s.tokens[t + 1]] >= 0:
                 pr_idx.append(b * T + t)
                 pr_tgt.append(lookup[s.tokens[t + 1]])
+        for si, t in enumerate(own[b] if per_sample else rows):
+            if t < s.start - 1 or t + 1 >= n:
+                continue
             for j in range(1, gamma + 1):
                 if t + 1 + j < n:
                     target = lookup[s.tokens[t + 1 + j]]
@@ -100,9 +113,12 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
                  sum(len(s.tokens) - s.start for s in samples))
 
 
-def batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
-    """Batches of similar length (little padding), in random order."""
-    order = sorted(samples, key=lambda s: len(s.tokens) + rng.random())
+def batches(samples: list[Sample], size: int, rng: random.Random,
+            by_completion: bool = False) -> list[list[Sample]]:
+    """Batches of similar length (little padding), in random order; by_completion:
+    similar completion length (the per-sample layout's stream rows)."""
+    order = sorted(samples, key=lambda s: len(s.tokens) - by_completion * s.start
+                   + rng.random())
     groups = [order[i : i + size] for i in range(0, len(order), size)]
     rng.shuffle(groups)
     return groups

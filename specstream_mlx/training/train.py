@@ -107,6 +107,12 @@ class TrainArgs:
         main = self.main_weight if self.main_weight is not None else float(self.mode == "task")
         return main, self.stream_weight
 
+    @property
+    def frozen_main(self) -> bool:
+        """Main rows carry no loss and no trainable weight: they run forward once, and
+        each sample's stream rows cover its completion only (the per-sample layout)."""
+        return self.mode == "lossless" and not self.weights()[0]
+
 
 def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array,
                   embedding_scale: float = 1.0) -> mx.array:
@@ -116,14 +122,19 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
     attending to those K/V (as in a decode pass over a prefix).
 
     h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal main
-    rows); stream_rows: (S,) int32. Returns (B, S, gamma, hidden), final-normed.
+    rows); stream_rows: (S,) int32, or (B, S) each sample's own rows. Returns
+    (B, S, gamma, hidden), final-normed.
     """
     L = h.shape[1]
     cache = KVCache(len(model.layers))
     model.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
-    seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
-    return model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows], seen,
-                             cache, L, embedding_scale)
+    if stream_rows.ndim == 1:
+        seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
+        return model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows],
+                                 seen, cache, L, embedding_scale)
+    seen = stream_rows[..., None] >= mx.arange(L)  # (B, S, L): causal
+    rows_h = mx.take_along_axis(h, stream_rows[..., None], axis=1)
+    return model.stream_pass(rows_h, positions[stream_rows], seen, cache, L, embedding_scale)
 
 
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
@@ -138,6 +149,9 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
     if frozen_main and not main_weight:
         hm, hs = None, upper_streams(model, batch.hidden, batch.positions,
                                      batch.stream_rows, embedding_scale)
+    elif batch.stream_rows.ndim == 2:
+        raise ValueError("per-sample stream rows need the frozen-main path (lossless mode, "
+                         "main weight 0)")
     else:
         hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows,
                              embedding_scale)
@@ -169,11 +183,11 @@ def evaluate(model, samples: list[Sample], args: TrainArgs,
     outside the draft vocabulary counts as a miss)."""
     gamma = model.stream_args.num_streams
     hits, counts, total, n = np.zeros(gamma), np.zeros(gamma), 0.0, 0
-    for group in batches(samples, args.batch_size, random.Random(0)):
-        batch = make_batch(group, gamma, lookup)
+    for group in batches(samples, args.batch_size, random.Random(0), args.frozen_main):
+        batch = make_batch(group, gamma, lookup, args.frozen_main)
         counts += batch.stream_missed
         loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight,
-                                      args.mode == "lossless", embedding_scale)
+                                      args.frozen_main, embedding_scale)
         mx.eval(loss, hit)
         hit = np.array(hit)
         for j in range(gamma):
@@ -321,14 +335,14 @@ def train(args: TrainArgs, log=print) -> dict:
         scale = state.get("embedding_scale", scale)
         log(f"resumed at step {state['step']}")
     loss_and_grad = nn.value_and_grad(model, lambda m, b: losses(
-        m, b, *args.weights(), args.pruning_weight, args.mode == "lossless", scale))
+        m, b, *args.weights(), args.pruning_weight, args.frozen_main, scale))
     gamma = args.num_streams
     plan = []
     while len(plan) < total:
-        plan += batches(train_set, args.batch_size, rng)
+        plan += batches(train_set, args.batch_size, rng, args.frozen_main)
     metrics, window_tokens, window_tic, running = {}, 0, time.perf_counter(), []
     for step in range(state["step"], total):
-        batch = make_batch(plan[step], gamma, lookup)
+        batch = make_batch(plan[step], gamma, lookup, args.frozen_main)
         (loss, (main_ce, per_stream, prune_ce, _)), grads = loss_and_grad(model, batch)
         optimizer.update(model, grads)
         mx.eval(loss, per_stream, model.trainable_parameters(), optimizer.state)
