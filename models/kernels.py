@@ -64,9 +64,14 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float,
     head, each paying the library's threading overhead) and a softmax whose exp is
     `_exp_shifted`: a few rows under a 2-D mask (SmolLM2, 16 rows: 25 ms a pass instead
     of 30+), and one row over a long prefix (30 layers, 1,000 keys: 10.9 ms instead of
-    14.8; below ~512 keys MLX's own kernel is as fast)."""
+    14.8; below ~512 keys MLX's own kernel is as fast). Many rows under "causal"
+    (prefill, the frozen hidden states of training) attend in chunks of rows
+    (`causal_chunks`)."""
     B, H, R, D = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
+    if (isinstance(mask, str) and R >= 2 * CAUSAL_CHUNK and mx.default_device() == mx.cpu
+            and q.dtype == mx.float32):
+        return causal_chunks(q, keys, values, scale)
     few_rows = 1 < R <= 64 and isinstance(mask, mx.array) and mask.ndim == 2
     long_row = R == 1 and mask is None and S >= LONG_PREFIX
     if (not (few_rows or long_row) or mx.default_device() != mx.cpu
@@ -113,3 +118,33 @@ def grouped_attention(q: mx.array, keys: mx.array, values: mx.array, own_keys: m
     out = (p[..., :P].reshape(B, Hk, rep * R, P) @ values).reshape(B, Hk, rep, N, group, D)
     out = out + p[..., P:] @ own_values.reshape(B, Hk, 1, N, group, D)
     return out.reshape(B, H, R, D)
+
+
+# Rows a chunk of `causal_chunks` (measured: 8 x 512 rows, 333 ms -> 198 ms a layer).
+CAUSAL_CHUNK = 64
+
+
+def causal_chunks(q: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    """Causal attention of the R last positions of S keys (the rows follow a prefix of
+    S - R cached keys), chunk by chunk of rows, each chunk scoring only the keys up to its
+    last row. MLX's CPU kernel scores every key of every row and masks the upper half
+    away, and its exp costs ~12 ns an element here: a chunk of rows skips most of that.
+
+    q: (B, H, R, D); keys, values: (B, H_kv, S, D). Returns (B, H, R, D).
+    """
+    B, H, R, D = q.shape
+    Hk, S = keys.shape[1], keys.shape[2]
+    rep, prefix = H // Hk, S - R
+    q = (q * scale).reshape(B, Hk, rep, R, D)
+    blocked = mx.array(-float("inf"), q.dtype)
+    out = []
+    for start in range(0, R, CAUSAL_CHUNK):
+        end = min(start + CAUSAL_CHUNK, R)
+        n, seen = end - start, prefix + end
+        s = q[:, :, :, start:end].reshape(B, Hk, rep * n, D) @ keys[:, :, :seen].swapaxes(-1, -2)
+        row = mx.arange(prefix + start, prefix + end)[:, None]
+        bias = mx.where(row >= mx.arange(seen)[None], mx.array(0.0, q.dtype), blocked)
+        p = mx.softmax(s.reshape(B, Hk, rep, n, seen) + bias, axis=-1)
+        out.append((p.reshape(B, Hk, rep * n, seen) @ values[:, :, :seen])
+                   .reshape(B, H, n, D))
+    return mx.concatenate(out, axis=2)

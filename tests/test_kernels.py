@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.models.config import StreamArgs
-from specstream_mlx.models.kernels import _exp_shifted, attention, matmul_t
+from specstream_mlx.models.kernels import CAUSAL_CHUNK, _exp_shifted, attention, matmul_t
 
 
 def test_matmul_t_equals_the_plain_product():
@@ -52,6 +52,20 @@ def test_one_row_attention_matches_sdpa(keys):
     v = mx.random.normal((1, 2, keys, 16))
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None)
     np.testing.assert_allclose(np.array(attention(q, k, v, 0.25, None)), np.array(want),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "rows", "prefix"), [(2, 2 * CAUSAL_CHUNK, 0),
+                                                      (1, 3 * CAUSAL_CHUNK + 17, 0),
+                                                      (3, 2 * CAUSAL_CHUNK + 5, 37)])
+def test_causal_chunks_match_sdpa(batch, rows, prefix):
+    """Many causal rows (prefill, frozen hidden states) attend chunk by chunk; a prefix of
+    cached keys comes before them, and a last chunk may be short."""
+    q = mx.random.normal((batch, 6, rows, 16))
+    k = mx.random.normal((batch, 2, prefix + rows, 16))
+    v = mx.random.normal((batch, 2, prefix + rows, 16))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    np.testing.assert_allclose(np.array(attention(q, k, v, 0.25, "causal")), np.array(want),
                                rtol=1e-5, atol=1e-5)
 
 
