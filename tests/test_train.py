@@ -423,6 +423,52 @@ def test_lossless_output_keeps_the_base_model_exact(workdir, lossless_run):
         assert greedy(model, ids, True) == greedy(model, ids, False) == greedy(base, ids, False)
 
 
+def test_progress_lines_show_loss_top1_and_tokens_per_second(lossless_run):
+    _, logs = lossless_run
+    lines = [line for line in logs if line.startswith("step ") and "tokens/s" in line]
+    assert len(lines) == 6  # 24 steps, a line every 4
+    for line in lines:
+        top1 = [float(x) for x in line.split("top-1 [", 1)[1].split("]", 1)[0].split()]
+        assert len(top1) == 2 and all(0.0 <= x <= 1.0 for x in top1)
+        assert float(line.split(" tokens/s")[0].rsplit(" ", 1)[1]) > 0
+    # Counting data is learnable: stream 1's top-1 rises from the first window to the last.
+    first, last = (float(x.split("top-1 [", 1)[1].split()[0]) for x in (lines[0], lines[-1]))
+    assert last > first
+
+
+def test_warm_start_continues_from_the_folders_streams(workdir, lossless_run):
+    root, folder, _ = workdir
+    trained = root / "lossless" / "model"
+    args = small_args(root, folder, "warm", model=str(trained), warm_start=True, lr=1e-9,
+                      epochs=0.2)
+    logs: list[str] = []
+    result = train(args, log=logs.append)
+    assert any("warm start from the streams of" in line for line in logs)
+    # One step at a learning rate of 1e-7: the streams and their validation loss are the
+    # trained ones (fresh streams would score like an untrained model).
+    np.testing.assert_allclose(result["valid_loss"], lossless_run[0]["valid_loss"], rtol=1e-3)
+    before = mx.load(str(trained / STREAMS_FILE))
+    after = mx.load(str(Path(result["output"]) / STREAMS_FILE))
+    assert sorted(before) == sorted(after)
+    for k in before:
+        np.testing.assert_allclose(np.array(after[k]), np.array(before[k]), atol=1e-4,
+                                   err_msg=k)
+
+
+def test_warm_start_needs_matching_streams(workdir, lossless_run):
+    root, folder, _ = workdir
+    trained = str(root / "lossless" / "model")
+    with pytest.raises(InputError, match="have num_streams 2, this run asks for 3"):
+        train(small_args(root, folder, "warm-bad", model=trained, warm_start=True,
+                         num_streams=3), log=lambda _: None)
+    with pytest.raises(InputError, match="adapter_rank 4, this run asks for 8 .--adapter-rank"):
+        train(small_args(root, folder, "warm-bad", model=trained, warm_start=True,
+                         adapter_rank=8), log=lambda _: None)
+    with pytest.raises(InputError, match="has no streams to start from"), \
+            pytest.warns(UserWarning, match="no speculative streams"):
+        train(small_args(root, folder, "warm-bad", warm_start=True), log=lambda _: None)
+
+
 def test_draft_vocab_is_trained_saved_and_used(workdir):
     root, folder, _ = workdir
     args = small_args(root, folder, "draft-vocab", draft_vocab=40, epochs=1, valid=None)

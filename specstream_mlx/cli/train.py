@@ -14,6 +14,8 @@ HELP = {
     "run_dir": "folder for checkpoints and the output model (run_dir/model)",
     "mode": "lossless: base frozen, stream-only adapters; task: shared LoRA, fused",
     "resume": "continue from run_dir/checkpoint",
+    "warm_start": "start from the streams --model comes with (the shipped ones by default) "
+                  "instead of fresh ones; the stream settings must match them",
 }
 
 

@@ -73,6 +73,7 @@ class TrainArgs:
     steps_per_checkpoint: int = 100
     max_valid: int = 64
     resume: bool = False
+    warm_start: bool = False
     tree_budget: int = 6
     top_k: int = 3
     draft_vocab: int = 8192  # 0: streams draft from the whole vocabulary
@@ -200,16 +201,43 @@ def evaluate(model, samples: list[Sample], args: TrainArgs,
                                                                           strict=True)]}
 
 
-def scale_stream_embeddings(model, samples: list[Sample], seed: int) -> float:
+def scale_stream_embeddings(model, samples: list[Sample], seed: int, warm: bool = False
+                            ) -> float:
     """Start P[j] at half the typical size of the hidden state it is added to, and let
     training move it at that scale: the hidden state entering the stream layers has an
     RMS of ~20 in SmolLM2, ~1000x the fresh P, and Adam moves P by ~lr per step. The
-    embeddings are set at unit scale; returns the scale every pass multiplies them by."""
+    embeddings are set at unit scale (warm: the loaded P divided by the scale); returns
+    the scale every pass multiplies them by."""
     sample = mx.concatenate([s.hidden[1:] for s in samples[:64]])  # token 0 is an outlier
     rms = mx.sqrt(mx.mean(sample * sample)).item()
+    if warm:
+        model.streams.embeddings = model.streams.embeddings / rms
+        return rms
     mx.random.seed(seed)
     model.streams.embeddings = mx.random.normal(model.streams.embeddings.shape) * 0.5
     return rms
+
+
+def check_warm_start(model, source: Path, args: TrainArgs) -> StreamArgs:
+    """The streams `source` came with, when they fit this run's settings (InputError
+    naming the first that differs); the run then continues from them."""
+    loaded = model.stream_args
+    if loaded is None:
+        raise InputError(f"--warm-start: {source} has no streams to start from")
+    full = not 0 < args.draft_vocab < model.args.vocab_size
+    want = {"num_streams": args.num_streams, "msa_layers": args.msa_layers,
+            "pruning_rank": args.pruning_rank,
+            "adapter_rank": args.adapter_rank if args.mode == "lossless" else 0,
+            "draft_vocab_size": 0 if full else args.draft_vocab}
+    if want["adapter_rank"]:
+        want["adapter_scale"] = args.adapter_scale
+    for name, value in want.items():
+        have = getattr(loaded, name)
+        if have != value:
+            flag = "--" + name.replace("_size", "").replace("_", "-")
+            raise InputError(f"--warm-start: the streams of {source} have {name} {have}, "
+                             f"this run asks for {value} ({flag})")
+    return loaded
 
 
 def trainable(model, args: TrainArgs) -> None:
@@ -294,22 +322,28 @@ def train(args: TrainArgs, log=print) -> dict:
     valid_ex = load_examples(args.valid, tokenizer, args.max_length)[: args.max_valid] \
         if args.valid else []
     vocab_size = model.args.vocab_size
-    draft_vocab = build_draft_vocab(train_ex, args.draft_vocab, vocab_size) \
-        if 0 < args.draft_vocab < vocab_size else None
-    stream_args = StreamArgs(num_streams=args.num_streams, msa_layers=args.msa_layers,
-                             pruning_rank=args.pruning_rank,
-                             adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
-                             adapter_scale=args.adapter_scale, tree_budget=args.tree_budget,
-                             top_k=args.top_k,
-                             draft_vocab_size=0 if draft_vocab is None else len(draft_vocab))
-    init_streams(model, stream_args, seed=args.seed)
+    if args.warm_start:  # continue the folder's streams, their draft vocabulary included
+        check_warm_start(model, source, args)
+        draft_vocab = np.array(model.streams.draft_vocab) if model.has_draft_vocab else None
+        log(f"warm start from the streams of {source}")
+    else:
+        draft_vocab = build_draft_vocab(train_ex, args.draft_vocab, vocab_size) \
+            if 0 < args.draft_vocab < vocab_size else None
+        stream_args = StreamArgs(
+            num_streams=args.num_streams, msa_layers=args.msa_layers,
+            pruning_rank=args.pruning_rank,
+            adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
+            adapter_scale=args.adapter_scale, tree_budget=args.tree_budget, top_k=args.top_k,
+            draft_vocab_size=0 if draft_vocab is None else len(draft_vocab))
+        init_streams(model, stream_args, seed=args.seed)
     lookup = vocab_lookup(draft_vocab, vocab_size)
     if draft_vocab is not None:
         model.streams.draft_vocab = mx.array(draft_vocab)
         valid_tokens = [t for e in valid_ex for t in e.tokens[e.completion_start:]]
         cover = np.mean(lookup[valid_tokens] >= 0) if valid_tokens else float("nan")
-        log(f"streams draft from the {len(draft_vocab)} most frequent training tokens "
-            f"(of {vocab_size}); they cover {cover:.1%} of held-out completion tokens")
+        which = "loaded" if args.warm_start else "most frequent training"
+        log(f"streams draft from the {len(draft_vocab)} {which} tokens (of {vocab_size}); "
+            f"they cover {cover:.1%} of held-out completion tokens")
     log(f"{len(train_ex)} training examples "
         f"({sum(e.completion_tokens for e in train_ex)} completion tokens), "
         f"{len(valid_ex)} held-out; computing frozen hidden states of layers "
@@ -320,7 +354,7 @@ def train(args: TrainArgs, log=print) -> dict:
                       hidden_key(source, model.split, ex), log)
         for name, ex in (("train", train_ex), ("valid", valid_ex)))
     log(f"hidden states ready in {time.perf_counter() - tic:.0f} s")
-    scale = scale_stream_embeddings(model, train_set, args.seed)
+    scale = scale_stream_embeddings(model, train_set, args.seed, args.warm_start)
     trainable(model, args)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total = max(1, int(steps_per_epoch * args.epochs))
@@ -341,22 +375,27 @@ def train(args: TrainArgs, log=print) -> dict:
     while len(plan) < total:
         plan += batches(train_set, args.batch_size, rng, args.frozen_main)
     metrics, window_tokens, window_tic, running = {}, 0, time.perf_counter(), []
+    hits, counts = np.zeros(gamma), np.zeros(gamma)
     for step in range(state["step"], total):
         batch = make_batch(plan[step], gamma, lookup, args.frozen_main)
-        (loss, (main_ce, per_stream, prune_ce, _)), grads = loss_and_grad(model, batch)
+        (loss, (main_ce, per_stream, prune_ce, hit)), grads = loss_and_grad(model, batch)
         optimizer.update(model, grads)
-        mx.eval(loss, per_stream, model.trainable_parameters(), optimizer.state)
+        mx.eval(loss, per_stream, hit, model.trainable_parameters(), optimizer.state)
         running.append([loss.item(), *per_stream.tolist(), prune_ce.item()])
+        hits += np.bincount(batch.stream_id, weights=np.array(hit), minlength=gamma)
+        counts += np.bincount(batch.stream_id, minlength=gamma) + batch.stream_missed
         window_tokens += batch.tokens
         done = step + 1
         if done % args.steps_per_report == 0 or done == total:
             avg = np.mean(running, axis=0)
             tps = window_tokens / (time.perf_counter() - window_tic)
             streams = " ".join(f"{x:.3f}" for x in avg[1 : 1 + gamma])
-            log(f"step {done}/{total} loss {avg[0]:.4f} stream CE [{streams}] "
+            top1 = " ".join(f"{h / max(c, 1):.3f}" for h, c in zip(hits, counts, strict=True))
+            log(f"step {done}/{total} loss {avg[0]:.4f} stream CE [{streams}] top-1 [{top1}] "
                 f"prune CE {avg[-1]:.3f} lr {optimizer.learning_rate.item():.2e} "
                 f"{tps:.0f} tokens/s")
             running, window_tokens, window_tic = [], 0, time.perf_counter()
+            hits, counts = np.zeros(gamma), np.zeros(gamma)
         if valid_set and (done % args.steps_per_eval == 0 or done == total):
             metrics = evaluate(model, valid_set, args, lookup, scale)
             log(f"step {done} validation: {metrics}")
