@@ -10,6 +10,7 @@ from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.loader import resolve_path
 from specstream_mlx.settings import check_output_path, check_value
 from specstream_mlx.training.data import build_prompt_sets, distill
+from specstream_mlx.training.distributed import Group
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true",
                         help="keep the completions already written and distill the rest")
+    parser.add_argument("--dist-timeout", type=float, default=600.0,
+                        help="under mlx.launch: seconds a process waits for the others")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,17 +40,21 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_path(out / "train.jsonl", "--out")
+    group = Group(args.dist_timeout)
     sets = build_prompt_sets(args.chat + args.valid // 2, args.code + args.valid // 2,
                              args.heldout, args.seed)
     # Validation prompts come off the training pool, so training never sees them.
     valid_n = args.valid
     valid, train = sets["train"][:valid_n], sets["train"][valid_n:]
-    write_jsonl(out / "heldout.jsonl", sets["heldout"])
+    if group.main:
+        write_jsonl(out / "heldout.jsonl", sets["heldout"])
     model = resolve_path(args.model)
     for name, records in (("valid", valid), ("train", train)):
         path = out / f"{name}.jsonl"
         done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                       out_path=path, resume=args.resume)
-        print(f"wrote {len(done)} records to {path}")
-    print(f"wrote {len(sets['heldout'])} held-out prompts to {out / 'heldout.jsonl'}")
+                       out_path=path, resume=args.resume, group=group)
+        if group.main:
+            print(f"wrote {len(done)} records to {path}")
+    if group.main:
+        print(f"wrote {len(sets['heldout'])} held-out prompts to {out / 'heldout.jsonl'}")
     return 0

@@ -14,6 +14,8 @@ HELP = {
     "run_dir": "folder for checkpoints and the output model (run_dir/model)",
     "mode": "lossless: base frozen, stream-only adapters; task: shared LoRA, fused",
     "resume": "continue from run_dir/checkpoint",
+    "dist_timeout": "seconds a process of a data-parallel run (mlx.launch) waits for the "
+                    "others before it stops with a message (default 600)",
     "warm_start": "start from the streams --model comes with (the shipped ones by default) "
                   "instead of fresh ones; the stream settings must match them",
 }
@@ -35,5 +37,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainArgs)}
     result = train(TrainArgs(**values))
-    print(f"streams written to {result['output']}")
+    if result["output"] is not None:  # rank 0 of a data-parallel run, or the only process
+        print(f"streams written to {result['output']}")
     return 0

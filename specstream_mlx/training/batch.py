@@ -113,12 +113,21 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
                  sum(len(s.tokens) - s.start for s in samples))
 
 
-def batches(samples: list[Sample], size: int, rng: random.Random,
-            by_completion: bool = False) -> list[list[Sample]]:
-    """Batches of similar length (little padding), in random order; by_completion:
-    similar completion length (the per-sample layout's stream rows)."""
-    order = sorted(samples, key=lambda s: len(s.tokens) - by_completion * s.start
+def index_batches(sizes: list[tuple[int, int]], size: int, rng: random.Random,
+                  by_completion: bool = False) -> list[list[int]]:
+    """Batches of indices of examples of similar length (little padding), in random
+    order; sizes: (tokens, completion start) of each example. by_completion: similar
+    completion length (the per-sample layout's stream rows)."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] - by_completion * sizes[i][1]
                    + rng.random())
     groups = [order[i : i + size] for i in range(0, len(order), size)]
     rng.shuffle(groups)
     return groups
+
+
+def batches(samples: list[Sample], size: int, rng: random.Random,
+            by_completion: bool = False) -> list[list[Sample]]:
+    """`index_batches` of samples, as samples."""
+    sizes = [(len(s.tokens), s.start) for s in samples]
+    return [[samples[i] for i in group]
+            for group in index_batches(sizes, size, rng, by_completion)]

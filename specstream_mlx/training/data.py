@@ -220,13 +220,20 @@ def _complete_lines(path: str | Path) -> list[dict]:
 
 def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 192,
             batch_size: int = 16, out_path: str | Path | None = None,
-            progress: bool = True, resume: bool = False) -> list[dict]:
-    """Completions of each record's prompt by the base model itself (greedy, float32).
+            progress: bool = True, resume: bool = False, group=None) -> list[dict]:
+    """Completions of each record's prompt by the base model itself (greedy, float32), in
+    the order of `records`.
 
     Lossless streams learn to predict what this model says, so its own greedy answers
     are the right targets. Prompts are batched by similar length; with `out_path`, each
-    finished batch is appended there at once (a long run is usable before it ends), and
-    `resume` keeps the records already there (same id and prompt) and distills the rest.
+    finished batch is appended there at once (a long run is usable before it ends) and
+    the finished file holds the records in their given order; `resume` keeps the records
+    already there (same id and prompt) and distills the rest.
+
+    group (training.distributed.Group of several processes, under `mlx.launch`): the
+    batches, the same whatever the number of processes, are dealt out in turn; each rank
+    appends its own to `out_path.rank<r>of<n>`, and rank 0 merges them into `out_path`:
+    the same file, record for record, as one process writes. Other ranks return [].
     """
     from specstream_mlx.generate import encode_prompt
     from specstream_mlx.loader import load
@@ -234,34 +241,65 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     check_value("max_tokens", max_tokens)
     check_value("batch_size", batch_size)
     check_output_path(out_path, "out_path")
-    done: list[dict] = []
-    if resume and out_path is not None and Path(out_path).is_file():
-        wanted = {(r.get("id"), r["prompt"]) for r in records}
-        done = [r for r in _complete_lines(out_path)
-                if (r.get("id"), r.get("prompt")) in wanted and "completion" in r]
-        have = {(r.get("id"), r["prompt"]) for r in done}
-        records = [r for r in records if (r.get("id"), r["prompt"]) not in have]
-        write_jsonl(out_path, done)  # drops a torn last line of an interrupted run
-    elif out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text("")
-    if not records:
-        return done
-    model, tokenizer = load(model_path, precision="float32")
-    eos = set(tokenizer.eos_token_ids)
-    ids = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
-    order = sorted(range(len(records)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        group = order[start : start + batch_size]
-        outs = batch_greedy(model, [ids[i] for i in group], max_tokens, eos)
-        batch = [{**records[i], "completion": tokenizer.decode(toks)}
-                 for i, toks in zip(group, outs, strict=True)]
-        done += batch
-        if out_path is not None:
-            with open(out_path, "a") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+    rank, size = (group.rank, group.size) if group is not None else (0, 1)
+    key = lambda r: (r.get("id"), r["prompt"])  # noqa: E731
+    out = Path(out_path) if out_path is not None else None
+    parts = sorted(out.parent.glob(f"{out.name}.rank*of*")) if out is not None else []
+    done: dict = {}
+    if rank == 0 and resume and out is not None:  # and what ranks of a stopped run wrote
+        wanted = {key(r) for r in records}
+        for f in [out, *parts]:
+            if f.is_file():
+                done.update((key(r), r) for r in _complete_lines(f)
+                            if "completion" in r and key(r) in wanted)
+    todo = [i for i, r in enumerate(records) if key(r) not in done]
+    if out is not None and rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out, list(done.values()))  # drops a torn last line
+        for f in parts:
+            f.unlink()
+    if size > 1:  # rank 0's list for everyone: the ranks must deal out the same batches
+        todo = json.loads(group.gather_bytes(json.dumps(todo).encode() if rank == 0
+                                             else b"")[0])
+    mine_file = out if size == 1 else (out.with_name(f"{out.name}.rank{rank}of{size}")
+                                       if out is not None else None)
+    new: list[dict] = []
+    if todo:
+        model, tokenizer = load(model_path, precision="float32")
+        eos = set(tokenizer.eos_token_ids)
+        ids = {i: encode_prompt(tokenizer, records[i]["prompt"], chat=True) for i in todo}
+        order = sorted(todo, key=lambda i: len(ids[i]))
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        if mine_file is not None and mine_file != out:
+            mine_file.write_text("")
+        finished, mine = 0, sum(len(b) for k, b in enumerate(batches) if k % size == rank)
+        who = f"rank {rank}: " if size > 1 else ""
+        for k, group_ids in enumerate(batches):
+            if k % size != rank:
+                continue
+            outs = batch_greedy(model, [ids[i] for i in group_ids], max_tokens, eos)
+            batch = [{**records[i], "completion": tokenizer.decode(toks)}
+                     for i, toks in zip(group_ids, outs, strict=True)]
+            new += batch
+            if mine_file is not None:
+                with open(mine_file, "a") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+            finished += len(batch)
+            if progress:
+                print(f"\r{who}distilled {finished}/{mine}", end="", flush=True)
         if progress:
-            print(f"\rdistilled {start + len(group)}/{len(records)}", end="", flush=True)
-    if progress:
-        print()
-    return done
+            print()
+    if size > 1:
+        shared = group.gather_bytes(json.dumps(new, ensure_ascii=False).encode())
+        if rank != 0:
+            if mine_file is not None:
+                mine_file.unlink(missing_ok=True)
+            return []
+        new = [r for blob in shared for r in json.loads(blob.decode())]
+    done.update((key(r), r) for r in new)
+    result = [done[key(r)] for r in records if key(r) in done]
+    if out is not None:
+        write_jsonl(out, result)
+        for f in out.parent.glob(f"{out.name}.rank*of*"):
+            f.unlink(missing_ok=True)
+    return result

@@ -14,6 +14,7 @@ entering layer N - N_s are computed once and training runs the top layers only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -27,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from specstream_mlx.checkpoint import STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.decoding.cache import KVCache
@@ -38,10 +39,12 @@ from specstream_mlx.training.batch import (
     Batch,
     batches,
     build_draft_vocab,
+    index_batches,
     make_batch,
     vocab_lookup,
 )
 from specstream_mlx.training.data import load_examples
+from specstream_mlx.training.distributed import Group
 from specstream_mlx.training.hidden import Sample, cached_hidden, hidden_key
 
 
@@ -72,6 +75,7 @@ class TrainArgs:
     steps_per_eval: int = 100
     steps_per_checkpoint: int = 100
     max_valid: int = 64
+    dist_timeout: float = 600.0  # seconds a rank waits for the others (data-parallel runs)
     resume: bool = False
     warm_start: bool = False
     tree_budget: int = 6
@@ -87,7 +91,7 @@ class TrainArgs:
                 "steps_per_report": 1, "steps_per_eval": 1, "steps_per_checkpoint": 1,
                 "max_valid": 0, "tree_budget": 0, "top_k": 1, "draft_vocab": 0}
         reals = {"adapter_scale": 0.0, "stream_weight": 0.0, "pruning_weight": 0.0,
-                 "main_weight": 0.0}
+                 "main_weight": 0.0, "dist_timeout": 1.0}
         for name, low in {**ints, **reals}.items():
             value = getattr(self, name)
             flag = "--" + name.replace("_", "-")
@@ -138,14 +142,24 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
     return model.stream_pass(rows_h, positions[stream_rows], seen, cache, L, embedding_scale)
 
 
+def loss_counts(batch: Batch, gamma: int) -> np.ndarray:
+    """Targets of each loss term: (gamma + 2,) stream j, main, pruning."""
+    return np.concatenate([np.bincount(batch.stream_id, minlength=gamma),
+                           [batch.main_index.size, batch.prune_index.size]]).astype(np.float32)
+
+
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
-           pruning_weight: float, frozen_main: bool = False, embedding_scale: float = 1.0):
+           pruning_weight: float, frozen_main: bool = False, embedding_scale: float = 1.0,
+           counts: np.ndarray | None = None):
     """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
     stream top-1 hits per target)).
 
     frozen_main (lossless mode, no main loss): the main rows cannot change, so they run
     forward once and only the stream rows carry gradients (upper_streams).
     embedding_scale: the stream embeddings' scale (see DecoderModel.upper).
+    counts: what each term's sum is divided by, (gamma + 2,) as `loss_counts`; default
+    this batch's own counts (means). Data parallelism passes the global batch's counts
+    over the number of ranks, so the ranks' mean loss is the global batch's.
     """
     if frozen_main and not main_weight:
         hm, hs = None, upper_streams(model, batch.hidden, batch.positions,
@@ -158,21 +172,24 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
                              embedding_scale)
     H = hs.shape[-1]
     gamma = hs.shape[2]
+    if counts is None:
+        counts = loss_counts(batch, gamma)
+    div = mx.array(np.where(counts > 0, counts, 1).astype(np.float32))
     stream_logits = model.draft_logits(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
     stream_ce = nn.losses.cross_entropy(stream_logits, batch.stream_target)
     one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])  # (K, gamma)
-    per_stream = (stream_ce[:, None] * one_hot).sum(0) / mx.maximum(one_hot.sum(0), 1)
+    per_stream = (stream_ce[:, None] * one_hot).sum(0) / div[:gamma]
     loss = stream_weight * per_stream.sum()
     main_ce = mx.array(0.0)
     if main_weight:
         main_logits = model.head(mx.take(hm.reshape(-1, H), batch.main_index, axis=0))
-        main_ce = nn.losses.cross_entropy(main_logits, batch.main_target).mean()
+        main_ce = nn.losses.cross_entropy(main_logits, batch.main_target).sum() / div[gamma]
         loss = loss + main_weight * main_ce
     prune_ce = mx.array(0.0)
     if pruning_weight and "pruning_down" in model.streams and batch.prune_index.size:
         lower = mx.take(batch.hidden.reshape(-1, H), batch.prune_index, axis=0)
         prune_ce = nn.losses.cross_entropy(model.early_exit_logits(lower),
-                                           batch.prune_target).mean()
+                                           batch.prune_target).sum() / div[gamma + 1]
         loss = loss + pruning_weight * prune_ce
     hits = mx.argmax(stream_logits, axis=-1) == batch.stream_target
     return loss, (main_ce, per_stream, prune_ce, hits)
@@ -271,14 +288,21 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
     (ckpt / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+def read_state(run_dir: Path) -> dict:
+    """The state.json of run_dir's checkpoint (step, settings, embedding scale)."""
     ckpt = run_dir / "checkpoint"
     if not (ckpt / "state.json").exists():
         raise InputError(f"no checkpoint to resume in {ckpt}")
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+    ckpt = run_dir / "checkpoint"
+    state = read_state(run_dir)
     model.load_weights(list(mx.load(str(ckpt / "trainable.safetensors")).items()),
                        strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-    return json.loads((ckpt / "state.json").read_text())
+    return state
 
 
 def write_output(model, source: Path, out: Path, args: TrainArgs,
@@ -307,11 +331,38 @@ def write_output(model, source: Path, out: Path, args: TrainArgs,
     return out
 
 
+def fingerprints(source: Path, args: TrainArgs, train_ex: list, valid_ex: list) -> dict:
+    """What every rank of a data-parallel run must agree on, as text."""
+    files = sorted((f.name, f.stat().st_size) for f in source.iterdir() if f.is_file()
+                   and f.suffix in (".safetensors", ".json", ".gguf"))
+    config = (source / "config.json").read_text() if (source / "config.json").exists() else ""
+    data = hashlib.sha256()
+    for e in train_ex + valid_ex:
+        data.update(np.asarray(e.tokens, dtype=np.int32).tobytes())
+        data.update(str(e.completion_start).encode())
+    settings = {k: v for k, v in asdict(args).items() if k not in ("run_dir", "model", "data",
+                                                                     "valid", "resume")}
+    return {"the model": f"{files} {hashlib.sha256(config.encode()).hexdigest()}",
+            "the data": f"{len(train_ex)} + {len(valid_ex)} examples {data.hexdigest()}",
+            "the training settings": json.dumps(settings, sort_keys=True)}
+
+
 def train(args: TrainArgs, log=print) -> dict:
-    """Run (or resume) training; returns the final metrics and the output folder."""
+    """Run (or resume) training; returns the final metrics and the output folder.
+
+    Under `mlx.launch` (several processes) the run is data-parallel: every rank builds
+    the same plan of global batches, takes its share of each (`batch[rank::size]`), and
+    the gradients are averaged with `mx.distributed`, each loss term divided by the
+    global batch's count, so the update equals one process's on the same global batch.
+    Rank 0 alone logs, evaluates and writes checkpoints and the output folder.
+    """
     args.validate()
+    group = Group(args.dist_timeout)
+    rank, size = group.rank, group.size
+    if not group.main:
+        log = lambda *_: None  # noqa: E731
     run_dir = Path(args.run_dir)
-    if not args.resume and (run_dir / "checkpoint").exists():
+    if group.main and not args.resume and (run_dir / "checkpoint").exists():
         raise InputError(f"{run_dir} holds the checkpoint of an earlier run: pass --resume to "
                          "continue it, or choose another --run-dir (nothing was overwritten)")
     mx.random.seed(args.seed)
@@ -321,6 +372,10 @@ def train(args: TrainArgs, log=print) -> dict:
     train_ex = load_examples(args.data, tokenizer, args.max_length)
     valid_ex = load_examples(args.valid, tokenizer, args.max_length)[: args.max_valid] \
         if args.valid else []
+    for what, text in fingerprints(source, args, train_ex, valid_ex).items():
+        group.check_same(what, text)
+    if size > 1:
+        log(f"data-parallel over {size} processes (mx.distributed)")
     vocab_size = model.args.vocab_size
     if args.warm_start:  # continue the folder's streams, their draft vocabulary included
         check_warm_start(model, source, args)
@@ -344,64 +399,121 @@ def train(args: TrainArgs, log=print) -> dict:
         which = "loaded" if args.warm_start else "most frequent training"
         log(f"streams draft from the {len(draft_vocab)} {which} tokens (of {vocab_size}); "
             f"they cover {cover:.1%} of held-out completion tokens")
-    log(f"{len(train_ex)} training examples "
-        f"({sum(e.completion_tokens for e in train_ex)} completion tokens), "
-        f"{len(valid_ex)} held-out; computing frozen hidden states of layers "
-        f"0..{len(model.layers) - args.msa_layers - 1} once")
-    tic = time.perf_counter()
-    train_set, valid_set = (
-        cached_hidden(model, ex, run_dir / f"hidden-{name}.safetensors",
-                      hidden_key(source, model.split, ex), log)
-        for name, ex in (("train", train_ex), ("valid", valid_ex)))
-    log(f"hidden states ready in {time.perf_counter() - tic:.0f} s")
-    scale = scale_stream_embeddings(model, train_set, args.seed, args.warm_start)
-    trainable(model, args)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    steps_per_epoch = math.ceil(len(train_ex) / args.batch_size)
     total = max(1, int(steps_per_epoch * args.epochs))
+    sizes = [(len(e.tokens), e.completion_start) for e in train_ex]
+    plan = []  # global batches of example indices: the same for every world size
+    while len(plan) < total:
+        plan += index_batches(sizes, args.batch_size, rng, args.frozen_main)
     schedule = optim.join_schedules(
         [optim.linear_schedule(1e-7, args.lr, max(args.warmup, 1)),
          optim.linear_schedule(args.lr, args.lr * 0.05, max(total - args.warmup, 1))],
         [max(args.warmup, 1)])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
     state = {"step": 0, "args": asdict(args)}
-    if args.resume:
-        state = load_checkpoint(run_dir, model, optimizer)
+    if args.resume and group.main:
+        state = read_state(run_dir)
+    # Rank 0's step (resumed or 0) on every rank: a resumed run may change its world size.
+    with group.deadline("sharing the first step"):
+        first = int(group.broadcast(mx.array([state["step"]], dtype=mx.int32)).item())
+    # This rank's examples over the whole run (a resume with the same world size reuses
+    # their cached hidden states); rank 0 also holds the first 64, from which the stream
+    # embeddings' scale is measured (the same for every world size).
+    mine = sorted({i for b in plan[:total] for i in b[rank::size]}
+                  | (set(range(min(64, len(train_ex)))) if group.main else set()))
+    log(f"{len(train_ex)} training examples "
+        f"({sum(e.completion_tokens for e in train_ex)} completion tokens), "
+        f"{len(valid_ex)} held-out; computing frozen hidden states of layers "
+        f"0..{len(model.layers) - args.msa_layers - 1} once")
+    tic = time.perf_counter()
+    name = "train" if size == 1 else f"train-rank{rank}of{size}"
+    subset = [train_ex[i] for i in mine]
+    own = dict(zip(mine, cached_hidden(model, subset, run_dir / f"hidden-{name}.safetensors",
+                                       hidden_key(source, model.split, subset), log),
+                   strict=True))
+    valid_set = cached_hidden(model, valid_ex, run_dir / "hidden-valid.safetensors",
+                              hidden_key(source, model.split, valid_ex), log) \
+        if group.main else []
+    with group.deadline("computing the frozen hidden states"):
+        mx.eval(group.all_sum(mx.zeros(1)))  # every rank is ready
+    log(f"hidden states ready in {time.perf_counter() - tic:.0f} s")
+    head = [own[i] for i in range(min(64, len(train_ex)))] if group.main else []
+    scale = scale_stream_embeddings(model, head, args.seed, args.warm_start) \
+        if group.main else 0.0
+    trainable(model, args)
+    if args.resume and group.main:
+        load_checkpoint(run_dir, model, optimizer)
         scale = state.get("embedding_scale", scale)
-        log(f"resumed at step {state['step']}")
-    loss_and_grad = nn.value_and_grad(model, lambda m, b: losses(
-        m, b, *args.weights(), args.pruning_weight, args.frozen_main, scale))
+        log(f"resumed at step {first}")
+    with group.deadline("sharing the embedding scale"):
+        scale = float(group.broadcast(mx.array([scale])).item())
+    if size > 1:  # the same start everywhere: rank 0's parameters and optimizer state
+        optimizer.init(model.trainable_parameters())
+        model.update(group.broadcast(model.trainable_parameters()))
+        optimizer.state = group.broadcast(optimizer.state)
+        with group.deadline("sharing rank 0's parameters"):
+            mx.eval(model.trainable_parameters(), optimizer.state)
+    loss_and_grad = nn.value_and_grad(model, lambda m, b, c: losses(
+        m, b, *args.weights(), args.pruning_weight, args.frozen_main, scale, c))
     gamma = args.num_streams
-    plan = []
-    while len(plan) < total:
-        plan += batches(train_set, args.batch_size, rng, args.frozen_main)
-    metrics, window_tokens, window_tic, running = {}, 0, time.perf_counter(), []
-    hits, counts = np.zeros(gamma), np.zeros(gamma)
-    for step in range(state["step"], total):
-        batch = make_batch(plan[step], gamma, lookup, args.frozen_main)
-        (loss, (main_ce, per_stream, prune_ce, hit)), grads = loss_and_grad(model, batch)
+    zeros = tree_map(mx.zeros_like, model.trainable_parameters())
+    metrics, window_tic, window = {}, time.perf_counter(), np.zeros(3 * gamma + 3)
+    steps, own_tokens = 0, 0
+    for step in range(first, total):
+        share = [own[i] for i in plan[step][rank::size]]
+        if share:
+            batch = make_batch(share, gamma, lookup, args.frozen_main)
+            local = loss_counts(batch, gamma)
+        else:  # a global batch smaller than the group: nothing for this rank
+            batch, local = None, np.zeros(gamma + 2, dtype=np.float32)
+        counts = group.all_sum(mx.array(local)) / size  # each rank's share of the global
+        if batch is not None:
+            (loss, (_, per_stream, prune_ce, hit)), grads = loss_and_grad(model, batch, counts)
+            one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])
+            stats = mx.concatenate([
+                mx.stack([loss, prune_ce]), per_stream, (hit[:, None] * one_hot).sum(0),
+                mx.array(np.bincount(batch.stream_id, minlength=gamma)
+                         + batch.stream_missed, dtype=mx.float32),
+                mx.array([batch.tokens], dtype=mx.float32)])
+            own_tokens += batch.tokens
+        else:
+            grads, stats = zeros, mx.zeros(3 * gamma + 3)
+        grads = group.average_gradients(grads)
         optimizer.update(model, grads)
-        mx.eval(loss, per_stream, hit, model.trainable_parameters(), optimizer.state)
-        running.append([loss.item(), *per_stream.tolist(), prune_ce.item()])
-        hits += np.bincount(batch.stream_id, weights=np.array(hit), minlength=gamma)
-        counts += np.bincount(batch.stream_id, minlength=gamma) + batch.stream_missed
-        window_tokens += batch.tokens
+        stats = group.all_sum(stats)
+        with group.deadline(f"at step {step + 1}"):
+            mx.eval(stats, model.trainable_parameters(), optimizer.state)
+        window += np.array(stats)
+        steps += 1
         done = step + 1
         if done % args.steps_per_report == 0 or done == total:
-            avg = np.mean(running, axis=0)
-            tps = window_tokens / (time.perf_counter() - window_tic)
-            streams = " ".join(f"{x:.3f}" for x in avg[1 : 1 + gamma])
-            top1 = " ".join(f"{h / max(c, 1):.3f}" for h, c in zip(hits, counts, strict=True))
-            log(f"step {done}/{total} loss {avg[0]:.4f} stream CE [{streams}] top-1 [{top1}] "
-                f"prune CE {avg[-1]:.3f} lr {optimizer.learning_rate.item():.2e} "
-                f"{tps:.0f} tokens/s")
-            running, window_tokens, window_tic = [], 0, time.perf_counter()
-            hits, counts = np.zeros(gamma), np.zeros(gamma)
-        if valid_set and (done % args.steps_per_eval == 0 or done == total):
+            # Per rank: its own tokens and seconds; the group's tokens/s is their sum.
+            elapsed = time.perf_counter() - window_tic
+            # Each rank's loss is its sum over the global count / size: the mean over
+            # ranks and steps is the global batches' mean loss.
+            loss, prune = window[0] / size / steps, window[1] / size / steps
+            per = window[2 : 2 + gamma] / size / steps
+            hits, seen = window[2 + gamma : 2 + 2 * gamma], window[2 + 2 * gamma : 2 + 3 * gamma]
+            top1 = " ".join(f"{h / max(c, 1):.3f}" for h, c in zip(hits, seen, strict=True))
+            streams = " ".join(f"{x:.3f}" for x in per)
+            rates = group.gather_floats([own_tokens, elapsed])  # every rank's own
+            line = (f"step {done}/{total} loss {loss:.4f} stream CE [{streams}] "
+                    f"top-1 [{top1}] prune CE {prune:.3f} "
+                    f"lr {optimizer.learning_rate.item():.2e} "
+                    f"{window[-1] / elapsed:.0f} tokens/s")
+            if size > 1:
+                line += f" (per rank: {' '.join(f'{t / e:.0f}' for t, e in rates)})"
+            log(line)
+            window_tic, window = time.perf_counter(), np.zeros_like(window)
+            steps, own_tokens = 0, 0
+        if group.main and valid_set and (done % args.steps_per_eval == 0 or done == total):
             metrics = evaluate(model, valid_set, args, lookup, scale)
             log(f"step {done} validation: {metrics}")
-        if done % args.steps_per_checkpoint == 0 or done == total:
+        if group.main and (done % args.steps_per_checkpoint == 0 or done == total):
             save_checkpoint(run_dir, model, optimizer, {
                 **state, "step": done, "embedding_scale": scale})
-    out = write_output(model, source, run_dir / "model", args, scale)
-    log(f"wrote {out}")
-    return {"output": str(out), **metrics}
+    out = run_dir / "model"
+    if group.main:
+        write_output(model, source, out, args, scale)
+        log(f"wrote {out}")
+    return {"output": str(out) if group.main else None, **metrics}
