@@ -286,8 +286,10 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
             finished += len(batch)
             if progress:
-                print(f"\r{who}distilled {finished}/{mine}", end="", flush=True)
-        if progress:
+                # One line per batch with several ranks: their carriage returns would mix.
+                print(f"\r{who}distilled {finished}/{mine}", end="" if size == 1 else "\n",
+                      flush=True)
+        if progress and size == 1:
             print()
     if size > 1:
         shared = group.gather_bytes(json.dumps(new, ensure_ascii=False).encode())
