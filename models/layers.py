@@ -125,22 +125,21 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(self.rope, q, rows.positions), apply_rope(self.rope, k,
                                                                         rows.positions)
-        if cache is not None:
-            if n_main:
-                keys, values = cache.write(layer, k[:, :, :n_main], v[:, :, :n_main])
-            else:
-                keys, values = cache.read(layer, rows.pending)
-                if rows.group:
-                    out = grouped_attention(q, keys, values, k, v, self.scale, rows.mask,
-                                            rows.group)
-                    return project(self, "o_proj", out.transpose(0, 2, 1, 3).reshape(B, R, -1),
-                                   adapter, n_main)
-            if R > n_main:
-                keys = mx.concatenate([keys, k[:, :, n_main:]], axis=2)
-                values = mx.concatenate([values, v[:, :, n_main:]], axis=2)
+        if rows.group:  # stream rows only, over the cache's keys plus their own group's
+            keys, values = cache.read(layer, rows.pending)
+            out = grouped_attention(q, keys, values, k, v, self.scale, rows.mask, rows.group)
         else:
-            keys, values = k, v
-        out = attention(q, keys, values, self.scale, rows.mask)
+            if cache is not None:
+                if n_main:
+                    keys, values = cache.write(layer, k[:, :, :n_main], v[:, :, :n_main])
+                else:
+                    keys, values = cache.read(layer, rows.pending)
+                if R > n_main:
+                    keys = mx.concatenate([keys, k[:, :, n_main:]], axis=2)
+                    values = mx.concatenate([values, v[:, :, n_main:]], axis=2)
+            else:
+                keys, values = k, v
+            out = attention(q, keys, values, self.scale, rows.mask)
         return project(self, "o_proj", out.transpose(0, 2, 1, 3).reshape(B, R, -1), adapter, n_main)
 
 

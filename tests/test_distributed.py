@@ -23,7 +23,7 @@ from tiny_folder import make_tiny_folder
 from specstream_mlx.checkpoint import STREAMS_FILE
 from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.training.data import distill
-from specstream_mlx.training.distributed import Group, shard
+from specstream_mlx.training.distributed import Group
 from specstream_mlx.training.train import TrainArgs, train
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -76,7 +76,6 @@ def test_a_group_of_one_without_a_launcher():
     assert group.all_sum(x) is x
     assert group.gather_bytes(b"abc") == [b"abc"]
     group.check_same("anything", "text")  # nothing to compare with
-    assert shard(list(range(7)), 1, 3) == [1, 4]
 
 
 def flags(root: Path, folder: Path) -> list[str]:

@@ -214,10 +214,7 @@ def test_losses_match_a_per_example_reference():
     streams = StreamArgs(num_streams=2, msa_layers=2, adapter_rank=3, pruning_rank=4)
     model = tiny_model("qwen2", seed=4, streams=streams)
     # Non-zero stream adapters and pruning adapter, so every part takes part.
-    for adapter in model.streams.adapters:
-        for name, value in list(adapter.parameters().items()):
-            if name.endswith("_b"):
-                setattr(adapter, name, mx.random.normal(value.shape) * 0.1)
+    live_adapters(model)
     model.streams.pruning_up = mx.random.normal(model.streams.pruning_up.shape) * 0.1
     rng = np.random.default_rng(0)
     examples = [Example(rng.integers(3, 97, n).tolist(), start)
@@ -252,25 +249,28 @@ def test_losses_match_a_per_example_reference():
     np.testing.assert_allclose(loss0.item(), want - np.mean(main), rtol=1e-4)
 
 
-def test_frozen_main_path_gives_the_same_loss_and_gradients(arch):
-    """upper_streams (main rows forward once, stream rows over their cached K/V) equals
-    the full MSA pass in loss and in every trainable gradient."""
-    import mlx.nn as nn
-
-    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4)
-    model = tiny_model(arch, seed=6, streams=streams)
+def live_adapters(model) -> None:
+    """Non-zero stream-only adapters (they start at zero), so they take part."""
     for adapter in model.streams.adapters:
         for name, value in list(adapter.parameters().items()):
             if name.endswith("_b"):
                 setattr(adapter, name, mx.random.normal(value.shape) * 0.1)
+
+
+def assert_frozen_path_equals_the_full_pass(arch: str, seed: int, full_batch,
+                                            frozen_batch) -> None:
+    """Loss, per-stream CE, hits and every trainable gradient of the frozen-main path
+    (upper_streams) on the batch `frozen_batch(model)` equal the full MSA pass's on
+    `full_batch(model)`."""
+    import mlx.nn as nn
+
+    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4)
+    model = tiny_model(arch, seed=seed, streams=streams)
+    live_adapters(model)
     model.freeze()
     model.streams.unfreeze()
-    rng = np.random.default_rng(1)
-    examples = [Example(rng.integers(3, 97, n).tolist(), start)
-                for n, start in [(14, 6), (9, 3), (22, 12)]]
-    batch = make_batch(frozen_hidden(model, examples), 3)
     results = []
-    for frozen in (False, True):
+    for frozen, batch in ((False, full_batch(model)), (True, frozen_batch(model))):
         fn = nn.value_and_grad(model, lambda m, b, f=frozen: losses(m, b, 0.0, 0.3, 0.2, f))
         (loss, (_, per_stream, _, hits)), grads = fn(model, batch)
         results.append((loss, per_stream, hits, dict(tree_flatten(grads))))
@@ -282,6 +282,22 @@ def test_frozen_main_path_gives_the_same_loss_and_gradients(arch):
     for name, grad in g0.items():
         np.testing.assert_allclose(np.array(g1[name]), np.array(grad), rtol=1e-3, atol=1e-6,
                                    err_msg=name)
+
+
+def random_samples(model, seed: int, sizes: list[tuple[int, int]]) -> list[Sample]:
+    """Frozen hidden states of random token sequences of (length, completion start)."""
+    rng = np.random.default_rng(seed)
+    return frozen_hidden(model, [Example(rng.integers(3, 97, n).tolist(), start)
+                                 for n, start in sizes])
+
+
+def test_frozen_main_path_gives_the_same_loss_and_gradients(arch):
+    """upper_streams (main rows forward once, stream rows over their cached K/V) equals
+    the full MSA pass in loss and in every trainable gradient."""
+    def batch(model):
+        return make_batch(random_samples(model, 1, [(14, 6), (9, 3), (22, 12)]), 3)
+
+    assert_frozen_path_equals_the_full_pass(arch, 6, batch, batch)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -290,37 +306,13 @@ def test_grouped_stream_rows_give_the_full_pass_loss_and_gradients(arch, per_sam
     """Stream rows attending group by group (kernels.grouped_attention, forced here for
     every stream-only pass), in the shared or the per-sample row layout, give the loss,
     hits and gradients of the full MSA pass under one mask."""
-    import mlx.nn as nn
-
     from specstream_mlx.models import decoder
 
     monkeypatch.setattr(decoder, "GROUPED_ROWS", 0)
-    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4)
-    model = tiny_model(arch, seed=7, streams=streams)
-    for adapter in model.streams.adapters:
-        for name, value in list(adapter.parameters().items()):
-            if name.endswith("_b"):
-                setattr(adapter, name, mx.random.normal(value.shape) * 0.1)
-    model.freeze()
-    model.streams.unfreeze()
-    rng = np.random.default_rng(2)
-    examples = [Example(rng.integers(3, 97, n).tolist(), start)
-                for n, start in [(14, 6), (9, 3), (22, 12), (3, 2)]]
-    samples = frozen_hidden(model, examples)
-    results = []
-    for frozen, batch in ((False, make_batch(samples, 3)),
-                          (True, make_batch(samples, 3, per_sample=per_sample))):
-        fn = nn.value_and_grad(model, lambda m, b, f=frozen: losses(m, b, 0.0, 0.3, 0.2, f))
-        (loss, (_, per_stream, _, hits)), grads = fn(model, batch)
-        results.append((loss, per_stream, hits, dict(tree_flatten(grads))))
-    (l0, s0, h0, g0), (l1, s1, h1, g1) = results
-    np.testing.assert_allclose(l1.item(), l0.item(), rtol=1e-5)
-    np.testing.assert_allclose(np.array(s1), np.array(s0), rtol=1e-5)
-    assert np.array(h1).tolist() == np.array(h0).tolist()
-    assert g1.keys() == g0.keys() and len(g0) > 5
-    for name, grad in g0.items():
-        np.testing.assert_allclose(np.array(g1[name]), np.array(grad), rtol=1e-3, atol=1e-6,
-                                   err_msg=name)
+    sizes = [(14, 6), (9, 3), (22, 12), (3, 2)]
+    assert_frozen_path_equals_the_full_pass(
+        arch, 7, lambda model: make_batch(random_samples(model, 2, sizes), 3),
+        lambda model: make_batch(random_samples(model, 2, sizes), 3, per_sample=per_sample))
 
 
 def test_per_sample_rows_need_the_frozen_main_path():

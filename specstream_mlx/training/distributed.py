@@ -130,8 +130,3 @@ class Group:
             raise InputError(f"the {self.size} processes disagree on {what} (rank "
                              f"{self.rank}: {fingerprint[:80]!r}): every process must be "
                              "given the same model, data and settings")
-
-
-def shard(items: list, rank: int, size: int) -> list:
-    """This rank's share of a list: items rank, rank + size, ..."""
-    return items[rank::size]

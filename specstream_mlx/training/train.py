@@ -150,7 +150,7 @@ def loss_counts(batch: Batch, gamma: int) -> np.ndarray:
 
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
            pruning_weight: float, frozen_main: bool = False, embedding_scale: float = 1.0,
-           counts: np.ndarray | None = None):
+           counts: np.ndarray | mx.array | None = None):
     """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
     stream top-1 hits per target)).
 
@@ -172,9 +172,8 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
                              embedding_scale)
     H = hs.shape[-1]
     gamma = hs.shape[2]
-    if counts is None:
-        counts = loss_counts(batch, gamma)
-    div = mx.array(np.where(counts > 0, counts, 1).astype(np.float32))
+    counts = mx.array(loss_counts(batch, gamma) if counts is None else counts)
+    div = mx.where(counts > 0, counts, 1.0)
     stream_logits = model.draft_logits(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
     stream_ce = nn.losses.cross_entropy(stream_logits, batch.stream_target)
     one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])  # (K, gamma)
@@ -235,9 +234,9 @@ def scale_stream_embeddings(model, samples: list[Sample], seed: int, warm: bool 
     return rms
 
 
-def check_warm_start(model, source: Path, args: TrainArgs) -> StreamArgs:
-    """The streams `source` came with, when they fit this run's settings (InputError
-    naming the first that differs); the run then continues from them."""
+def check_warm_start(model, source: Path, args: TrainArgs) -> None:
+    """InputError naming the first setting of this run that the streams `source` came
+    with differ in (or that it has none); otherwise the run continues from them."""
     loaded = model.stream_args
     if loaded is None:
         raise InputError(f"--warm-start: {source} has no streams to start from")
@@ -254,7 +253,6 @@ def check_warm_start(model, source: Path, args: TrainArgs) -> StreamArgs:
             flag = "--" + name.replace("_size", "").replace("_", "-")
             raise InputError(f"--warm-start: the streams of {source} have {name} {have}, "
                              f"this run asks for {value} ({flag})")
-    return loaded
 
 
 def trainable(model, args: TrainArgs) -> None:
@@ -472,8 +470,7 @@ def train(args: TrainArgs, log=print) -> dict:
             one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])
             stats = mx.concatenate([
                 mx.stack([loss, prune_ce]), per_stream, (hit[:, None] * one_hot).sum(0),
-                mx.array(np.bincount(batch.stream_id, minlength=gamma)
-                         + batch.stream_missed, dtype=mx.float32),
+                mx.array(local[:gamma] + batch.stream_missed, dtype=mx.float32),
                 mx.array([batch.tokens], dtype=mx.float32)])
             own_tokens += batch.tokens
         else:
