@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.drafter import Drafter
 from specstream_mlx.decoding.prompt_cache import PromptCache
+from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_text, check_token_ids
@@ -88,14 +88,15 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate text for `prompt` (a string, chat-formatted when `chat`, or token ids).
 
-    Sampling is mlx-lm's, with its names (`temp`, `top_p`, `min_p`, `top_k`): temp 0 is
-    greedy, and the output equals plain greedy decoding token for token; with temp > 0
-    the tokens follow the model's sampling distribution exactly. Drafting: `tree_budget`
-    (stream nodes per pass), `draft_top_k` (candidates per stream), `lookup_depth`
-    (context draft length) and `min_draft_prob` (floor on a stream node's path
-    probability) default to the model's stream config. `adaptive` (default) lets the
-    controller pick each step's draft from measured costs, plain steps included; False
-    always drafts the whole budget.
+    Sampling takes mlx-lm's names and filters (`temp`, `top_p`, `min_p`, `top_k`): temp 0
+    is greedy, and the output equals plain greedy decoding token for token; with temp > 0
+    the tokens follow the model's sampling distribution exactly, and after
+    mx.random.seed(s) speculative and plain decoding draw the same tokens (sampling.py).
+    Drafting: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
+    stream), `lookup_depth` (context draft length) and `min_draft_prob` (floor on a
+    stream node's path probability) default to the model's stream config. `adaptive`
+    (default) lets the controller pick each step's draft from measured costs, plain steps
+    included; False drafts the whole budget.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
     `prompt_cache` (a PromptCache of this model) reuses the K/V of an earlier generation
     whose tokens this prompt extends (a conversation's previous turn): only the new
@@ -106,7 +107,7 @@ def stream_generate(
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
         raise InputError("stop must be a list of strings")
     ids = encode_prompt(tokenizer, prompt, chat)
-    sampler = make_sampler(temp, top_p, min_p, top_k=top_k) if temp > 0 else None
+    sampler = PositionSampler.drawn(temp, top_p, min_p, top_k) if temp > 0 else None
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()

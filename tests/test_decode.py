@@ -12,10 +12,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, reference_model, tiny_model
-from mlx_lm.sample_utils import make_sampler
 
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.drafter import Draft, budget_drafter
+from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import (
     generate_step,
     last_accepted,
@@ -316,29 +316,32 @@ def test_max_tokens_leaves_consistent_cache():
 # --- sampling -------------------------------------------------------------------------------
 
 
-def exact_distribution(model, prompt: list[int]) -> np.ndarray:
-    """Joint probability (V, V, V) of the first three sampled tokens, from the softmax."""
+def exact_distribution(model, prompt: list[int], temp: float = 1.0) -> np.ndarray:
+    """Joint probability (V, V, V) of the first three tokens sampled at `temp`, from the
+    softmax."""
     V = model.args.vocab_size
     grid = np.array([[a, b] for a in range(V) for b in range(V)])
-    p1 = mx.softmax(model(mx.array([prompt]))[0][0, -1])
-    p2 = mx.softmax(model(mx.array([prompt + [a] for a in range(V)]))[0][:, -1], axis=-1)
+    p1 = mx.softmax(model(mx.array([prompt]))[0][0, -1] / temp)
+    p2 = mx.softmax(model(mx.array([prompt + [a] for a in range(V)]))[0][:, -1] / temp,
+                    axis=-1)
     seqs = mx.concatenate(
         [mx.broadcast_to(mx.array(prompt), (V * V, len(prompt))), mx.array(grid)], axis=1
     )
-    p3 = mx.softmax(model(seqs)[0][:, -1], axis=-1)
+    p3 = mx.softmax(model(seqs)[0][:, -1] / temp, axis=-1)
     p1, p2, p3 = (np.array(p, dtype=np.float64) for p in (p1, p2, p3))
     return p1[:, None, None] * p2[:, :, None] * p3.reshape(V, V, V)
 
 
-def empirical(model, prompt, runs: int, seed: int, **kwargs) -> tuple[np.ndarray, float]:
-    """Counts (V, V, V) of the first three sampled tokens over seeded runs, and the
-    fraction of tokens 2 and 3 that came from a draft."""
+def empirical(model, prompt, runs: int, seed: int, temp: float = 1.0,
+              **kwargs) -> tuple[np.ndarray, float]:
+    """Counts (V, V, V) of the first three tokens sampled at `temp` over seeded runs, and
+    the fraction of tokens 2 and 3 that came from a draft."""
     V = model.args.vocab_size
-    sampler = make_sampler(temp=1.0)
     mx.random.seed(seed)
     counts = np.zeros((V, V, V))
     drafted = 0
     for _ in range(runs):
+        sampler = PositionSampler.drawn(temp)
         events = list(generate_step(model, prompt, max_tokens=3, sampler=sampler, **kwargs))
         counts[tuple(e.token for e in events)] += 1
         drafted += sum(e.from_draft for e in events)
@@ -386,18 +389,47 @@ def sampling_model():
     return model, prompt, joint
 
 
-@pytest.mark.parametrize("drafter", ["streams", "every-token"])
+@pytest.mark.parametrize("drafter", ["streams", "every-token", "controller"])
 def test_sampling_keeps_the_distribution(sampling_model, drafter):
-    """Speculative sampling (random streams with a branching tree, or every token drafted)
-    gives the model's exact distribution of the first three tokens."""
+    """Speculative sampling (random streams with a branching tree, every token drafted, or
+    the controller's timed choices) gives the model's exact distribution of the first
+    three tokens."""
     model, prompt, joint = sampling_model
-    kwargs = {"drafter": every_token_drafter(8)} if drafter == "every-token" else {}
+    kwargs = {"streams": {"adaptive": False}, "controller": {},
+              "every-token": {"drafter": every_token_drafter(8)}}[drafter]
     counts, drafted = empirical(model, prompt, 1000, seed=11, **kwargs)
     if drafter == "every-token":
         assert drafted >= 0.5
-    else:
+    elif drafter == "streams":
         assert 0.2 < drafted < 0.8  # acceptance and rejection both exercised
     assert_same_distribution(counts, joint, 0.08)
+
+
+def test_tempered_drafts_keep_the_distribution(sampling_model):
+    """At temperature 0.6, with the drafts ranked at that temperature, the tokens still
+    follow the tempered distribution exactly: tempering changes which nodes are drafted,
+    never how they are accepted."""
+    model, prompt, _ = sampling_model
+    joint = exact_distribution(model, prompt, temp=0.6)
+    counts, drafted = empirical(model, prompt, 1000, seed=13, temp=0.6, adaptive=False)
+    assert drafted > 0.2
+    assert_same_distribution(counts, joint, 0.08)
+
+
+def test_stream_candidates_at_a_temperature():
+    """Tempered candidates: the same tokens in the same order, log-probabilities of the
+    softmax of logits / temp (sharper below 1)."""
+    model = tiny_model("llama", seed=8, streams=STREAMS)
+    hs = mx.random.normal((3, model.args.hidden_size), key=mx.random.key(2))
+    cand, lp = stream_candidates(model, hs, 4)
+    cand_t, lp_t = stream_candidates(model, hs, 4, temp=0.5)
+    assert np.array(cand).tolist() == np.array(cand_t).tolist()
+    logits = np.array(model.draft_logits(hs), dtype=np.float64) / 0.5
+    want = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                            keepdims=True)) - logits.max(-1, keepdims=True)
+    np.testing.assert_allclose(np.array(lp_t), np.take_along_axis(want, np.array(cand), -1),
+                               rtol=1e-4, atol=1e-4)
+    assert np.all(np.array(lp_t)[:, 0] > np.array(lp)[:, 0])  # the best gets more mass
 
 
 def test_plain_sampling_matches_exact(sampling_model):

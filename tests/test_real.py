@@ -13,6 +13,7 @@ import pytest
 from specstream_mlx import generate, load
 from specstream_mlx.convert.embedded import ensure_embedded_model
 from specstream_mlx.decoding.drafter import Draft
+from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.generate import encode_prompt
@@ -80,6 +81,21 @@ def test_greedy_speculative_equals_plain_on_real_prompt(smollm, budget):
     plain = [e.token for e in generate_step(model, prompt, max_tokens=64, speculative=False)]
     spec = [e.token for e in generate_step(model, prompt, max_tokens=64, tree_budget=budget)]
     assert spec == plain
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_sampled_speculative_equals_plain_on_real_prompt(smollm, adaptive):
+    """Sampling at temperature 0.7 from one seed: the shipped streams' drafts are accepted
+    and the tokens are the ones plain sampling draws (controller on and off)."""
+    model, tokenizer = smollm
+    prompt = encode_prompt(tokenizer, "Write a Python function that reverses a string.", chat=True)
+    sampler = PositionSampler(0.7, seed=2024)
+    plain = [e.token for e in generate_step(model, prompt, max_tokens=64, sampler=sampler,
+                                            speculative=False)]
+    events = list(generate_step(model, prompt, max_tokens=64, sampler=sampler,
+                                adaptive=adaptive))
+    assert [e.token for e in events] == plain
+    assert sum(e.from_draft for e in events) > 0
 
 
 def test_context_drafts_copy_a_quoted_text(smollm):

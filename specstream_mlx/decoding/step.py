@@ -29,8 +29,9 @@ from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_token_ids
 
-# Maps log-probabilities (rows, vocab) to one token per row (rows,).
-Sampler = Callable[[mx.array], mx.array]
+# Maps log-probabilities (rows, vocab) and each row's position (rows,) to one token per
+# row (rows,): a PositionSampler (sampling.py), whose draws do not depend on the tree.
+Sampler = Callable[[mx.array, mx.array], mx.array]
 
 
 @dataclass
@@ -54,19 +55,24 @@ class TokenEvent:
     final: bool = False
 
 
-def choose(logits: mx.array, sampler: Sampler | None) -> mx.array:
-    """Main-stream choice per row: logits (rows, vocab) -> (rows,); None means greedy."""
+def choose(logits: mx.array, sampler: Sampler | None, positions: mx.array) -> mx.array:
+    """Main-stream choice per row: logits (rows, vocab), the rows' positions (rows,) ->
+    (rows,); None means greedy."""
     if sampler is None:
         return mx.argmax(logits, axis=-1)
-    return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True), positions)
 
 
-def stream_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None = None
-                      ) -> tuple[mx.array, mx.array]:
+def stream_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None = None,
+                      temp: float = 1.0) -> tuple[mx.array, mx.array]:
     """Top-k of each stream: hs (..., gamma, hidden) -> tokens, logprobs (..., gamma, k),
     best first (over the draft vocabulary when the streams have one; `draft_head`:
-    model.draft_head(), gathered once per generation)."""
+    model.draft_head(), gathered once per generation). `temp`: the sampling temperature,
+    so the log-probabilities estimate how often the sampled target will take each token
+    (a sharper distribution at temp < 1 favours deeper, narrower trees)."""
     logits = model.draft_logits(hs, draft_head)
+    if temp != 1.0:
+        logits = logits / temp
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
     vals = mx.take_along_axis(logprobs, idx, axis=-1)
@@ -115,11 +121,12 @@ def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
 
 
 def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None,
-           top_k: int, draft: bool = True, draft_head: mx.array | None = None
-           ) -> tuple[list[int], int, Draft | None]:
+           top_k: int, draft: bool = True, draft_head: mx.array | None = None,
+           draft_temp: float = 1.0) -> tuple[list[int], int, Draft | None]:
     """One forward pass of `root` + `tree` with the cache's committed tokens as prefix:
     returns the accepted path (node indices, 0 first), the token after it, and (with
-    `draft`, top_k > 0 and streams) the streams' candidates at its last node. The pass's
+    `draft`, top_k > 0 and streams) the streams' candidates at its last node (their
+    log-probabilities at `draft_temp`, see stream_candidates). The pass's
     K/V stay pending in the cache: `commit` keeps the path's.
 
     Main rows blind to their streams (lossless mode) let the stream rows run for the last
@@ -135,7 +142,7 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     h_low = model.lower(tokens[None], positions, mask, cache)
     rows = None if deferred else rows_needing_streams(model, n, streams)
     h, hs = model.upper(h_low, positions, mask, cache, rows)
-    targets = choose(model.head(h[0]), sampler)
+    targets = choose(model.head(h[0]), sampler, positions)
     outputs = [targets]
     if streams:
         parents = mx.array([0] + tree.parents, dtype=mx.int32)
@@ -149,7 +156,7 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
                                    seen, cache, n)[0, 0]
         else:
             hs = hs[0, last]
-        outputs += list(stream_candidates(model, hs, top_k, draft_head))
+        outputs += list(stream_candidates(model, hs, top_k, draft_head, draft_temp))
     mx.eval(*outputs)  # the step's one read-back
     path, bonus = tree.accept(targets.tolist())
     new_draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
@@ -158,12 +165,12 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
 
 def speculative_step(
     model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int,
-    draft: bool = True, draft_head: mx.array | None = None,
+    draft: bool = True, draft_head: mx.array | None = None, draft_temp: float = 1.0,
 ) -> StepResult:
     """Verify `tree` after `root` and, with `draft` and top_k > 0, draft the next
     candidates, in one forward pass; commits the accepted path's K/V."""
     path, bonus, new_draft = verify(model, cache, root, tree, sampler, top_k, draft,
-                                    draft_head)
+                                    draft_head, draft_temp)
     cache.commit(path)
     accepted = [tree.tokens[i - 1] for i in path[1:]]
     return StepResult(accepted + [bonus], len(accepted), new_draft, path)
@@ -187,19 +194,23 @@ def generate_step(
 ) -> Iterator[TokenEvent]:
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
-    sampler None is greedy. tree_budget, draft_top_k, lookup_depth and min_draft_prob
-    default to the model's stream config (see Drafting, budget_drafter). `drafter`
-    replaces the default budget tree (tests use it to force perfect drafts). `adaptive`
-    lets a Controller choose each step's draft from measured costs (controller.py), plain
-    steps included, when decoding greedily; False (and sampling) always drafts the whole
-    budget. Prompt plus generated tokens never exceed the context. The cache, when given,
-    is empty or holds the K/V of prompt[:cache.offset] (reused from an earlier generation:
+    sampler None is greedy; a PositionSampler samples, and the tokens then equal plain
+    decoding's with the same sampler, whatever is drafted. tree_budget, draft_top_k,
+    lookup_depth and min_draft_prob default to the model's stream config (see Drafting,
+    budget_drafter). `drafter` replaces the default budget tree (tests use it to force
+    perfect drafts). `adaptive` lets a Controller choose each step's draft from measured
+    costs (controller.py), plain steps included; False always drafts the whole budget.
+    When sampling, the streams' probabilities are tempered by the sampler's temperature
+    to rank draft nodes (they then estimate how often the sampled target takes each one).
+    Prompt plus generated tokens never exceed the context. The cache, when given, is
+    empty or holds the K/V of prompt[:cache.offset] (reused from an earlier generation:
     only the rest of the prompt is prefilled; see PromptCache); on exit (also when the
     caller stops early) it holds the prompt and every yielded token but the last, which
     would be fed next.
     """
     prompt = check_token_ids(prompt, model.args.vocab_size)
     check_settings(max_tokens=max_tokens)
+    draft_temp = getattr(sampler, "temp", 1.0)
     d = Drafting.resolve(model, speculative, tree_budget, draft_top_k, lookup_depth,
                          min_draft_prob)
     context = model.args.max_position_embeddings
@@ -210,9 +221,8 @@ def generate_step(
     max_tokens = min(max_tokens, context - len(prompt))
     streams, top_k = d.enabled, d.top_k
     controller = index = None
-    # Sampling keeps fixed drafts: timed choices would change which random numbers each
-    # token draws, and a seeded run must repeat itself.
-    if streams and drafter is None and adaptive and sampler is None:
+    # Timed choices are safe when sampling too: a PositionSampler draws by position.
+    if streams and drafter is None and adaptive:
         controller = Controller(costs_for(model), model.stream_args.num_streams)
         index = NgramIndex() if d.lookup > 0 else None
     drafter = drafter or budget_drafter(d.budget, d.lookup, d.min_prob)
@@ -226,10 +236,11 @@ def generate_step(
     yielded = 0
     try:
         logits, hs = prefill(model, cache, prompt[reused:], prefill_chunk, streams)
-        root = choose(logits[None], sampler)[0]
+        root = choose(logits[None], sampler,
+                      mx.array([len(prompt) - 1], dtype=mx.int32))[0]
         draft = None
         if streams:
-            cand, lp = stream_candidates(model, hs, top_k, draft_head)
+            cand, lp = stream_candidates(model, hs, top_k, draft_head, draft_temp)
             mx.eval(root, cand, lp)
             draft = Draft(np.array(cand), np.array(lp))
         root, passes = root.item(), 1
@@ -246,7 +257,8 @@ def generate_step(
             # Drafts deeper than the tokens still allowed could never be emitted.
             tree = tree.truncate(max_tokens - yielded - 1)
             result = speculative_step(model, cache, root, tree, sampler, top_k,
-                                      plan.draft if plan is not None else True, draft_head)
+                                      plan.draft if plan is not None else True, draft_head,
+                                      draft_temp)
             if controller is not None:
                 controller.observe(tree, plan, match, result.path, time.perf_counter() - tic)
             passes += 1

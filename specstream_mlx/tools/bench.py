@@ -46,13 +46,20 @@ class BenchArgs:
     json_path: str | None = None
     png_path: str | None = None
     conversation: int = 0  # turns of a conversation timed with and without KV reuse
+    temp: float = 0.0  # > 0: sample; speculative and plain draw the same tokens
+    top_p: float = 0.0
+    seed: int = 0  # each prompt's runs start from seed + its index
 
 
-def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bool) -> dict:
-    """One greedy generation: tokens, tokens/s after the first token, passes, histogram."""
+def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bool,
+              seed: int = 0) -> dict:
+    """One generation (greedy, or sampled from `seed`): tokens, tokens/s after the first
+    token, passes, histogram."""
     tokens, per_pass, stamps = [], Counter(), []
     last = None
+    mx.random.seed(seed)
     for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens,
+                                temp=args.temp, top_p=args.top_p,
                                 speculative=speculative, tree_budget=args.tree_budget,
                                 draft_top_k=args.draft_top_k, lookup_depth=args.lookup_depth,
                                 min_draft_prob=args.min_draft_prob,
@@ -76,11 +83,15 @@ def window_speedups(spec: list[float], plain: list[float], window: int) -> list[
             if spec[e] > spec[b]]
 
 
-def mlx_lm_run(ref, tokenizer, ids: list[int], max_tokens: int) -> dict:
+def mlx_lm_run(ref, tokenizer, ids: list[int], args: BenchArgs, seed: int = 0) -> dict:
     from mlx_lm import stream_generate as mlx_lm_stream
+    from mlx_lm.sample_utils import make_sampler
 
     tokens, last = [], None
-    for last in mlx_lm_stream(ref, tokenizer, ids, max_tokens=max_tokens):
+    mx.random.seed(seed)
+    sampler = make_sampler(args.temp, args.top_p)
+    for last in mlx_lm_stream(ref, tokenizer, ids, max_tokens=args.max_tokens,
+                              sampler=sampler):
         tokens.append(last.token)
         if last.finish_reason:
             break
@@ -207,7 +218,8 @@ def check_bench_args(args: BenchArgs) -> None:
     check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget,
                    draft_top_k=args.draft_top_k,
                    lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
-    check_settings(limit=args.limit, window=args.window, conversation=args.conversation)
+    check_settings(limit=args.limit, window=args.window, conversation=args.conversation,
+                   temp=args.temp, top_p=args.top_p, seed=args.seed)
     check_rows(args.rows)
     check_output_path(args.json_path, "json")
     check_output_path(args.png_path, "png")
@@ -239,11 +251,12 @@ def bench(args: BenchArgs, log=print) -> dict:
     prompts = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
     timed_run(model, tokenizer, prompts[0], args, True)  # warm-up, not reported
     timed_run(model, tokenizer, prompts[0], args, False)
+    sampled = args.temp > 0
     rows = []
     for i, (record, ids) in enumerate(zip(records, prompts, strict=True)):
         # Alternate which runs first, so drift in machine speed favours neither.
         order = [True, False] if i % 2 == 0 else [False, True]
-        runs = {s: timed_run(model, tokenizer, ids, args, s) for s in order}
+        runs = {s: timed_run(model, tokenizer, ids, args, s, args.seed + i) for s in order}
         spec, plain = runs[True], runs[False]
         row = {"id": record.get("id", str(i)), "task": record.get("task", "all"),
                "tokens": spec["n"], "passes": spec["passes"],
@@ -255,9 +268,10 @@ def bench(args: BenchArgs, log=print) -> dict:
                "window_speedups": window_speedups(spec["stamps"], plain["stamps"],
                                                   args.window)}
         if ref is not None:
-            theirs = mlx_lm_run(ref, tokenizer, ids, args.max_tokens)
+            theirs = mlx_lm_run(ref, tokenizer, ids, args, args.seed + i)
             row["mlx_lm_tps"] = round(theirs["tps"], 2)
-            row["mlx_lm_identical"] = theirs["tokens"] == plain["tokens"]
+            # mlx-lm samples with its own random numbers: comparable when greedy only.
+            row["mlx_lm_identical"] = None if sampled else theirs["tokens"] == plain["tokens"]
         rows.append(row)
         log(format_row(row))
     tasks = sorted({r["task"] for r in rows})
@@ -318,6 +332,11 @@ def format_report(report: dict) -> str:
     lines.append(f"one-token floor: {bw['weight_bytes'] / 1e6:.0f} MB of weights at "
                  f"{bw['copy_GBps']} GB/s = {bw['floor_ms']} ms; BLAS: {report['blas']}")
     lines.append(f"accepted drafted tokens per pass: {report['all']['accepted_hist']}")
+    if report["settings"]["temp"] > 0:
+        lines.append(f"sampled at temperature {report['settings']['temp']} (top_p "
+                     f"{report['settings']['top_p']}, seed {report['settings']['seed']} + "
+                     "prompt index): speculative and plain decoding draw by position, "
+                     "so the same seed gives the same tokens")
     if report["all"].get("min_window_speedup") is not None:
         lines.append(f"slowest {report['settings']['window']}-token window: "
                      f"x{report['all']['min_window_speedup']:.2f} of plain decoding")
