@@ -249,6 +249,69 @@ def test_losses_match_a_per_example_reference():
     np.testing.assert_allclose(loss0.item(), want - np.mean(main), rtol=1e-4)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_soft_targets_match_a_per_example_reference(per_sample):
+    """Soft targets: each stream target's CE mixes the data token's CE with the CE to the
+    base model's own distribution (over the draft vocabulary) at the row that predicts
+    that token; stream_source points at that row."""
+    model = tiny_model("llama", seed=6, streams=StreamArgs(num_streams=2, msa_layers=2,
+                                                           adapter_rank=3,
+                                                           draft_vocab_size=30))
+    ids = np.arange(3, 97, 3)[:30].astype(np.int32)
+    model.streams.draft_vocab = mx.array(ids)
+    live_adapters(model)
+    rng = np.random.default_rng(3)
+    examples = [Example(rng.choice(ids, n).tolist(), start) for n, start in [(14, 4), (9, 3)]]
+    samples = frozen_hidden(model, examples)
+    lookup = vocab_lookup(ids, 97)
+    batch = make_batch(samples, 2, lookup, per_sample)
+    T = batch.hidden.shape[1]
+    src = np.array(batch.stream_source)
+    flat = np.concatenate([np.pad(np.array(e.tokens), (0, T - len(e.tokens)))
+                           for e in examples])
+    np.testing.assert_array_equal(lookup[flat[src + 1]], np.array(batch.stream_target))
+    w = 0.7
+    _, (_, per_stream, _, _) = losses(model, batch, 0.0, 1.0, 0.0, True, soft_targets=w)
+    stream = [[], []]
+    lse = lambda x: np.log(np.exp(x - x.max()).sum()) + x.max()  # noqa: E731
+    for ex in examples:
+        tok, n = ex.tokens, len(ex.tokens)
+        logits, slogits = model(mx.array([tok]), stream_rows=mx.arange(n, dtype=mx.int32))
+        main = np.array(logits[0], dtype=np.float64)[:, ids]
+        streams = np.array(slogits[0], dtype=np.float64)[..., ids]
+        for t in range(ex.completion_start - 1, n - 1):
+            for j in (1, 2):
+                if t + 1 + j < n:
+                    row = streams[t, j - 1]
+                    logq = row - lse(row)
+                    p = np.exp(main[t + j] - lse(main[t + j]))
+                    hard = -logq[lookup[tok[t + 1 + j]]]
+                    stream[j - 1].append((1 - w) * hard - w * (p * logq).sum())
+    np.testing.assert_allclose(np.array(per_stream), [np.mean(x) for x in stream], rtol=1e-4)
+    with pytest.raises(ValueError, match="soft targets"):
+        losses(model, make_batch(samples, 2, lookup), 1.0, 1.0, 0.0, False, soft_targets=w)
+
+
+def test_soft_targets_settings_are_checked(workdir):
+    root, folder, _ = workdir
+    with pytest.raises(InputError, match="--soft-targets must be in 0 .. 1"):
+        small_args(root, folder, "s", soft_targets=1.5).validate()
+    with pytest.raises(InputError, match="--soft-targets needs the frozen base model"):
+        small_args(root, folder, "s", soft_targets=0.5, mode="task").validate()
+
+
+def test_soft_target_run_learns(workdir):
+    """A lossless run with --soft-targets 0.5 lowers the (hard) validation loss and
+    raises top-1, as the default run does."""
+    root, folder, _ = workdir
+    args = small_args(root, folder, "soft", soft_targets=0.5)
+    _, logs = run_train(args)
+    evals = validations(logs)
+    before = untrained(root, small_args(root, folder, "unused"))
+    assert evals[-1]["valid_loss"] < 0.5 * before["valid_loss"]
+    assert np.mean(evals[-1]["valid_top1"]) > np.mean(before["valid_top1"]) + 0.3
+
+
 def live_adapters(model) -> None:
     """Non-zero stream-only adapters (they start at zero), so they take part."""
     for adapter in model.streams.adapters:

@@ -16,6 +16,8 @@ HELP = {
     "resume": "continue from run_dir/checkpoint",
     "dist_timeout": "seconds a process of a data-parallel run (mlx.launch) waits for the "
                     "others before it stops with a message (default 600)",
+    "soft_targets": "share (0 .. 1) of each stream's loss on the base model's own next-token "
+                    "distribution instead of its greedy token (lossless mode; default 0)",
     "warm_start": "start from the streams --model comes with (the shipped ones by default) "
                   "instead of fresh ones; the stream settings must match them",
 }

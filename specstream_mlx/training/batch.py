@@ -55,6 +55,7 @@ class Batch:
     prune_target: mx.array  # (P,) draft-vocabulary indices
     stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a draftable target
     stream_target: mx.array  # (K,) draft-vocabulary indices
+    stream_source: mx.array  # (K,) flat (b, t + j) main row whose next token each targets
     stream_id: np.ndarray  # (K,) which stream each target belongs to
     stream_missed: np.ndarray  # (gamma,) targets per stream outside the draft vocab
     tokens: int  # completion tokens in the batch
@@ -85,6 +86,7 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
         rows = np.arange(first, T - 1)
         S = len(rows)
     main_idx, main_tgt, pr_idx, pr_tgt, st_idx, st_tgt, st_id = [], [], [], [], [], [], []
+    st_src = []
     missed = np.zeros(gamma, dtype=np.int64)
     for b, s in enumerate(samples):
         n = len(s.tokens)
@@ -106,10 +108,11 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
                     st_idx.append((b * S + si) * gamma + (j - 1))
                     st_tgt.append(target)
                     st_id.append(j - 1)
+                    st_src.append(b * T + t + j)
     as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
     return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
                  as_int(main_tgt), as_int(pr_idx), as_int(pr_tgt), as_int(st_idx),
-                 as_int(st_tgt), np.array(st_id, dtype=np.int64), missed,
+                 as_int(st_tgt), as_int(st_src), np.array(st_id, dtype=np.int64), missed,
                  sum(len(s.tokens) - s.start for s in samples))
 
 

@@ -1,7 +1,9 @@
 """Future n-gram fine-tuning of the speculative streams.
 
 Loss: L = a0 * CE(main[t], y[t+1]) + sum_j a_j * CE(stream_j[t], y[t+1+j]) on completion
-tokens, plus the pruning adapter's next-token loss on the hidden state entering the
+tokens (with --soft-targets w, stream j's CE is (1 - w) times that plus w times the
+cross-entropy to the base model's own next-token distribution at t + j, its soft target),
+plus the pruning adapter's next-token loss on the hidden state entering the
 stream layers (its parameters are separate, so the sum trains both at once).
 
 Lossless mode (default): the base model is frozen; trained are the stream embeddings,
@@ -64,6 +66,7 @@ class TrainArgs:
     pruning_rank: int = 8
     main_weight: float | None = None  # default: 0 lossless, 1 task
     stream_weight: float = 0.1
+    soft_targets: float = 0.0  # share of the stream loss on the base model's distribution
     pruning_weight: float = 0.1
     lr: float = 5e-4
     warmup: int = 20
@@ -91,6 +94,7 @@ class TrainArgs:
                 "steps_per_report": 1, "steps_per_eval": 1, "steps_per_checkpoint": 1,
                 "max_valid": 0, "tree_budget": 0, "top_k": 1, "draft_vocab": 0}
         reals = {"adapter_scale": 0.0, "stream_weight": 0.0, "pruning_weight": 0.0,
+                 "soft_targets": 0.0,
                  "main_weight": 0.0, "dist_timeout": 1.0}
         for name, low in {**ints, **reals}.items():
             value = getattr(self, name)
@@ -102,6 +106,11 @@ class TrainArgs:
                     or not math.isfinite(value) or value < low:
                 raise InputError(f"{flag} must be {'an integer' if name in ints else 'a number'}"
                                  f" >= {low}, got {value!r}")
+        if self.soft_targets > 1:
+            raise InputError(f"--soft-targets must be in 0 .. 1, got {self.soft_targets!r}")
+        if self.soft_targets and not self.frozen_main:
+            raise InputError("--soft-targets needs the frozen base model (lossless mode, "
+                             "main weight 0): in task mode the teacher would move")
         for name in ("lr", "epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) \
@@ -120,26 +129,27 @@ class TrainArgs:
 
 
 def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array,
-                  embedding_scale: float = 1.0) -> mx.array:
+                  embedding_scale: float = 1.0) -> tuple[mx.array, mx.array]:
     """The stream rows of `model.upper(h, positions, None, None, stream_rows)`, computed the
     cheap way when main rows are blind to streams (lossless mode): the main rows run once
     without streams, leaving their K/V in a cache, then only the stream rows run,
     attending to those K/V (as in a decode pass over a prefix).
 
     h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal main
-    rows); stream_rows: (S,) int32, or (B, S) each sample's own rows. Returns
-    (B, S, gamma, hidden), final-normed.
+    rows); stream_rows: (S,) int32, or (B, S) each sample's own rows. Returns the main
+    rows (B, L, hidden) and the stream rows (B, S, gamma, hidden), both final-normed.
     """
     L = h.shape[1]
     cache = KVCache(len(model.layers))
-    model.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
+    hm, _ = model.upper(h, positions, None, cache)  # main rows: K/V of every MSA layer
     if stream_rows.ndim == 1:
         seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
-        return model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows],
-                                 seen, cache, L, embedding_scale)
+        return hm, model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows],
+                                     seen, cache, L, embedding_scale)
     seen = stream_rows[..., None] >= mx.arange(L)  # (B, S, L): causal
     rows_h = mx.take_along_axis(h, stream_rows[..., None], axis=1)
-    return model.stream_pass(rows_h, positions[stream_rows], seen, cache, L, embedding_scale)
+    return hm, model.stream_pass(rows_h, positions[stream_rows], seen, cache, L,
+                                 embedding_scale)
 
 
 def loss_counts(batch: Batch, gamma: int) -> np.ndarray:
@@ -150,7 +160,7 @@ def loss_counts(batch: Batch, gamma: int) -> np.ndarray:
 
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
            pruning_weight: float, frozen_main: bool = False, embedding_scale: float = 1.0,
-           counts: np.ndarray | mx.array | None = None):
+           counts: np.ndarray | mx.array | None = None, soft_targets: float = 0.0):
     """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
     stream top-1 hits per target)).
 
@@ -160,10 +170,15 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
     counts: what each term's sum is divided by, (gamma + 2,) as `loss_counts`; default
     this batch's own counts (means). Data parallelism passes the global batch's counts
     over the number of ranks, so the ranks' mean loss is the global batch's.
+    soft_targets w (frozen main only): each stream target's CE is (1 - w) x the CE to the
+    data's token plus w x the CE to the base model's distribution over the draft
+    vocabulary at the row that predicts that token. Hits stay top-1 on the data's token.
     """
     if frozen_main and not main_weight:
-        hm, hs = None, upper_streams(model, batch.hidden, batch.positions,
-                                     batch.stream_rows, embedding_scale)
+        hm, hs = upper_streams(model, batch.hidden, batch.positions, batch.stream_rows,
+                               embedding_scale)
+    elif soft_targets:
+        raise ValueError("soft targets need the frozen-main path (lossless, main weight 0)")
     elif batch.stream_rows.ndim == 2:
         raise ValueError("per-sample stream rows need the frozen-main path (lossless mode, "
                          "main weight 0)")
@@ -176,6 +191,11 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
     div = mx.where(counts > 0, counts, 1.0)
     stream_logits = model.draft_logits(mx.take(hs.reshape(-1, H), batch.stream_index, axis=0))
     stream_ce = nn.losses.cross_entropy(stream_logits, batch.stream_target)
+    if soft_targets:
+        teacher = model.draft_logits(mx.take(hm.reshape(-1, H), batch.stream_source, axis=0))
+        soft = mx.softmax(mx.stop_gradient(teacher).astype(mx.float32), axis=-1)
+        soft_ce = -(soft * nn.log_softmax(stream_logits, axis=-1)).sum(-1)
+        stream_ce = (1 - soft_targets) * stream_ce + soft_targets * soft_ce
     one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])  # (K, gamma)
     per_stream = (stream_ce[:, None] * one_hot).sum(0) / div[:gamma]
     loss = stream_weight * per_stream.sum()
@@ -452,7 +472,8 @@ def train(args: TrainArgs, log=print) -> dict:
         with group.deadline("sharing rank 0's parameters"):
             mx.eval(model.trainable_parameters(), optimizer.state)
     loss_and_grad = nn.value_and_grad(model, lambda m, b, c: losses(
-        m, b, *args.weights(), args.pruning_weight, args.frozen_main, scale, c))
+        m, b, *args.weights(), args.pruning_weight, args.frozen_main, scale, c,
+        args.soft_targets))
     gamma = args.num_streams
     zeros = tree_map(mx.zeros_like, model.trainable_parameters())
     metrics, window_tic, window = {}, time.perf_counter(), np.zeros(3 * gamma + 3)
