@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_model
 from tiny_folder import CHARS, EOS_ID, make_tiny_folder
 
+import specstream_mlx.training.data as data_module
 from specstream_mlx import load
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
@@ -23,8 +24,10 @@ from specstream_mlx.training.data import (
     chitchat_prompts,
     distill,
     encode_record,
+    evals_prompts,
     held_out,
     humaneval_prompts,
+    library_prompts,
     load_examples,
     read_jsonl,
     split_record,
@@ -223,6 +226,82 @@ def test_stdlib_prompts():
         (func,) = ast.parse(code).body  # signature + docstring: a complete function
         assert isinstance(func, ast.FunctionDef) and func.name == p["id"].rsplit(".", 1)[1]
         assert ast.get_docstring(func)
+
+
+@pytest.mark.parametrize("name", ["numpy", "sympy", "networkx"])
+def test_library_prompts(name):
+    """Documented public functions of an installed library, its tests left out, each a
+    complete function (signature + docstring) in the HumanEval instruction."""
+    prompts = library_prompts(name)
+    assert len(prompts) > 300
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    for p in prompts:
+        assert p["task"] == "code" and p["id"].startswith(f"{name}/{name}.")
+        assert ".tests." not in p["id"] and "._" not in p["id"].rsplit(".", 1)[1][:2]
+        code = p["prompt"].split("```python\n", 1)[1].removesuffix("```")
+        (func,) = ast.parse(code).body
+        assert isinstance(func, ast.FunctionDef) and func.name == p["id"].rsplit(".", 1)[1]
+        assert ast.get_docstring(func) and not func.name.startswith("_")
+
+
+def fake_evals(root, monkeypatch):
+    """An `evals` package folder with a registry of three evals, one excluded."""
+    data = root / "evals" / "registry" / "data"
+    rows = {
+        "arith": [{"input": [{"role": "system", "content": "Answer with a number."},
+                             {"role": "user", "content": "What is 12 times 12, exactly?"}]},
+                  {"input": "A plain string prompt that is long enough."},
+                  {"input": [{"role": "user", "content": "short"}]},  # < 15 characters
+                  {"input": "What is 12 times 12, exactly? Again, please."},
+                  {"input": "Ceci n'est pas une pipe, \u00e9\u00e8\u00ea\u00eb\u00e0\u00e2"
+                            "\u00e4\u00ee\u00ef\u00f4\u00f6\u00f9\u00fb\u00fc"},
+                  {"input": "A plain string prompt that is long enough."}],  # repeated
+        "ballots": [{"input": "An excluded eval's prompt, long enough."}],
+        "many": [{"input": f"Question number {i} of a long eval?"} for i in range(10)],
+    }
+    for name, records in rows.items():
+        (data / name).mkdir(parents=True)
+        lines = [json.dumps(r) for r in records] + ["not json"]
+        (data / name / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(data_module, "package_dir",
+                        lambda name: root / name if name == "evals" else None)
+
+
+def test_evals_prompts_parse_filter_and_cap(tmp_path, monkeypatch):
+    fake_evals(tmp_path, monkeypatch)
+    prompts = evals_prompts(per_eval=4)
+    texts = [p["prompt"] for p in prompts]
+    assert texts[:3] == ["Answer with a number.\n\nWhat is 12 times 12, exactly?",
+                         "A plain string prompt that is long enough.",
+                         "What is 12 times 12, exactly? Again, please."]
+    assert texts[3:] == [f"Question number {i} of a long eval?" for i in range(4)]
+    assert all(p["task"] == "chat" and p["id"].startswith("evals/") for p in prompts)
+    assert len({p["id"] for p in prompts}) == len(prompts)
+
+
+def test_extra_sources_hold_out_their_own_and_keep_the_default_sets():
+    base = build_prompt_sets(chat=20, code=30, heldout=4, seed=0)
+    sets = build_prompt_sets(chat=20, code=30, heldout=4, seed=0,
+                             sources=["chitchat", "humaneval", "stdlib", "networkx"])
+    assert sets["heldout"][:8] == base["heldout"]  # the default held-out split is kept
+    extra = sets["heldout"][8:]
+    assert len(extra) == 4 and all(p["id"].startswith("networkx/") for p in extra)
+    train = sets["train"]
+    assert len(train) == 50 and sum(p["task"] == "code" for p in train) == 30
+    assert any(p["id"].startswith("networkx/") for p in train)
+    assert not {p["id"] for p in train} & {p["id"] for p in sets["heldout"]}
+    assert build_prompt_sets(chat=20, code=30, heldout=4, seed=0,
+                             sources=["chitchat", "humaneval", "stdlib", "networkx"]) == sets
+
+
+@pytest.mark.parametrize("sources, message", [
+    (["chitchat", "humaneval", "stdlib", "wikipedia"], "unknown data source 'wikipedia'"),
+    (["chitchat", "humaneval", "stdlib", "numpy", "numpy"], "named twice"),
+    (["chitchat", "numpy"], "missing: humaneval, stdlib"),
+])
+def test_bad_sources(sources, message):
+    with pytest.raises(InputError, match=message):
+        build_prompt_sets(chat=2, code=2, heldout=1, sources=sources)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from specstream_mlx.errors import InputError
 from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.loader import resolve_path
 from specstream_mlx.settings import check_output_path, check_value
-from specstream_mlx.training.data import build_prompt_sets, distill
+from specstream_mlx.training.data import DEFAULT_SOURCES, build_prompt_sets, distill
 from specstream_mlx.training.distributed import Group
 
 
@@ -19,11 +19,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", type=int, default=600, help="chat training prompts")
     parser.add_argument("--code", type=int, default=600, help="code training prompts")
     parser.add_argument("--heldout", type=int, default=16,
-                        help="held-out prompts per task (HumanEval and chitchat)")
+                        help="held-out prompts per source (HumanEval, chitchat and each "
+                             "extra source)")
     parser.add_argument("--valid", type=int, default=48, help="validation prompts (distilled)")
     parser.add_argument("--max-tokens", type=int, default=192, help="completion length")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
+                        help="comma-separated prompt sources: chitchat, humaneval, stdlib "
+                             "(the default), and numpy, sympy, networkx (documented "
+                             "functions), evals (pip install --no-deps evals); each extra "
+                             "source holds out --heldout prompts of its own")
     parser.add_argument("--resume", action="store_true",
                         help="keep the completions already written and distill the rest")
     parser.add_argument("--dist-timeout", type=float, default=600.0,
@@ -41,8 +47,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_path(out / "train.jsonl", "--out")
     group = Group(args.dist_timeout)
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     sets = build_prompt_sets(args.chat + args.valid // 2, args.code + args.valid // 2,
-                             args.heldout, args.seed)
+                             args.heldout, args.seed, sources)
     # Validation prompts come off the training pool, so training never sees them.
     valid_n = args.valid
     valid, train = sets["train"][:valid_n], sets["train"][valid_n:]

@@ -126,42 +126,149 @@ def humaneval_prompts() -> list[dict]:
              "prompt": CODE_INSTRUCTION.format(code=t["prompt"])} for t in tasks]
 
 
-def stdlib_prompts(limit: int = 4000) -> list[dict]:
-    """Signature + docstring of documented standard-library functions, HumanEval style."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def function_prompts(files: list[Path], prefix: str, root: Path) -> list[dict]:
+    """Signature + docstring of the documented public top-level functions in `files`,
+    HumanEval style; ids `prefix/module.function` (module relative to `root`)."""
     prompts = []
-    for path in sorted(root.glob("*.py")):
+    for path in files:
         try:
             source = path.read_text()
             tree = ast.parse(source)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         lines = source.splitlines()
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
         for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) \
+                    and (prefix == "stdlib" or not node.name.startswith("_")):
                 doc = node.body[0]
                 head = "\n".join(lines[node.lineno - 1 : doc.end_lineno]) + "\n"
                 if len(head) <= 1200:
-                    prompts.append({"id": f"stdlib/{path.stem}.{node.name}", "task": "code",
+                    prompts.append({"id": f"{prefix}/{module}.{node.name}", "task": "code",
                                     "prompt": CODE_INSTRUCTION.format(code=head)})
-    return prompts[:limit]
+    return prompts
 
 
-def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0) -> dict:
+def stdlib_prompts(limit: int = 4000) -> list[dict]:
+    """Signature + docstring of documented standard-library functions, HumanEval style."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return function_prompts(sorted(root.glob("*.py")), "stdlib", root)[:limit]
+
+
+# Installed libraries whose documented functions become code prompts (their licences:
+# numpy BSD-3-Clause, sympy BSD-3-Clause, networkx BSD-3-Clause).
+LIBRARIES = ("numpy", "sympy", "networkx")
+
+
+def library_prompts(name: str) -> list[dict]:
+    """Signature + docstring of the public documented functions of an installed library
+    (its tests left out), HumanEval style; ids `name/module.function`."""
+    root = package_dir(name)
+    files = [f for f in sorted(root.rglob("*.py"))
+             if not {"tests", "testing", "benchmarks"} & set(f.relative_to(root).parts)
+             and not f.name.startswith("test_")]
+    return function_prompts(files, name, root.parent)
+
+
+# OpenAI's evals registry (MIT) bundles its prompts in the wheel; these folders carry
+# other terms (named in its LICENSE.md), so they are left out.
+EVALS_EXCLUDED = {"text_compression", "steganography", "schelling_point", "ballots",
+                  "sandbagging", "theory_of_mind", "already_said_that"}
+
+
+def evals_prompts(per_eval: int = 40) -> list[dict]:
+    """User prompts of OpenAI's evals registry (`pip install --no-deps evals`; MIT): the
+    last user turn (after the system turn, if any) of up to `per_eval` English records
+    per eval, 15-2000 characters, each text once."""
+    root = package_dir("evals") / "registry" / "data"
+    prompts, seen = [], set()
+    for name in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        if name in EVALS_EXCLUDED:
+            continue
+        kept = 0
+        for path in sorted((root / name).rglob("*.jsonl")):
+            if kept >= per_eval or path.stat().st_size > 3_000_000:
+                continue
+            for i, line in enumerate(path.read_text(errors="replace").splitlines()):
+                text = evals_user_text(line)
+                if (text is None or not 15 <= len(text) <= 2000 or text in seen
+                        or sum(c.isascii() for c in text) < 0.95 * len(text)):
+                    continue
+                seen.add(text)
+                rel = path.relative_to(root).with_suffix("").as_posix()
+                prompts.append({"id": f"evals/{rel}/{i}", "task": "chat", "prompt": text})
+                kept += 1
+                if kept >= per_eval:
+                    break
+    return prompts
+
+
+def evals_user_text(line: str) -> str | None:
+    """The prompt of one evals record: `input` as text, or its system + last user turn."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    inp = record.get("input") if isinstance(record, dict) else None
+    if isinstance(inp, list):
+        turns = [m for m in inp if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        system = [m["content"] for m in turns if m.get("role") == "system"][:1]
+        user = [m["content"] for m in turns if m.get("role") == "user"][-1:]
+        inp = "\n\n".join(system + user) if user else None
+    return inp.strip() if isinstance(inp, str) else None
+
+
+# Where each source's prompts come from; the first three are the default (the shipped
+# streams' data), the others are added with `specstream data --sources`.
+SOURCES = {"chitchat": chitchat_prompts, "humaneval": humaneval_prompts,
+           "stdlib": stdlib_prompts, "evals": evals_prompts,
+           **{name: (lambda n=name: library_prompts(n)) for name in LIBRARIES}}
+DEFAULT_SOURCES = ("chitchat", "humaneval", "stdlib")
+
+
+def check_sources(sources: list[str] | tuple[str, ...]) -> list[str]:
+    """The sources, each known and once; the three defaults must be among them."""
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise InputError(f"unknown data source {unknown[0]!r}; known: {', '.join(SOURCES)}")
+    if len(set(sources)) != len(sources):
+        raise InputError("a data source is named twice")
+    missing = [s for s in DEFAULT_SOURCES if s not in sources]
+    if missing:
+        raise InputError(f"the sources must include {', '.join(DEFAULT_SOURCES)} (the "
+                         f"held-out split comes from them); missing: {', '.join(missing)}")
+    return list(sources)
+
+
+def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0,
+                      sources: list[str] | tuple[str, ...] = DEFAULT_SOURCES) -> dict:
     """Train and held-out prompt sets from real sources.
 
     Held out: `heldout` HumanEval tasks and `heldout` chitchat conversations, chosen by
     a shuffle with `seed`; training draws `code` prompts from the other HumanEval tasks
-    and the standard library, and `chat` prompts from the other conversations.
+    and the standard library, and `chat` prompts from the other conversations. Each extra
+    source (`sources` beyond the defaults) holds out its own `heldout` prompts (shuffled
+    with `seed` and its name, so the default sources' sets do not change) and adds the
+    rest to its task's pool; the pools are mixed by one shuffle.
     """
+    sources = check_sources(sources)
     rng = random.Random(seed)
     chats, evals = chitchat_prompts(), humaneval_prompts()
     rng.shuffle(chats)
     rng.shuffle(evals)
     test = evals[:heldout] + chats[:heldout]
     code_pool = evals[heldout:] + stdlib_prompts()
+    chat_pool = chats[heldout:]
+    extra = [s for s in sources if s not in DEFAULT_SOURCES]
+    for name in extra:
+        own = SOURCES[name]()
+        random.Random(f"{seed}/{name}").shuffle(own)
+        test += own[:heldout]
+        (code_pool if own and own[0]["task"] == "code" else chat_pool).extend(own[heldout:])
     rng.shuffle(code_pool)
-    train = code_pool[:code] + chats[heldout : heldout + chat]
+    if extra:  # the default chat pool keeps its shuffled order, as it always had
+        rng.shuffle(chat_pool)
+    train = code_pool[:code] + chat_pool[:chat]
     rng.shuffle(train)
     return {"train": train, "heldout": test}
 
