@@ -91,7 +91,8 @@ def stream_generate(
     Sampling takes mlx-lm's names and filters (`temp`, `top_p`, `min_p`, `top_k`): temp 0
     is greedy, and the output equals plain greedy decoding token for token; with temp > 0
     the tokens follow the model's sampling distribution exactly, and after
-    mx.random.seed(s) speculative and plain decoding draw the same tokens (sampling.py).
+    mx.random.seed(s) speculative and plain decoding draw the same tokens (up to float
+    rounding, see sampling.py).
     Drafting: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
     stream), `lookup_depth` (context draft length) and `min_draft_prob` (floor on a
     stream node's path probability) default to the model's stream config. `adaptive`

@@ -3,12 +3,17 @@
 A sampled token at context position p+1 is drawn by inverse CDF from a uniform keyed by
 (the generation's seed, p) with MLX's own generator: every row of a pass that sits at
 position p (all tree nodes of one depth) uses the same uniform. The accepted path then
-emits exactly the tokens plain decoding draws from the same seed, whatever the tree
-(its size, its shape, the controller's choice, no draft at all), and every token is an
-exact sample of the model's distribution: the uniform at p is independent of the tokens
-before p. Filters and temperature are mlx-lm's (`top_p`, `min_p`, `top_k` on the
-log-probabilities, then the temperature), so the distribution is the one mlx-lm's
-`make_sampler` samples from.
+emits the tokens plain decoding draws from the same seed, whatever the tree (its size,
+its shape, the controller's choice, no draft at all), and every token is an exact sample
+of the model's distribution: the uniform at p is independent of the tokens before p.
+"The same tokens" holds up to float rounding, as greedy identity does at near-ties: a
+pass of several rows computes logits that differ from a one-row pass's in the last bits,
+so a uniform that falls that close to the boundary between two tokens can pick the
+neighbour (seen once in ~1,500 sampled tokens of the real model here; the run then
+continues from a different, equally exact sample).
+Filters and temperature are mlx-lm's (`top_p`, `min_p`, `top_k` on the log-probabilities,
+then the temperature), so the distribution is the one mlx-lm's `make_sampler` samples
+from.
 """
 
 from __future__ import annotations
