@@ -1,16 +1,17 @@
-"""Sampling with one random number per position, so speculation cannot change the output.
+"""Sampling with one set of random numbers per position, so speculation cannot change the
+output.
 
-A sampled token at context position p+1 is drawn by inverse CDF from a uniform keyed by
-(the generation's seed, p) with MLX's own generator: every row of a pass that sits at
-position p (all tree nodes of one depth) uses the same uniform. The accepted path then
-emits the tokens plain decoding draws from the same seed, whatever the tree (its size,
-its shape, the controller's choice, no draft at all), and every token is an exact sample
-of the model's distribution: the uniform at p is independent of the tokens before p.
-"The same tokens" holds up to float rounding, as greedy identity does at near-ties: a
-pass of several rows computes logits that differ from a one-row pass's in the last bits,
-so a uniform that falls that close to the boundary between two tokens can pick the
-neighbour (seen once in ~1,500 sampled tokens of the real model here; the run then
-continues from a different, equally exact sample).
+A token at context position p+1 is drawn by the Gumbel-max trick: the argmax of the
+tempered log-probabilities plus Gumbel noise (vocab,) drawn with MLX's own generator
+from the key (the generation's seed, p). Every row of a pass that sits at position p (all
+tree nodes of one depth) adds the same noise. The accepted path then emits the tokens
+plain decoding draws from the same seed, whatever the tree (its size, its shape, the
+controller's choice, no draft at all), and every token is an exact sample of the model's
+distribution: the noise at p is independent of the tokens before p.
+"The same tokens" holds up to float rounding, as greedy identity does: a pass of several
+rows computes logits that differ from a one-row pass's in the last bits, so where the
+best two perturbed scores are that close the other one can win (as rare as a greedy
+near-tie; the run then continues from a different, equally exact sample).
 Filters and temperature are mlx-lm's (`top_p`, `min_p`, `top_k` on the log-probabilities,
 then the temperature), so the distribution is the one mlx-lm's `make_sampler` samples
 from.
@@ -19,19 +20,19 @@ from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from specstream_mlx.settings import check_settings
 
 
-def _uniform(key: mx.array) -> mx.array:
-    return mx.random.uniform(key=key)
-
-
-# One uniform per row, each from its own key (seed, position).
-_uniforms = mx.vmap(_uniform)
+@lru_cache(maxsize=8)
+def _gumbels(vocab: int):
+    """keys (P, 2) uint32 -> Gumbel noise (P, vocab), each row from its own key."""
+    return mx.vmap(lambda key: mx.random.gumbel(shape=(vocab,), key=key))
 
 
 @dataclass(frozen=True)
@@ -60,23 +61,22 @@ class PositionSampler:
         seed = mx.random.randint(0, 2**31 - 1, ()).item()  # once per generation
         return cls(temp, top_p, min_p, top_k, int(seed))
 
-    def uniforms(self, positions: mx.array) -> mx.array:
-        """U[0, 1) per position (rows,), the same for equal positions."""
-        keys = mx.stack([mx.full(positions.shape, self.seed, dtype=mx.uint32),
-                         positions.astype(mx.uint32)], axis=-1)
-        return _uniforms(keys)
+    def noise(self, positions, vocab: int) -> mx.array:
+        """Gumbel noise (rows, vocab) for positions (rows,) (host ints), drawn once per
+        distinct position: equal positions get equal rows."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        uniq, row_of = np.unique(positions, return_inverse=True)
+        keys = np.stack([np.full(len(uniq), self.seed), uniq], axis=-1).astype(np.uint32)
+        g = _gumbels(vocab)(mx.array(keys))
+        return g if len(uniq) == len(positions) else g[mx.array(row_of.astype(np.int32))]
 
-    def __call__(self, logprobs: mx.array, positions: mx.array) -> mx.array:
+    def __call__(self, logprobs: mx.array, positions) -> mx.array:
         if 0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.min_p)
         if self.top_k > 0:
             logprobs = apply_top_k(logprobs, self.top_k)
-        probs = mx.softmax(logprobs * (1.0 / self.temp), axis=-1, precise=True)
-        cdf = mx.cumsum(probs, axis=-1)
-        u = self.uniforms(positions) * cdf[:, -1]
-        # The first token whose cumulative probability exceeds u; filtered tokens add
-        # nothing to the sum, so they are never the first.
-        token = mx.sum(cdf <= u[:, None], axis=-1)
-        return mx.minimum(token, logprobs.shape[-1] - 1).astype(mx.int32)
+        # Filtered tokens are -inf: noise cannot lift them.
+        scores = logprobs * (1.0 / self.temp) + self.noise(positions, logprobs.shape[-1])
+        return mx.argmax(scores, axis=-1).astype(mx.int32)

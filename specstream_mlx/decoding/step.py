@@ -29,9 +29,10 @@ from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_token_ids
 
-# Maps log-probabilities (rows, vocab) and each row's position (rows,) to one token per
-# row (rows,): a PositionSampler (sampling.py), whose draws do not depend on the tree.
-Sampler = Callable[[mx.array, mx.array], mx.array]
+# Maps log-probabilities (rows, vocab) and each row's position (rows,) (host ints) to one
+# token per row (rows,): a PositionSampler (sampling.py), whose draws do not depend on
+# the tree.
+Sampler = Callable[[mx.array, np.ndarray], mx.array]
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TokenEvent:
     final: bool = False
 
 
-def choose(logits: mx.array, sampler: Sampler | None, positions: mx.array) -> mx.array:
+def choose(logits: mx.array, sampler: Sampler | None, positions: np.ndarray) -> mx.array:
     """Main-stream choice per row: logits (rows, vocab), the rows' positions (rows,) ->
     (rows,); None means greedy."""
     if sampler is None:
@@ -137,12 +138,13 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     deferred = streams and not model.stream_args.main_sees_streams
     n = len(tree)
     tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
-    positions = mx.array(cache.offset + tree.depths)
+    where = cache.offset + tree.depths  # (n,) host positions
+    positions = mx.array(where)
     mask = mx.array(tree.mask) if n > 1 else None
     h_low = model.lower(tokens[None], positions, mask, cache)
     rows = None if deferred else rows_needing_streams(model, n, streams)
     h, hs = model.upper(h_low, positions, mask, cache, rows)
-    targets = choose(model.head(h[0]), sampler, positions)
+    targets = choose(model.head(h[0]), sampler, where)
     outputs = [targets]
     if streams:
         parents = mx.array([0] + tree.parents, dtype=mx.int32)
@@ -236,8 +238,7 @@ def generate_step(
     yielded = 0
     try:
         logits, hs = prefill(model, cache, prompt[reused:], prefill_chunk, streams)
-        root = choose(logits[None], sampler,
-                      mx.array([len(prompt) - 1], dtype=mx.int32))[0]
+        root = choose(logits[None], sampler, np.array([len(prompt) - 1]))[0]
         draft = None
         if streams:
             cand, lp = stream_candidates(model, hs, top_k, draft_head, draft_temp)
