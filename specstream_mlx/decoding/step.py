@@ -64,6 +64,12 @@ def choose(logits: mx.array, sampler: Sampler | None, positions: np.ndarray) -> 
     return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True), positions)
 
 
+def draft_temperature(sampler: Sampler | None) -> float:
+    """The temperature drafts are ranked at: the sampler's (1.0 when greedy, the scale the
+    tuned min_draft_prob is on)."""
+    return getattr(sampler, "temp", 1.0)
+
+
 def stream_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None = None,
                       temp: float = 1.0) -> tuple[mx.array, mx.array]:
     """Top-k of each stream: hs (..., gamma, hidden) -> tokens, logprobs (..., gamma, k),
@@ -122,12 +128,12 @@ def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
 
 
 def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None,
-           top_k: int, draft: bool = True, draft_head: mx.array | None = None,
-           draft_temp: float = 1.0) -> tuple[list[int], int, Draft | None]:
+           top_k: int, draft: bool = True, draft_head: mx.array | None = None
+           ) -> tuple[list[int], int, Draft | None]:
     """One forward pass of `root` + `tree` with the cache's committed tokens as prefix:
     returns the accepted path (node indices, 0 first), the token after it, and (with
     `draft`, top_k > 0 and streams) the streams' candidates at its last node (their
-    log-probabilities at `draft_temp`, see stream_candidates). The pass's
+    log-probabilities at the sampler's temperature, see draft_temperature). The pass's
     K/V stay pending in the cache: `commit` keeps the path's.
 
     Main rows blind to their streams (lossless mode) let the stream rows run for the last
@@ -158,7 +164,8 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
                                    seen, cache, n)[0, 0]
         else:
             hs = hs[0, last]
-        outputs += list(stream_candidates(model, hs, top_k, draft_head, draft_temp))
+        outputs += list(stream_candidates(model, hs, top_k, draft_head,
+                                          draft_temperature(sampler)))
     mx.eval(*outputs)  # the step's one read-back
     path, bonus = tree.accept(targets.tolist())
     new_draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
@@ -167,12 +174,12 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
 
 def speculative_step(
     model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None, top_k: int,
-    draft: bool = True, draft_head: mx.array | None = None, draft_temp: float = 1.0,
+    draft: bool = True, draft_head: mx.array | None = None,
 ) -> StepResult:
     """Verify `tree` after `root` and, with `draft` and top_k > 0, draft the next
     candidates, in one forward pass; commits the accepted path's K/V."""
     path, bonus, new_draft = verify(model, cache, root, tree, sampler, top_k, draft,
-                                    draft_head, draft_temp)
+                                    draft_head)
     cache.commit(path)
     accepted = [tree.tokens[i - 1] for i in path[1:]]
     return StepResult(accepted + [bonus], len(accepted), new_draft, path)
@@ -212,7 +219,6 @@ def generate_step(
     """
     prompt = check_token_ids(prompt, model.args.vocab_size)
     check_settings(max_tokens=max_tokens)
-    draft_temp = getattr(sampler, "temp", 1.0)
     d = Drafting.resolve(model, speculative, tree_budget, draft_top_k, lookup_depth,
                          min_draft_prob)
     context = model.args.max_position_embeddings
@@ -241,7 +247,8 @@ def generate_step(
         root = choose(logits[None], sampler, np.array([len(prompt) - 1]))[0]
         draft = None
         if streams:
-            cand, lp = stream_candidates(model, hs, top_k, draft_head, draft_temp)
+            cand, lp = stream_candidates(model, hs, top_k, draft_head,
+                                         draft_temperature(sampler))
             mx.eval(root, cand, lp)
             draft = Draft(np.array(cand), np.array(lp))
         root, passes = root.item(), 1
@@ -258,8 +265,7 @@ def generate_step(
             # Drafts deeper than the tokens still allowed could never be emitted.
             tree = tree.truncate(max_tokens - yielded - 1)
             result = speculative_step(model, cache, root, tree, sampler, top_k,
-                                      plan.draft if plan is not None else True, draft_head,
-                                      draft_temp)
+                                      plan.draft if plan is not None else True, draft_head)
             if controller is not None:
                 controller.observe(tree, plan, match, result.path, time.perf_counter() - tic)
             passes += 1

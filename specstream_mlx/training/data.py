@@ -126,9 +126,11 @@ def humaneval_prompts() -> list[dict]:
              "prompt": CODE_INSTRUCTION.format(code=t["prompt"])} for t in tasks]
 
 
-def function_prompts(files: list[Path], prefix: str, root: Path) -> list[dict]:
-    """Signature + docstring of the documented public top-level functions in `files`,
-    HumanEval style; ids `prefix/module.function` (module relative to `root`)."""
+def function_prompts(files: list[Path], prefix: str, root: Path,
+                     public_only: bool = True) -> list[dict]:
+    """Signature + docstring of the documented top-level functions in `files` (public
+    ones only with `public_only`), HumanEval style; ids `prefix/module.function` (module
+    relative to `root`)."""
     prompts = []
     for path in files:
         try:
@@ -140,7 +142,7 @@ def function_prompts(files: list[Path], prefix: str, root: Path) -> list[dict]:
         module = ".".join(path.relative_to(root).with_suffix("").parts)
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) \
-                    and (prefix == "stdlib" or not node.name.startswith("_")):
+                    and not (public_only and node.name.startswith("_")):
                 doc = node.body[0]
                 head = "\n".join(lines[node.lineno - 1 : doc.end_lineno]) + "\n"
                 if len(head) <= 1200:
@@ -152,7 +154,8 @@ def function_prompts(files: list[Path], prefix: str, root: Path) -> list[dict]:
 def stdlib_prompts(limit: int = 4000) -> list[dict]:
     """Signature + docstring of documented standard-library functions, HumanEval style."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return function_prompts(sorted(root.glob("*.py")), "stdlib", root)[:limit]
+    return function_prompts(sorted(root.glob("*.py")), "stdlib", root,
+                            public_only=False)[:limit]
 
 
 # Installed libraries whose documented functions become code prompts (their licences:
