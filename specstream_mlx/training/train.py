@@ -477,6 +477,9 @@ def train(args: TrainArgs, log=print) -> dict:
     gamma = args.num_streams
     zeros = tree_map(mx.zeros_like, model.trainable_parameters())
     metrics, window_tic, window = {}, time.perf_counter(), np.zeros(3 * gamma + 3)
+    if args.warm_start and first == 0 and group.main and valid_set:
+        # Where the loaded streams stand on this validation set, before any update.
+        log(f"step 0 validation: {evaluate(model, valid_set, args, lookup, scale)}")
     steps, own_tokens = 0, 0
     for step in range(first, total):
         share = [own[i] for i in plan[step][rank::size]]
