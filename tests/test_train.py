@@ -502,8 +502,8 @@ def test_warm_start_continues_from_the_folders_streams(workdir, lossless_run):
     # Before its first update the run reports the loaded streams' validation.
     step0 = [line for line in logs if line.startswith("step 0 validation: ")]
     assert len(step0) == 1 and "valid_loss" in step0[0]
-    loss0 = float(step0[0].split("'valid_loss': ", 1)[1].split(",", 1)[0].rstrip("}"))
-    np.testing.assert_allclose(loss0, lossless_run[0]["valid_loss"], rtol=1e-3)
+    metrics0 = ast.literal_eval(step0[0].removeprefix("step 0 validation: "))
+    np.testing.assert_allclose(metrics0["valid_loss"], lossless_run[0]["valid_loss"], rtol=1e-3)
     # One step at a learning rate of 1e-7: the streams and their validation loss are the
     # trained ones (fresh streams would score like an untrained model).
     np.testing.assert_allclose(result["valid_loss"], lossless_run[0]["valid_loss"], rtol=1e-3)
