@@ -283,6 +283,7 @@ def test_tune_flags(folder, prompts, capsys, argv, message):
     (["--chat", "-1"], "--chat must be >= 0"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--exclude", "nowhere/train.jsonl"], "data file not found: nowhere/train.jsonl"),
 ])
 def test_data_flags(folder, tmp_path, capsys, flags, message):
     line = run_cli(["data", "--model", folder, "--out", str(tmp_path / "d"), *flags], capsys)

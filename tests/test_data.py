@@ -13,6 +13,7 @@ from tiny_folder import CHARS, EOS_ID, make_tiny_folder
 
 import specstream_mlx.training.data as data_module
 from specstream_mlx import load
+from specstream_mlx.cli import main as cli_main
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages
@@ -292,6 +293,34 @@ def test_extra_sources_hold_out_their_own_and_keep_the_default_sets():
     assert not {p["id"] for p in train} & {p["id"] for p in sets["heldout"]}
     assert build_prompt_sets(chat=20, code=30, heldout=4, seed=0,
                              sources=["chitchat", "humaneval", "stdlib", "networkx"]) == sets
+
+
+def test_exclude_leaves_out_an_earlier_stage_and_counts_new_prompts():
+    base = build_prompt_sets(chat=20, code=30, heldout=4, seed=0)
+    earlier = base["train"]
+    # An earlier stage's records, matched by id (or, without one, by prompt text).
+    exclude = [p["id"] for p in earlier[:25]] + [p["prompt"] for p in earlier[25:]]
+    sets = build_prompt_sets(chat=20, code=30, heldout=4, seed=0, exclude=exclude)
+    assert sets["heldout"] == base["heldout"]
+    train = sets["train"]
+    assert len(train) == 50 and sum(p["task"] == "code" for p in train) == 30
+    assert not {p["id"] for p in train} & {p["id"] for p in earlier}
+    assert not {p["id"] for p in train} & {p["id"] for p in sets["heldout"]}
+
+
+def test_data_cli_exclude_writes_only_new_prompts(folder, tmp_path):
+    common = ["data", "--model", str(folder), "--chat", "2", "--code", "2", "--valid", "2",
+              "--heldout", "2", "--max-tokens", "2", "--batch-size", "4"]
+    with pytest.warns(UserWarning):
+        assert cli_main([*common, "--out", str(tmp_path / "a")]) == 0
+        first = tmp_path / "a" / "train.jsonl", tmp_path / "a" / "valid.jsonl"
+        assert cli_main([*common, "--out", str(tmp_path / "b"),
+                         "--exclude", f"{first[0]},{first[1]}"]) == 0
+    old = {r["id"] for f in first for r in read_jsonl(f)}
+    new = [r["id"] for f in ("train", "valid") for r in read_jsonl(tmp_path / "b" / f"{f}.jsonl")]
+    assert len(old) == 6 and len(new) == 6 and not old & set(new)
+    assert read_jsonl(tmp_path / "a" / "heldout.jsonl") == read_jsonl(tmp_path / "b" /
+                                                                      "heldout.jsonl")
 
 
 @pytest.mark.parametrize("sources, message", [

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from specstream_mlx.errors import InputError
-from specstream_mlx.jsonl import write_jsonl
+from specstream_mlx.jsonl import read_jsonl, write_jsonl
 from specstream_mlx.loader import resolve_path
 from specstream_mlx.settings import check_output_path, check_value
 from specstream_mlx.training.data import DEFAULT_SOURCES, build_prompt_sets, distill
@@ -30,6 +30,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(the default), and numpy, sympy, networkx (documented "
                              "functions), evals (pip install --no-deps evals); each extra "
                              "source holds out --heldout prompts of its own")
+    parser.add_argument("--exclude", default="",
+                        help="comma-separated JSONL files (an earlier stage's train and "
+                             "valid files) whose prompts are left out: --chat and --code "
+                             "then count new prompts; the held-out split does not change")
     parser.add_argument("--resume", action="store_true",
                         help="keep the completions already written and distill the rest")
     parser.add_argument("--dist-timeout", type=float, default=600.0,
@@ -48,8 +52,10 @@ def main(args: argparse.Namespace) -> int:
     check_output_path(out / "train.jsonl", "--out")
     group = Group(args.dist_timeout)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    exclude = {key for f in args.exclude.split(",") if f.strip()
+               for r in read_jsonl(f.strip()) for key in (r.get("id"), r.get("prompt")) if key}
     sets = build_prompt_sets(args.chat + args.valid // 2, args.code + args.valid // 2,
-                             args.heldout, args.seed, sources)
+                             args.heldout, args.seed, sources, exclude)
     # Validation prompts come off the training pool, so training never sees them.
     valid_n = args.valid
     valid, train = sets["train"][:valid_n], sets["train"][valid_n:]

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import random
 import sysconfig
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +245,8 @@ def check_sources(sources: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0,
-                      sources: list[str] | tuple[str, ...] = DEFAULT_SOURCES) -> dict:
+                      sources: list[str] | tuple[str, ...] = DEFAULT_SOURCES,
+                      exclude: Collection[str] = ()) -> dict:
     """Train and held-out prompt sets from real sources.
 
     Held out: `heldout` HumanEval tasks and `heldout` chitchat conversations, chosen by
@@ -252,7 +254,9 @@ def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0,
     and the standard library, and `chat` prompts from the other conversations. Each extra
     source (`sources` beyond the defaults) holds out its own `heldout` prompts (shuffled
     with `seed` and its name, so the default sources' sets do not change) and adds the
-    rest to its task's pool; the pools are mixed by one shuffle.
+    rest to its task's pool; the pools are mixed by one shuffle. `exclude`: ids or prompt
+    texts (an earlier stage's training data) left out of the pools, so `chat` and `code`
+    count new prompts; the held-out split does not change.
     """
     sources = check_sources(sources)
     rng = random.Random(seed)
@@ -271,6 +275,11 @@ def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0,
     rng.shuffle(code_pool)
     if extra:  # the default chat pool keeps its shuffled order, as it always had
         rng.shuffle(chat_pool)
+    if exclude:
+        exclude = set(exclude)
+        code_pool, chat_pool = ([p for p in pool if p["id"] not in exclude
+                                 and p["prompt"] not in exclude]
+                                for pool in (code_pool, chat_pool))
     train = code_pool[:code] + chat_pool[:chat]
     rng.shuffle(train)
     return {"train": train, "heldout": test}
