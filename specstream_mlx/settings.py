@@ -34,6 +34,7 @@ RULES = {
     "batch_size": ("int", 1, None, False),
     "window": ("int", 1, None, False),
     "conversation": ("int", 0, None, False),
+    "repeats": ("int", 1, None, False),
 }
 
 

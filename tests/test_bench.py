@@ -24,6 +24,7 @@ from specstream_mlx.tools.bench import (
     bench,
     draw_chart,
     format_report,
+    paired_row,
     summarize,
     window_speedups,
 )
@@ -270,3 +271,38 @@ def test_conversation_ttft_reuses_the_previous_turns(root, folder):
     assert all(t["identical"] for t in turns)
     assert all(t["ttft_reused_ms"] > 0 and t["ttft_fresh_ms"] > 0 for t in turns)
     assert any("first token after" in line for line in logs)
+
+
+def run(tokens, tps, stamps):
+    return {"tokens": tokens, "n": len(tokens), "passes": 2, "stamps": stamps, "tps": tps,
+            "accepted_hist": {0: 1}}
+
+
+def test_paired_row_takes_medians_of_paired_ratios():
+    toks = [1, 2, 3]
+    pairs = [(run(toks, 10.0, [0, 1, 2]), run(toks, 5.0, [0, 2, 4])),   # x2.0, windows x2
+             (run(toks, 12.0, [0, 1, 3]), run(toks, 12.0, [0, 1, 3])),  # x1.0, windows x1
+             (run(toks, 9.0, [0, 1, 2]), run(toks, 6.0, [0, 3, 6]))]    # x1.5, windows x3
+    row = paired_row({"id": "p", "task": "chat"}, 0, pairs, window=1)
+    assert row["speedups"] == [2.0, 1.0, 1.5]
+    assert row["speedup"] == 1.5  # the median pair, not the ratio of median tokens/s
+    assert row["spec_tps"] == 10.0 and row["plain_tps"] == 6.0
+    assert row["window_speedups"] == [2.0, 2.0]
+    assert row["identical"]
+    pairs[1] = (pairs[1][0], run([1, 2, 4], 12.0, [0, 1, 3]))
+    assert not paired_row({"id": "p"}, 0, pairs, window=1)["identical"]
+    one = paired_row({}, 7, pairs[:1], window=1)
+    assert one["id"] == "7" and one["speedup"] == 2.0 and "speedups" not in one
+
+
+def test_cli_bench_repeats(root, folder, capsys):
+    code = main(["bench", "--prompts", str(root / "prompts.jsonl"), "--model", str(folder),
+                 "--no-mlx-lm", "--max-tokens", "6", "--rows", "1", "--limit", "2",
+                 "--repeats", "2", "--json", str(root / "rep.json")])
+    assert code == 0
+    assert capsys.readouterr().out.count(" pairs x") == 2
+    rows = json.loads((root / "rep.json").read_text())["per_prompt"]
+    assert all(len(r["speedups"]) == 2 and r["identical"] for r in rows)
+    assert main(["bench", "--prompts", str(root / "prompts.jsonl"), "--model", str(folder),
+                 "--no-mlx-lm", "--repeats", "0"]) == 2
+    assert "repeats" in capsys.readouterr().err

@@ -38,6 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
     parser.add_argument("--seed", type=int, default=0,
                         help="prompt i's runs (speculative, plain, mlx-lm) start from seed + i")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="speculative/plain pairs per prompt (alternating order); a "
+                             "prompt's speed-up is the median of its pairs'")
     parser.add_argument("--conversation", type=int, default=0, metavar="TURNS",
                         help="also time the first token of each turn of a TURNS-turn "
                              "conversation, with KV reuse and with a fresh prefill")
@@ -52,6 +55,6 @@ def main(args: argparse.Namespace) -> int:
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
         rows=parse_counts(args.rows, "--rows"), window=args.window, json_path=args.json,
         png_path=args.png, conversation=args.conversation,
-        temp=args.temp, top_p=args.top_p, seed=args.seed,
+        temp=args.temp, top_p=args.top_p, seed=args.seed, repeats=args.repeats,
     ))
     return 0

@@ -49,6 +49,9 @@ class BenchArgs:
     temp: float = 0.0  # > 0: sample; speculative and plain draw the same tokens
     top_p: float = 0.0
     seed: int = 0  # each prompt's runs start from seed + its index
+    # Speculative/plain pairs per prompt, alternating which runs first; a prompt's
+    # speed-up is the median of its pairs' ratios (one pair is at the mercy of drift).
+    repeats: int = 1
 
 
 def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bool,
@@ -81,6 +84,31 @@ def window_speedups(spec: list[float], plain: list[float], window: int) -> list[
     return [round((plain[e] - plain[b]) / (spec[e] - spec[b]), 3)
             for b, e in ((i, i + window) for i in range(0, n - window + 1, window))
             if spec[e] > spec[b]]
+
+
+def paired_row(record: dict, index: int, pairs: list[tuple[dict, dict]],
+               window: int) -> dict:
+    """One prompt's report from its (speculative, plain) timed runs: tokens/s and the
+    speed-up are medians over the pairs (the speed-up of each pair measured on its own),
+    as are the per-window speed-ups; `identical` holds when every run emitted the same
+    tokens."""
+    spec = pairs[0][0]
+    ratios = [s["tps"] / p["tps"] for s, p in pairs if p["tps"]]
+    windows = [window_speedups(s["stamps"], p["stamps"], window) for s, p in pairs]
+    row = {"id": record.get("id", str(index)), "task": record.get("task", "all"),
+           "tokens": spec["n"], "passes": spec["passes"],
+           "tokens_per_pass": round(spec["n"] / spec["passes"], 3),
+           "spec_tps": round(float(np.median([s["tps"] for s, _ in pairs])), 2),
+           "plain_tps": round(float(np.median([p["tps"] for _, p in pairs])), 2),
+           "speedup": round(float(np.median(ratios)), 3) if ratios else None,
+           "identical": all(r["tokens"] == spec["tokens"] for pair in pairs for r in pair),
+           "accepted_hist": spec["accepted_hist"],
+           # Runs that drew different tokens (a near-tie) may differ in length.
+           "window_speedups": [round(float(np.median(w)), 3)
+                               for w in zip(*windows, strict=False)]}
+    if len(pairs) > 1:
+        row["speedups"] = [round(r, 3) for r in ratios]
+    return row
 
 
 def mlx_lm_run(ref, tokenizer, ids: list[int], args: BenchArgs, seed: int = 0) -> dict:
@@ -219,7 +247,7 @@ def check_bench_args(args: BenchArgs) -> None:
                    draft_top_k=args.draft_top_k,
                    lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
     check_settings(limit=args.limit, window=args.window, conversation=args.conversation,
-                   temp=args.temp, top_p=args.top_p, seed=args.seed)
+                   temp=args.temp, top_p=args.top_p, seed=args.seed, repeats=args.repeats)
     check_rows(args.rows)
     check_output_path(args.json_path, "json")
     check_output_path(args.png_path, "png")
@@ -254,24 +282,19 @@ def bench(args: BenchArgs, log=print) -> dict:
     sampled = args.temp > 0
     rows = []
     for i, (record, ids) in enumerate(zip(records, prompts, strict=True)):
-        # Alternate which runs first, so drift in machine speed favours neither.
-        order = [True, False] if i % 2 == 0 else [False, True]
-        runs = {s: timed_run(model, tokenizer, ids, args, s, args.seed + i) for s in order}
-        spec, plain = runs[True], runs[False]
-        row = {"id": record.get("id", str(i)), "task": record.get("task", "all"),
-               "tokens": spec["n"], "passes": spec["passes"],
-               "tokens_per_pass": round(spec["n"] / spec["passes"], 3),
-               "spec_tps": round(spec["tps"], 2), "plain_tps": round(plain["tps"], 2),
-               "speedup": round(spec["tps"] / plain["tps"], 3) if plain["tps"] else None,
-               "identical": spec["tokens"] == plain["tokens"],
-               "accepted_hist": spec["accepted_hist"],
-               "window_speedups": window_speedups(spec["stamps"], plain["stamps"],
-                                                  args.window)}
+        pairs = []
+        for rep in range(args.repeats):
+            # Alternate which runs first, so drift in machine speed favours neither.
+            order = [True, False] if (i + rep) % 2 == 0 else [False, True]
+            runs = {s: timed_run(model, tokenizer, ids, args, s, args.seed + i)
+                    for s in order}
+            pairs.append((runs[True], runs[False]))
+        row = paired_row(record, i, pairs, args.window)
         if ref is not None:
             theirs = mlx_lm_run(ref, tokenizer, ids, args, args.seed + i)
             row["mlx_lm_tps"] = round(theirs["tps"], 2)
             # mlx-lm samples with its own random numbers: comparable when greedy only.
-            row["mlx_lm_identical"] = None if sampled else theirs["tokens"] == plain["tokens"]
+            row["mlx_lm_identical"] = None if sampled else theirs["tokens"] == pairs[0][1]["tokens"]
         rows.append(row)
         log(format_row(row))
     tasks = sorted({r["task"] for r in rows})
@@ -306,6 +329,8 @@ def format_row(r: dict) -> str:
     theirs = f" mlx-lm {r['mlx_lm_tps']:6.1f}" if "mlx_lm_tps" in r else ""
     if r.get("window_speedups"):
         theirs += " windows " + " ".join(f"x{w:.2f}" for w in r["window_speedups"])
+    if r.get("speedups"):
+        theirs += " pairs " + " ".join(f"x{w:.2f}" for w in r["speedups"])
     return (f"{r['id'][:28]:28s} {r['task']:5s} {r['tokens']:4d} tok "
             f"{r['tokens_per_pass']:5.2f} tok/pass  spec {r['spec_tps']:6.1f}  "
             f"plain {r['plain_tps']:6.1f}  x{r['speedup'] or float('nan'):.2f}{theirs}  "
