@@ -91,7 +91,8 @@ def paired_row(record: dict, index: int, pairs: list[tuple[dict, dict]],
     """One prompt's report from its (speculative, plain) timed runs: tokens/s and the
     speed-up are medians over the pairs (the speed-up of each pair measured on its own),
     as are the per-window speed-ups; `identical` holds when every run emitted the same
-    tokens."""
+    tokens. Passes, tokens per pass and the histogram are the first pair's (the
+    controller's timed choices may differ a little between runs)."""
     spec = pairs[0][0]
     ratios = [s["tps"] / p["tps"] for s, p in pairs if p["tps"]]
     windows = [window_speedups(s["stamps"], p["stamps"], window) for s, p in pairs]
