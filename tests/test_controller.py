@@ -12,6 +12,7 @@ from conftest import tiny_model
 from specstream_mlx.decoding import controller as ctl
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.controller import Controller, PassCosts, Plan
+from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import generate_step, prefill, speculative_step
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.models.config import StreamArgs
@@ -135,3 +136,21 @@ def test_costs_are_shared_by_a_models_generations():
     assert {(1, False), (1, True)} <= set(table.table)
     assert ctl.costs_for(model) is table
     assert ctl.costs_for(tiny_model("llama", seed=2, streams=STREAMS)) is not table
+
+
+def test_sampled_generations_start_with_a_cautious_calibration(monkeypatch):
+    tree = confident_tree(0.8)
+    greedy = Controller(PassCosts(), 3)
+    sampled = Controller(PassCosts(), 3, sampled=True)
+    assert greedy.node_gains(tree)[0] == pytest.approx(0.8)
+    ratio, _ = ctl.SAMPLED_START
+    assert sampled.node_gains(tree)[0] == pytest.approx(ratio * 0.8)
+    sampled.observe(tree, Plan(len(tree), 0, True), 0, [0, 1], None)  # one hit
+    assert sampled.node_gains(tree)[0] > ratio * 0.8 * 1.2
+    seen = []
+    monkeypatch.setattr(ctl.Controller, "plan", lambda self, tree, chain_len, match: (
+        seen.append(self.sampled) or Plan(0, 0, False)))
+    model = tiny_model("llama", seed=1, streams=STREAMS)
+    list(generate_step(model, PROMPT, max_tokens=4))
+    list(generate_step(model, PROMPT, max_tokens=4, sampler=PositionSampler(0.7, seed=1)))
+    assert seen == [False] * 3 + [True] * 3

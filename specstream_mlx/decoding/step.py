@@ -231,7 +231,8 @@ def generate_step(
     controller = index = None
     # Timed choices are safe when sampling too: a PositionSampler draws by position.
     if streams and drafter is None and adaptive:
-        controller = Controller(costs_for(model), model.stream_args.num_streams)
+        controller = Controller(costs_for(model), model.stream_args.num_streams,
+                                sampled=sampler is not None)
         index = NgramIndex() if d.lookup > 0 else None
     drafter = drafter or budget_drafter(d.budget, d.lookup, d.min_prob)
     cache = cache if cache is not None else KVCache(len(model.layers))
