@@ -65,6 +65,9 @@ class StreamArgs:
                        its streams' probabilities along the path); 0 keeps the whole budget.
     lookup_depth:      default length of the context draft added to each tree: the tokens
                        that followed the last occurrence of the current n-gram (0: off).
+    corpus_depth:      default length of a corpus draft (tokens voted from the folder's
+                       corpus.npy, a datastore of the model's own answers; 0: off). Used
+                       only when the folder has that file.
     draft_vocab_size:  streams draft from this many token ids (`streams.draft_vocab`, the
                        most frequent tokens of the training data); 0 means the full vocab.
                        Verification always uses the full head, so this stays lossless.
@@ -80,6 +83,7 @@ class StreamArgs:
     top_k: int = 3
     lookup_depth: int = 0
     min_draft_prob: float = 0.0
+    corpus_depth: int = 8
     draft_vocab_size: int = 0
 
     @classmethod
@@ -107,8 +111,9 @@ class StreamArgs:
             )
         if not 0.0 <= self.min_draft_prob <= 1.0:
             raise ModelLoadError(f"min_draft_prob must be in [0, 1], got {self.min_draft_prob}")
-        if self.lookup_depth < 0:
-            raise ModelLoadError(f"lookup_depth must be >= 0, got {self.lookup_depth}")
+        for name in ("lookup_depth", "corpus_depth"):
+            if getattr(self, name) < 0:
+                raise ModelLoadError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tree_budget < 0 or self.top_k < 1:
             raise ModelLoadError(
                 f"tree_budget must be >= 0 and top_k >= 1, got {self.tree_budget}, {self.top_k}"

@@ -8,6 +8,9 @@ Tensor names (all float32, hidden = the model's hidden_size):
     streams.adapters.{i}.{proj}_a  (adapter_rank, in)   stream-only LoRA of MSA layer i
     streams.adapters.{i}.{proj}_b  (out, adapter_rank)  (layer N - N_s + i), proj one of
         q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; applied to stream rows only
+
+An optional `corpus.npy` beside them holds the datastore of corpus drafts
+(decoding/corpus.py): one int32 array (N,) of token ids, documents separated by -1.
 """
 
 from __future__ import annotations
@@ -17,13 +20,40 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
-from specstream_mlx.errors import ConversionError
+from specstream_mlx.errors import ConversionError, ModelLoadError
 from specstream_mlx.models.config import StreamArgs
 
 STREAMS_FILE = "streams.safetensors"
 CONFIG_KEY = "speculative_streaming"
+CORPUS_FILE = "corpus.npy"
+CORPUS_SEPARATOR = -1
+
+
+def save_corpus(documents: list[list[int]], path: str | Path) -> Path:
+    """Write token-id documents as one corpus array (atomic)."""
+    tokens = [t for doc in documents for t in (*doc, CORPUS_SEPARATOR)]
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.array(tokens, dtype=np.int32))
+    os.replace(tmp, path)
+    return path
+
+
+def read_corpus(path: str | Path, vocab_size: int) -> np.ndarray:
+    """The corpus array of `path`, checked: 1-D integers in -1 .. vocab_size-1."""
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if (tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer)
+            or (tokens.size and (tokens.min() < CORPUS_SEPARATOR or tokens.max() >= vocab_size))):
+        raise ModelLoadError(f"{path}: a corpus must be a 1-D integer array of token ids in "
+                             f"0..{vocab_size - 1}, documents separated by {CORPUS_SEPARATOR}")
+    return tokens.astype(np.int32)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

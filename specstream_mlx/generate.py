@@ -79,6 +79,7 @@ def stream_generate(
     draft_top_k: int | None = None,
     lookup_depth: int | None = None,
     min_draft_prob: float | None = None,
+    corpus_depth: int | None = None,
     chat: bool = True,
     stop: list[str] | None = None,
     drafter: Drafter | None = None,
@@ -94,8 +95,9 @@ def stream_generate(
     mx.random.seed(s) speculative and plain decoding draw the same tokens (up to float
     rounding, see sampling.py).
     Drafting: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
-    stream), `lookup_depth` (context draft length) and `min_draft_prob` (floor on a
-    stream node's path probability) default to the model's stream config. `adaptive`
+    stream), `lookup_depth` (context draft length), `min_draft_prob` (floor on a
+    stream node's path probability) and `corpus_depth` (corpus draft length, when the
+    model folder has a corpus) default to the model's stream config. `adaptive`
     (default) lets the controller pick each step's draft from measured costs, plain steps
     included; False drafts the whole budget.
     Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
@@ -129,6 +131,7 @@ def stream_generate(
         draft_top_k=draft_top_k,
         lookup_depth=lookup_depth,
         min_draft_prob=min_draft_prob,
+        corpus_depth=corpus_depth,
         drafter=drafter,
         cache=cache,
         adaptive=adaptive,

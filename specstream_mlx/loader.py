@@ -16,7 +16,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from specstream_mlx.blas import blas_info
-from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, resolve_source
+from specstream_mlx.checkpoint import (
+    CONFIG_KEY,
+    CORPUS_FILE,
+    STREAMS_FILE,
+    read_corpus,
+    resolve_source,
+)
+from specstream_mlx.decoding.corpus import CorpusIndex
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
@@ -31,8 +38,8 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
 
         return ensure_default_streams(ensure_embedded_model())
 
-    patterns = ["*.json", "model*.safetensors", STREAMS_FILE, "tokenizer.model", "*.txt",
-                "*.jinja"]
+    patterns = ["*.json", "model*.safetensors", STREAMS_FILE, CORPUS_FILE, "tokenizer.model",
+                "*.txt", "*.jinja"]
     return resolve_source(path_or_hub_id, patterns, ModelLoadError)
 
 
@@ -40,9 +47,17 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
 SHIPPED_STREAMS = Path(__file__).parent / "assets" / "smollm2-135m-instruct"
 
 
+def _copy_if_changed(source: Path, folder: Path) -> None:
+    target = folder / source.name
+    if not target.is_file() or target.read_bytes() != source.read_bytes():
+        tmp = folder / f".tmp-{os.getpid()}-{source.name}"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
 def ensure_default_streams(path: Path) -> Path:
-    """Give the embedded model the shipped trained streams (untrained ones when the
-    package has none), so the speculative path always runs."""
+    """Give the embedded model the shipped trained streams and corpus (untrained streams
+    when the package has none), so the speculative path always runs."""
     from specstream_mlx.checkpoint import init_streams, save_streams, write_json_atomic
 
     shipped = SHIPPED_STREAMS / STREAMS_FILE
@@ -50,10 +65,9 @@ def ensure_default_streams(path: Path) -> Path:
     if shipped.is_file():
         block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
         config = json.loads((path / "config.json").read_text())
-        if not target.is_file() or target.read_bytes() != shipped.read_bytes():
-            tmp = path / f".tmp-{os.getpid()}-{STREAMS_FILE}"
-            shutil.copyfile(shipped, tmp)
-            os.replace(tmp, target)
+        _copy_if_changed(shipped, path)
+        if (SHIPPED_STREAMS / CORPUS_FILE).is_file():
+            _copy_if_changed(SHIPPED_STREAMS / CORPUS_FILE, path)
         if config.get(CONFIG_KEY) != block:  # new streams or new decoding defaults
             write_json_atomic(path / "config.json", {**config, CONFIG_KEY: block})
     elif not target.is_file():
@@ -123,6 +137,9 @@ def describe_model(model: nn.Module) -> str:
         f"{sa.num_streams} streams in the top {sa.msa_layers} layers, tree budget "
         f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
     )
+    corpus = getattr(model, "corpus", None)
+    if corpus is not None:
+        streams += f", corpus of {len(corpus) // 1000}k tokens"
     precision = getattr(model, "precision", None) or describe_precision(model)
     device = str(mx.default_device()).removeprefix("Device(").split(",")[0]
     blas = f" via {blas_info()}" if mx.default_device() == mx.cpu else ""
@@ -172,6 +189,15 @@ def load_streams(model: nn.Module, path: Path, config: dict) -> None:
     mx.eval(model.streams.parameters())
 
 
+def load_corpus(model: nn.Module, path: Path) -> None:
+    """Attach the folder's corpus-draft datastore as `model.corpus` (a CorpusIndex; None
+    without a corpus file or without streams: decoding-time data, not a parameter)."""
+    file = path / CORPUS_FILE
+    model.corpus = None
+    if model.stream_args is not None and file.is_file():
+        model.corpus = CorpusIndex(read_corpus(file, model.args.vocab_size))
+
+
 def load(
     path_or_hub_id: str | Path | None = None, *, precision: str = "auto"
 ) -> tuple[nn.Module, TokenizerWrapper]:
@@ -185,6 +211,7 @@ def load(
     model, _ = _load_weights(path, config)
     model.precision = set_precision(model, precision)
     load_streams(model, path, config)
+    load_corpus(model, path)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as e:

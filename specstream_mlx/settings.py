@@ -28,6 +28,7 @@ RULES = {
     "tree_budget": ("int", 0, MAX_TREE_BUDGET, True),
     "draft_top_k": ("int", 1, MAX_DRAFT_TOP_K, True),
     "lookup_depth": ("int", 0, MAX_LOOKUP_DEPTH, True),
+    "corpus_depth": ("int", 0, MAX_LOOKUP_DEPTH, True),
     "min_draft_prob": ("real", 0.0, 1.0, True),
     "seed": ("int", 0, 2**63 - 1, True),
     "limit": ("int", 1, None, True),

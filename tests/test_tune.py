@@ -165,3 +165,43 @@ def test_cli_tune_bad_prompts(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"text": "no prompt"}\n')
     assert main(["tune", "--prompts", str(tmp_path / "p.jsonl")]) == 2
     assert "need records with a 'prompt'" in capsys.readouterr().err
+
+
+def test_replay_with_a_corpus_matches_generate_step():
+    """Corpus drafts replay pass for pass as generate_step runs them (fixed drafter)."""
+    from specstream_mlx.decoding.corpus import SEPARATOR, CorpusIndex
+
+    model = tiny_model("llama", seed=2, streams=STREAMS)
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, speculative=False)]
+    half = plain[:20]
+    corpus = CorpusIndex(np.array([*half, SEPARATOR, *half, SEPARATOR, 5, 6, 7]))
+    model.corpus = corpus
+    tokens, accepted = decoded(model, 40, tree_budget=2, draft_top_k=2, lookup_depth=4,
+                               corpus_depth=6)
+    model.corpus = None
+    assert tokens == plain and sum(accepted) >= 8  # the corpus holds half the answer
+    rp = replay(trace(model, PROMPT, plain, top_k=2), budget_drafter(2, 4, 0.0, corpus, 6))
+    assert rp.accepted == accepted
+
+
+def test_cli_tune_tries_corpus_depths_of_a_folder_with_a_corpus(tmp_path, capsys):
+    from tiny_folder import make_tiny_folder
+
+    from specstream_mlx.checkpoint import CORPUS_FILE, save_corpus
+    from specstream_mlx.cli import main
+    from specstream_mlx.jsonl import write_jsonl
+
+    folder = make_tiny_folder(tmp_path / "tiny", streams=STREAMS)[0]
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "task": "chat", "prompt": "hi"}])
+    args = ["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),
+            "--max-tokens", "8", "--budgets", "0,2", "--lookup-depths", "0",
+            "--min-draft-probs", "0", "--rows", "1,2", "--json", str(tmp_path / "t.json")]
+    assert main([*args, "--corpus-depths", "0,4"]) == 2
+    assert f"no {CORPUS_FILE}" in capsys.readouterr().err
+    save_corpus([[40, 41, 42, 43]] * 3, folder / CORPUS_FILE)
+    assert main([*args, "--write"]) == 0
+    report = json.loads((tmp_path / "t.json").read_text())
+    tried = {(s["tree_budget"], s["corpus_depth"]) for s in report["results"]["all"]}
+    assert tried == {(0, 8), (2, 0), (2, 8)}  # the model's default depth and none
+    block = json.loads((folder / "config.json").read_text())["speculative_streaming"]
+    assert block["corpus_depth"] == report["best"]["corpus_depth"]

@@ -9,6 +9,7 @@ import warnings
 from specstream_mlx.cli import bench as bench_cli
 from specstream_mlx.cli import chat
 from specstream_mlx.cli import convert as convert_cli
+from specstream_mlx.cli import corpus as corpus_cli
 from specstream_mlx.cli import data as data_cli
 from specstream_mlx.cli import generate as generate_cli
 from specstream_mlx.cli import serve as serve_cli
@@ -20,8 +21,8 @@ from specstream_mlx.errors import SpecstreamError
 SUBCOMMANDS = {"chat": chat, "generate": generate_cli}
 # Subcommands that do not decode: no model and sampling flags.
 TOOL_SUBCOMMANDS = {
-    "convert": convert_cli, "data": data_cli, "train": train_cli, "bench": bench_cli,
-    "tune": tune_cli, "serve": serve_cli,
+    "convert": convert_cli, "data": data_cli, "corpus": corpus_cli, "train": train_cli,
+    "bench": bench_cli, "tune": tune_cli, "serve": serve_cli,
 }
 
 

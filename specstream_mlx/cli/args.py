@@ -31,6 +31,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup-depth", type=int, default=None,
                         help="context draft: tokens copied from where the current n-gram "
                              "occurred before (0: off; default: the model's stream config)")
+    parser.add_argument("--corpus-depth", type=int, default=None,
+                        help="corpus draft: tokens voted from the model's own earlier answers "
+                             "(corpus.npy; 0: off; default: the model's stream config)")
     parser.add_argument("--min-draft-prob", type=float, default=None,
                         help="leave out stream drafts less likely than this (0 keeps the "
                              "whole budget; default: the model's stream config)")
@@ -51,6 +54,7 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         "draft_top_k": args.draft_top_k,
         "lookup_depth": args.lookup_depth,
         "min_draft_prob": args.min_draft_prob,
+        "corpus_depth": args.corpus_depth,
     }
 
 
@@ -59,6 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_settings(lambda name: "--" + name.replace("_", "-"), max_tokens=args.max_tokens,
                    temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k,
                    seed=args.seed, tree_budget=args.tree_budget, draft_top_k=args.draft_top_k,
-                   lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
+                   lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob,
+                   corpus_depth=args.corpus_depth)
     if args.seed is not None:
         mx.random.seed(args.seed)

@@ -20,6 +20,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="context draft length (0: streams only; default: model config)")
     parser.add_argument("--min-draft-prob", type=float, default=None,
                         help="floor on a stream draft's path probability (default: model config)")
+    parser.add_argument("--corpus-depth", type=int, default=None,
+                        help="corpus draft length (0: off; default: model config, when the "
+                             "model folder has a corpus)")
     parser.add_argument("--fixed-draft", action="store_true",
                         help="always draft the whole budget (no per-step controller)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -50,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
     bench(BenchArgs(
         prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
         tree_budget=args.tree_budget, draft_top_k=args.draft_top_k, lookup_depth=args.lookup_depth,
-        min_draft_prob=args.min_draft_prob, adaptive=not args.fixed_draft,
+        min_draft_prob=args.min_draft_prob, corpus_depth=args.corpus_depth,
+        adaptive=not args.fixed_draft,
         precision=args.precision,
         mlx_lm=not args.no_mlx_lm, mlx_lm_precision=args.mlx_lm_precision, limit=args.limit,
         rows=parse_counts(args.rows, "--rows"), window=args.window, json_path=args.json,

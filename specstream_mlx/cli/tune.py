@@ -21,6 +21,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup-depths", type=_ints, default=None, help="e.g. 0,6,12")
     parser.add_argument("--min-draft-probs", type=lambda t: [float(x) for x in t.split(",")],
                         default=None, help="e.g. 0,0.1")
+    parser.add_argument("--corpus-depths", type=_ints, default=None,
+                        help="e.g. 0,8 (default: 0 and the model's, when it has a corpus)")
     parser.add_argument("--draft-top-k", type=int, default=None,
                         help="draft candidates per stream (default: the model's stream config)")
     parser.add_argument("--rows", type=_ints, default=None, help="rows for the pass costs")
@@ -32,6 +34,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     tune(TuneArgs(prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
                   limit=args.limit, budgets=args.budgets, lookup_depths=args.lookup_depths,
-                  min_draft_probs=args.min_draft_probs, draft_top_k=args.draft_top_k,
+                  min_draft_probs=args.min_draft_probs, corpus_depths=args.corpus_depths,
+                  draft_top_k=args.draft_top_k,
                   rows=args.rows, write=args.write, json_path=args.json))
     return 0

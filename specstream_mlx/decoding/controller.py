@@ -13,7 +13,8 @@ per plain pass. Both sides are measured, not assumed:
   SAMPLED_START when sampling); a context chain drawn from an
   n-token match has its first token accepted with probability f_n and each next one,
   given the previous, with probability c (running averages, seeded with the rates
-  measured on validation answers, see lookup.py).
+  measured on validation answers, see lookup.py); a corpus chain (corpus.py) the same,
+  with its own rates by match length, seeded from held-out answers.
 
 When no drafting option beats a plain step, the controller stops computing stream rows
 (the draft's extra cost) and re-probes after 8, 16, 32 .. 128 plain steps, so a prompt
@@ -35,6 +36,10 @@ from specstream_mlx.decoding.tree import DraftTree
 # match length, and the acceptance of each next token given the previous one.
 CHAIN_FIRST = {1: 0.21, 2: 0.5, 3: 0.6, 4: 0.9}
 CHAIN_NEXT = 0.8
+# Corpus drafts, measured on 96 held-out greedy answers against the shipped datastore
+# (first stage of corpus.py, 1000 distilled answers): the same two rates.
+CORPUS_FIRST = {2: 0.42, 3: 0.53, 4: 0.61, 5: 0.65, 6: 0.77}
+CORPUS_NEXT = 0.73
 CHAIN_LENGTHS = (1, 2, 4, 8, 16, 32)
 # Streams tempered for sampling are over-confident (at temperature 0.7 the depth-1 top
 # candidate matched the sampled token 2-3x less often than its probability said), so a
@@ -155,9 +160,12 @@ class Controller:
     # Calibration of stream path probabilities per depth: accepted / predicted sums.
     accepted: np.ndarray = field(default=None)
     predicted: np.ndarray = field(default=None)
-    first: dict = field(default_factory=lambda: {n: [p * 4, 4.0] for n, p in
-                                                 CHAIN_FIRST.items()})
-    follow: list = field(default_factory=lambda: [CHAIN_NEXT * 8, 8.0])
+    # Chain statistics as [accepted, tried] running sums, keyed by chain_key(match).
+    first: dict = field(default_factory=lambda: {
+        **{("context", n): [p * 4, 4.0] for n, p in CHAIN_FIRST.items()},
+        **{("corpus", n): [p * 4, 4.0] for n, p in CORPUS_FIRST.items()}})
+    follow: dict = field(default_factory=lambda: {"context": [CHAIN_NEXT * 8, 8.0],
+                                                  "corpus": [CORPUS_NEXT * 8, 8.0]})
     off_steps: int = 0
     probe_after: int = 8
 
@@ -177,17 +185,20 @@ class Controller:
         return [min(1.0, ratio[tree.depths[i + 1]] * math.exp(lp))
                 for i, lp in enumerate(tree.logprobs)]
 
-    def chain_gain(self, match: int, m: int) -> float:
-        if match == 0 or m == 0:
+    def chain_gain(self, match: int | tuple[str, int], m: int) -> float:
+        """Expected accepted tokens of the first m tokens of a chain from `match`."""
+        if not match or m == 0:
             return 0.0
-        a, n = self.first[min(match, 4)]
-        c = self.follow[0] / self.follow[1]
+        key = chain_key(match)
+        a, n = self.first[key]
+        c = self.follow[key[0]][0] / self.follow[key[0]][1]
         f = a / n
         return f * (1 - c**m) / (1 - c) if c < 1 else f * m
 
-    def plan(self, tree: DraftTree | None, chain_len: int, match: int) -> Plan:
+    def plan(self, tree: DraftTree | None, chain_len: int, match: int | tuple[str, int]
+             ) -> Plan:
         """The best Plan for a stream tree (its nodes best first, with logprobs) and a
-        context chain of `chain_len` tokens from a `match`-token match."""
+        chain of `chain_len` tokens from `match` (see chain_key)."""
         if (1, False) not in self.costs.table:  # measure the reference steps first
             return Plan(0, 0, False)
         if (1, True) not in self.costs.table:
@@ -224,7 +235,8 @@ class Controller:
 
     # --- learning ----------------------------------------------------------------------
 
-    def observe(self, tree: DraftTree, plan: Plan, match: int, path: list[int],
+    def observe(self, tree: DraftTree, plan: Plan, match: int | tuple[str, int],
+                path: list[int],
                 seconds: float | None) -> None:
         """Learn from a verified step: `tree` as fed (stream nodes first, then the chain's
         own nodes), `path` the accepted node indices (0 first), the step's wall time."""
@@ -247,10 +259,20 @@ class Controller:
                     run += 1
                 else:
                     break
-            stats = self.first[min(match, 4)]
+            key = chain_key(match)
+            stats, follow = self.first[key], self.follow[key[0]]
             stats[0] = stats[0] * self.decay + (run > 0)
             stats[1] = stats[1] * self.decay + 1
             if run:
                 tried = min(len(chain_nodes) - 1, run)
-                self.follow[0] = self.follow[0] * self.decay + (run - 1)
-                self.follow[1] = self.follow[1] * self.decay + tried
+                follow[0] = follow[0] * self.decay + (run - 1)
+                follow[1] = follow[1] * self.decay + tried
+
+
+def chain_key(match: int | tuple[str, int]) -> tuple[str, int]:
+    """The statistics a chain's acceptance is kept under: a context draft's match length
+    n (an int, 4 and longer alike) or a corpus draft's ("corpus", n)."""
+    if isinstance(match, tuple):
+        source, n = match
+        return source, min(max(n, min(CORPUS_FIRST)), max(CORPUS_FIRST))
+    return "context", min(match, 4)

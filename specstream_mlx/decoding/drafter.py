@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from specstream_mlx.decoding.controller import Controller, Plan
+from specstream_mlx.decoding.corpus import CorpusIndex
 from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -42,13 +43,17 @@ class Drafting:
     top_k: int = 0  # candidates per stream
     lookup: int = 0  # context-draft length
     min_prob: float = 0.0  # floor on a stream node's path probability
+    corpus: int = 0  # corpus-draft length (0: none, or the model has no corpus)
 
     @classmethod
     def resolve(cls, model, speculative: bool, tree_budget: int | None,
                 draft_top_k: int | None, lookup_depth: int | None,
-                min_draft_prob: float | None) -> Drafting:
+                min_draft_prob: float | None, corpus_depth: int | None = None) -> Drafting:
+        """corpus_depth None: the stream config's, when the model carries a corpus
+        (model.corpus, set by the loader from the folder's corpus file)."""
         check_settings(tree_budget=tree_budget, draft_top_k=draft_top_k,
-                       lookup_depth=lookup_depth, min_draft_prob=min_draft_prob)
+                       lookup_depth=lookup_depth, min_draft_prob=min_draft_prob,
+                       corpus_depth=corpus_depth)
         sa = model.stream_args
         if not speculative or sa is None:
             return cls(False)
@@ -62,38 +67,71 @@ class Drafting:
         def pick(value, default):
             return default if value is None else value
 
+        corpus = pick(corpus_depth, sa.corpus_depth) if model_corpus(model) is not None else 0
         return cls(True, pick(tree_budget, sa.tree_budget), top_k,
-                   pick(lookup_depth, sa.lookup_depth), pick(min_draft_prob, sa.min_draft_prob))
+                   pick(lookup_depth, sa.lookup_depth), pick(min_draft_prob, sa.min_draft_prob),
+                   corpus)
 
 
-def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0) -> Drafter:
+def model_corpus(model) -> CorpusIndex | None:
+    """The datastore the loader attached to `model` (None: the folder has none)."""
+    return getattr(model, "corpus", None)
+
+
+def pick_chain(history: list[int], index: NgramIndex | None, lookup: int,
+               corpus: CorpusIndex | None, corpus_depth: int,
+               better: Callable[[tuple, tuple], bool] | None = None
+               ) -> tuple[list[int], int | tuple[str, int]]:
+    """The context draft (chain, match length n) or, when it is better, the corpus draft
+    (chain, ("corpus", n)). `better(corpus_option, context_option)` decides (the
+    controller's expected gains); without it, the longer match wins, the context on ties
+    (measured on 96 held-out answers: ahead of "corpus only where the context has no
+    match" and close to drafting both chains, with fewer rows)."""
+    chain, match = index.match(history, lookup) if index is not None and lookup else ([], 0)
+    if corpus is None or corpus_depth <= 0:
+        return chain, match
+    other, n = corpus.match(history, corpus_depth)
+    if not other:
+        return chain, match
+    option = (other, ("corpus", n))
+    if (better(option, (chain, match)) if better is not None else n > match):
+        return option
+    return chain, match
+
+
+def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0,
+                   corpus: CorpusIndex | None = None, corpus_depth: int = 0) -> Drafter:
     """The default drafter: the `budget` most probable nodes of the candidate tree (those
     with a path probability of at least `min_prob`), plus (lookup_depth > 0) a context
     draft of up to lookup_depth tokens copied from where the current n-gram last occurred
-    in the prompt or the answer (see lookup.py)."""
+    in the prompt or the answer (see lookup.py), or a corpus draft of up to corpus_depth
+    tokens where the corpus matches a longer n-gram (pick_chain)."""
     index = NgramIndex() if lookup_depth > 0 else None
 
     def draft_tree(draft: Draft, history: list[int]) -> DraftTree:
         tree = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget, min_prob)
-        if index is not None:
-            chain = index.continuation(history, lookup_depth)
-            if chain:
-                tree = tree.with_chain(chain)
-        return tree
+        chain, _ = pick_chain(history, index, lookup_depth, corpus, corpus_depth)
+        return tree.with_chain(chain) if chain else tree
 
     return draft_tree
 
 
 def planned_tree(controller: Controller, draft: Draft | None, history: list[int],
-                 index: NgramIndex | None, d: Drafting) -> tuple[DraftTree, Plan, int]:
+                 index: NgramIndex | None, d: Drafting, corpus: CorpusIndex | None = None
+                 ) -> tuple[DraftTree, Plan, int | tuple[str, int]]:
     """The controller's choice among the streams' best nodes (at most d.budget, above
-    d.min_prob) and the context draft (at most d.lookup tokens). Returns the tree to
-    verify, the plan and the length of the context draft's n-gram match."""
+    d.min_prob) and the context or corpus draft (at most d.lookup or d.corpus tokens,
+    whichever the controller expects more from). Returns the tree to verify, the plan
+    and the chain's match (see controller.chain_key)."""
     full = None
     if draft is not None:
         full = DraftTree.from_candidates(draft.candidates, draft.logprobs, d.budget,
                                          d.min_prob)
-    chain, match = index.match(history, d.lookup) if index is not None else ([], 0)
+
+    def better(a, b):
+        return controller.chain_gain(a[1], len(a[0])) > controller.chain_gain(b[1], len(b[0]))
+
+    chain, match = pick_chain(history, index, d.lookup, corpus, d.corpus, better)
     plan = controller.plan(full, len(chain), match)
     tree = full.first(plan.stream_nodes) if full is not None else DraftTree()
     return tree.with_chain(chain[: plan.chain]), plan, match

@@ -22,6 +22,7 @@ from specstream_mlx.decoding.drafter import (
     Drafter,
     Drafting,
     budget_drafter,
+    model_corpus,
     planned_tree,
 )
 from specstream_mlx.decoding.lookup import NgramIndex
@@ -200,15 +201,18 @@ def generate_step(
     drafter: Drafter | None = None,
     cache: KVCache | None = None,
     adaptive: bool = True,
+    corpus_depth: int | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate token ids after `prompt`, speculatively when the model has streams.
 
     sampler None is greedy; a PositionSampler samples, and the tokens then equal plain
     decoding's with the same sampler, whatever is drafted. tree_budget, draft_top_k,
     lookup_depth and min_draft_prob default to the model's stream config (see Drafting,
-    budget_drafter). `drafter` replaces the default budget tree (tests use it to force
-    perfect drafts). `adaptive` lets a Controller choose each step's draft from measured
-    costs (controller.py), plain steps included; False always drafts the whole budget.
+    budget_drafter); so does corpus_depth, the length of drafts retrieved from the
+    model's corpus (corpus.py) when the loader attached one (0 turns them off).
+    `drafter` replaces the default budget tree (tests use it to force perfect drafts).
+    `adaptive` lets a Controller choose each step's draft from measured costs
+    (controller.py), plain steps included; False always drafts the whole budget.
     When sampling, the streams' probabilities are tempered by the sampler's temperature
     to rank draft nodes (they then estimate how often the sampled target takes each one).
     Prompt plus generated tokens never exceed the context. The cache, when given, is
@@ -220,7 +224,8 @@ def generate_step(
     prompt = check_token_ids(prompt, model.args.vocab_size)
     check_settings(max_tokens=max_tokens)
     d = Drafting.resolve(model, speculative, tree_budget, draft_top_k, lookup_depth,
-                         min_draft_prob)
+                         min_draft_prob, corpus_depth)
+    corpus = model_corpus(model) if d.corpus else None
     context = model.args.max_position_embeddings
     if len(prompt) >= context:
         raise InputError(
@@ -234,7 +239,7 @@ def generate_step(
         controller = Controller(costs_for(model), model.stream_args.num_streams,
                                 sampled=sampler is not None)
         index = NgramIndex() if d.lookup > 0 else None
-    drafter = drafter or budget_drafter(d.budget, d.lookup, d.min_prob)
+    drafter = drafter or budget_drafter(d.budget, d.lookup, d.min_prob, corpus, d.corpus)
     cache = cache if cache is not None else KVCache(len(model.layers))
     if cache.offset >= len(prompt):
         raise InputError(f"the cache holds {cache.offset} tokens, the prompt only "
@@ -260,7 +265,7 @@ def generate_step(
             tic = time.perf_counter()
             plan = match = None
             if controller is not None:
-                tree, plan, match = planned_tree(controller, draft, history, index, d)
+                tree, plan, match = planned_tree(controller, draft, history, index, d, corpus)
             else:
                 tree = drafter(draft, history) if streams else DraftTree()
             # Drafts deeper than the tokens still allowed could never be emitted.

@@ -36,6 +36,7 @@ class BenchArgs:
     draft_top_k: int | None = None
     lookup_depth: int | None = None
     min_draft_prob: float | None = None
+    corpus_depth: int | None = None
     adaptive: bool = True
     precision: str = "auto"
     mlx_lm: bool = True
@@ -66,7 +67,7 @@ def timed_run(model, tokenizer, ids: list[int], args: BenchArgs, speculative: bo
                                 speculative=speculative, tree_budget=args.tree_budget,
                                 draft_top_k=args.draft_top_k, lookup_depth=args.lookup_depth,
                                 min_draft_prob=args.min_draft_prob,
-                                adaptive=args.adaptive):
+                                corpus_depth=args.corpus_depth, adaptive=args.adaptive):
         tokens.append(last.token)
         stamps.append(time.perf_counter())
         if last.passes > 1:  # pass 1 is the prefill, which drafts nothing
@@ -246,7 +247,8 @@ def check_bench_args(args: BenchArgs) -> None:
     """Every setting checked before minutes of benchmarking, outputs included."""
     check_settings(max_tokens=args.max_tokens, tree_budget=args.tree_budget,
                    draft_top_k=args.draft_top_k,
-                   lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob)
+                   lookup_depth=args.lookup_depth, min_draft_prob=args.min_draft_prob,
+                   corpus_depth=args.corpus_depth)
     check_settings(limit=args.limit, window=args.window, conversation=args.conversation,
                    temp=args.temp, top_p=args.top_p, seed=args.seed, repeats=args.repeats)
     check_rows(args.rows)

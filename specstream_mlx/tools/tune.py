@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from specstream_mlx.checkpoint import CORPUS_FILE
 from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter
 from specstream_mlx.decoding.step import stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
@@ -117,6 +118,7 @@ class Setting:
     tree_budget: int
     lookup_depth: int
     min_draft_prob: float
+    corpus_depth: int = 0
     tokens_per_pass: float = 0.0
     mean_rows: float = 0.0
     predicted_speedup: float = 0.0
@@ -134,14 +136,15 @@ def interpolate_cost(costs: dict[int, float], rows: float) -> float:
 
 
 def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int, float],
-             plain_ms: float, max_tokens: int | None) -> Setting:
-    """Replay every trace with `setting`; predicted speed-up = plain time / speculative
-    time of the same tokens, from the pass costs (ms by rows; plain_ms per token)."""
+             plain_ms: float, max_tokens: int | None, corpus=None) -> Setting:
+    """Replay every trace with `setting` (its corpus drafts from `corpus`, a CorpusIndex);
+    predicted speed-up = plain time / speculative time of the same tokens, from the pass
+    costs (ms by rows; plain_ms per token)."""
     tokens = passes = timed_tokens = 0
     rows_total, spec_ms = 0, 0.0
     for tr in traces:
         drafter = budget_drafter(setting.tree_budget, setting.lookup_depth,
-                                 setting.min_draft_prob)
+                                 setting.min_draft_prob, corpus, setting.corpus_depth)
         rp = replay(Trace(tr.tokens, tr.start, tr.candidates[..., :top_k],
                           tr.logprobs[..., :top_k]), drafter, max_tokens)
         # Tokens per pass as bench counts them (the prefill is a pass that emits one);
@@ -157,9 +160,10 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
     return setting
 
 
-def grid(budgets: list[int], depths: list[int], min_probs: list[float]) -> list[Setting]:
-    return [Setting(b, d, p) for b, d, p in itertools.product(budgets, depths, min_probs)
-            if b > 0 or d > 0]
+def grid(budgets: list[int], depths: list[int], min_probs: list[float],
+         corpus_depths: list[int] = (0,)) -> list[Setting]:
+    return [Setting(b, d, p, c) for b, d, p, c in
+            itertools.product(budgets, depths, min_probs, corpus_depths) if b > 0 or d > 0 or c > 0]
 
 
 def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: int,
@@ -186,8 +190,9 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
     return traces
 
 
-def write_defaults(model_path: str | Path, setting: Setting) -> None:
-    """Store the chosen drafting defaults in the folder's speculative_streaming block."""
+def write_defaults(model_path: str | Path, setting: Setting, corpus: bool = False) -> None:
+    """Store the chosen drafting defaults in the folder's speculative_streaming block (the
+    corpus depth only for a folder with a corpus, the only one that replays it)."""
     path = Path(model_path) / "config.json"
     config = json.loads(path.read_text())
     block = config.get("speculative_streaming")
@@ -195,6 +200,8 @@ def write_defaults(model_path: str | Path, setting: Setting) -> None:
         raise InputError(f"{path} has no speculative_streaming block")
     block.update(tree_budget=setting.tree_budget, lookup_depth=setting.lookup_depth,
                  min_draft_prob=setting.min_draft_prob)
+    if corpus:
+        block.update(corpus_depth=setting.corpus_depth)
     path.write_text(json.dumps(config, indent=2))
 
 
@@ -211,6 +218,7 @@ class TuneArgs:
     budgets: list[int] | None = None
     lookup_depths: list[int] | None = None
     min_draft_probs: list[float] | None = None
+    corpus_depths: list[int] | None = None
     draft_top_k: int | None = None
     rows: list[int] | None = None
     write: bool = False
@@ -221,7 +229,8 @@ def check_tune_args(args: TuneArgs) -> None:
     """Every setting of the grid checked before any replay."""
     check_settings(max_tokens=args.max_tokens, draft_top_k=args.draft_top_k, limit=args.limit)
     for name, values in (("tree_budget", args.budgets), ("lookup_depth", args.lookup_depths),
-                         ("min_draft_prob", args.min_draft_probs)):
+                         ("min_draft_prob", args.min_draft_probs),
+                         ("corpus_depth", args.corpus_depths)):
         if values is not None and not values:
             raise InputError(f"{name}: the grid is empty")
         for v in values or ():
@@ -252,6 +261,11 @@ def tune(args: TuneArgs, log=print) -> dict:
     budgets = args.budgets or [0, 1, 2, 3, 4, 6, 8]
     depths = args.lookup_depths or [0, 4, 6, 8, 12]
     min_probs = args.min_draft_probs or [0.0, 0.05, 0.1, 0.2]
+    corpus = getattr(model, "corpus", None)
+    if args.corpus_depths and any(args.corpus_depths) and corpus is None:
+        raise InputError(f"{path} has no {CORPUS_FILE}: no corpus depths to try")
+    corpus_depths = args.corpus_depths or (
+        [0, model.stream_args.corpus_depth] if corpus is not None else [0])
     rows = args.rows or sorted({1, 2, 3, 4, 6, 8, 12, 16, 24})
     costs = pass_cost(model, rows)
     plain_ms = pass_cost(model, [1], streams=False)[1]
@@ -263,26 +277,29 @@ def tune(args: TuneArgs, log=print) -> dict:
         if tr is not None:
             by_task.setdefault(rec.get("task", "all"), []).append(tr)
     traces = [tr for trs in by_task.values() for tr in trs]
-    settings = grid(budgets, depths, min_probs)
+    settings = grid(budgets, depths, min_probs, sorted(set(corpus_depths)))
     results = {}
     for task, trs in {**by_task, "all": traces}.items():
-        scored = [evaluate(trs, Setting(s.tree_budget, s.lookup_depth, s.min_draft_prob),
-                           top_k, costs, plain_ms, args.max_tokens) for s in settings]
+        scored = [evaluate(trs, Setting(s.tree_budget, s.lookup_depth, s.min_draft_prob,
+                                        s.corpus_depth),
+                           top_k, costs, plain_ms, args.max_tokens, corpus) for s in settings]
         scored.sort(key=lambda s: -s.predicted_speedup)
         results[task] = scored
         log(f"\n{task}: {len(trs)} prompts; best predicted settings")
-        log(f"{'budget':>6s} {'lookup':>6s} {'min p':>6s} {'tok/pass':>8s} {'rows':>5s} "
-            f"{'speed-up':>8s}")
+        log(f"{'budget':>6s} {'lookup':>6s} {'min p':>6s} {'corpus':>6s} {'tok/pass':>8s} "
+            f"{'rows':>5s} {'speed-up':>8s}")
         for s in scored[:8]:
             log(f"{s.tree_budget:6d} {s.lookup_depth:6d} {s.min_draft_prob:6.2f} "
-                f"{s.tokens_per_pass:8.2f} {s.mean_rows:5.1f} {s.predicted_speedup:7.2f}x")
+                f"{s.corpus_depth:6d} {s.tokens_per_pass:8.2f} {s.mean_rows:5.1f} "
+                f"{s.predicted_speedup:7.2f}x")
     best = results["all"][0]
     report = {"model": str(path), "pass_cost_ms": costs, "plain_ms": plain_ms,
               "best": asdict(best), "results": {t: report_rows(v) for t, v in results.items()}}
     if args.write:
-        write_defaults(path, best)
+        write_defaults(path, best, corpus is not None)
         log(f"\nwrote tree_budget {best.tree_budget}, lookup_depth {best.lookup_depth}, "
-            f"min_draft_prob {best.min_draft_prob} to {path / 'config.json'}")
+            f"min_draft_prob {best.min_draft_prob}, corpus_depth {best.corpus_depth} to "
+            f"{path / 'config.json'}")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")

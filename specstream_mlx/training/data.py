@@ -424,3 +424,18 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
         for f in out.parent.glob(f"{out.name}.rank*of*"):
             f.unlink(missing_ok=True)
     return result
+
+
+def corpus_documents(tokenizer, records: list[dict]) -> list[list[int]]:
+    """Token ids of each distilled record's 'completion' (the model's own answer), once per
+    (id, prompt): the documents of a corpus-draft datastore (decoding/corpus.py)."""
+    seen, docs = set(), []
+    for n, r in enumerate(records, start=1):
+        if not isinstance(r, dict) or not isinstance(r.get("completion"), str):
+            raise InputError(f"record {n}: need a distilled 'completion' string")
+        key = (r.get("id"), r.get("prompt"))
+        if key in seen or not r["completion"]:
+            continue
+        seen.add(key)
+        docs.append(list(tokenizer.encode(r["completion"], add_special_tokens=False)))
+    return docs
