@@ -8,10 +8,11 @@ followed them are voted on, position by position, and a drafted token needs at l
 `min_count` occurrences and `min_share` of the votes still agreeing. Verification keeps
 the output exact whatever the datastore holds.
 
-Worked example (min_n 2): datastore  [a b c d] [x b c d] [a b c e], history ... a b c.
-The 3-gram "a b c" occurs twice, followed by d and e: no majority of 2 at share 1.0, so
-with min_share 0.6 the 2-gram "b c" is tried: d, d, e -> d (2 of 3); then, among the
-occurrences that continued with d, the next token (a separator, twice) ends the draft.
+Worked example (min_n 2, min_count 2, min_share 0.5): datastore  [a b c d] [x b c d]
+[a b c e], history ... a b c. The 3-gram "a b c" occurs twice, followed by d once and e
+once: no token has 2 votes, so the 2-gram "b c" is tried: d, d, e -> d (2 of 3 votes);
+then, among the occurrences that continued with d, the next token (a separator, twice)
+ends the draft: [d].
 """
 
 from __future__ import annotations
