@@ -297,9 +297,9 @@ def tune(args: TuneArgs, log=print) -> dict:
               "best": asdict(best), "results": {t: report_rows(v) for t, v in results.items()}}
     if args.write:
         write_defaults(path, best, corpus is not None)
+        depth = f", corpus_depth {best.corpus_depth}" if corpus is not None else ""
         log(f"\nwrote tree_budget {best.tree_budget}, lookup_depth {best.lookup_depth}, "
-            f"min_draft_prob {best.min_draft_prob}, corpus_depth {best.corpus_depth} to "
-            f"{path / 'config.json'}")
+            f"min_draft_prob {best.min_draft_prob}{depth} to {path / 'config.json'}")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
