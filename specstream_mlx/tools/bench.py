@@ -130,29 +130,27 @@ def mlx_lm_run(ref, tokenizer, ids: list[int], args: BenchArgs, seed: int = 0) -
 
 def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int,
               streams: bool = True) -> float:
-    """Milliseconds of one verify-and-draft pass of `tree` on top of `cache` (with
-    streams False: a plain decoding pass, no stream rows)."""
-    from specstream_mlx.decoding.step import rows_needing_streams
+    """Milliseconds of one verify-and-draft pass of `tree` on top of `cache`, as decoding
+    runs it (`step.verify`: in lossless mode the stream rows of the accepted node only,
+    and the next candidates); with streams False a plain decoding pass. The pass's K/V
+    stay pending, so every repeat sees the same cache."""
+    from specstream_mlx.decoding.step import verify
 
-    tokens = mx.array([[4] + tree.tokens], dtype=mx.int32)
-    positions = mx.array(cache.offset + tree.depths)
-    mask = mx.array(tree.mask)
-    stream_rows = rows_needing_streams(model, len(tree), streams)
+    top_k = model.stream_args.top_k if streams and model.stream_args is not None else 0
+    head = model.draft_head() if top_k else None
     times = []
     for _ in range(repeats + 1):  # the first run warms up
         tic = time.perf_counter()
-        h = model.lower(tokens, positions, mask, cache)
-        h, hs = model.upper(h, positions, mask, cache, stream_rows)
-        mx.eval(model.head(h[0]), hs if hs is not None else h)
+        verify(model, cache, 4, tree, None, top_k, streams, head)
         times.append(time.perf_counter() - tic)
     return float(np.median(times[1:]) * 1000)
 
 
 def pass_cost(model, rows: list[int], prefix: int = 256, repeats: int = 5,
               streams: bool = True) -> dict[int, float]:
-    """Milliseconds of one decode pass over `rows` tree rows (a chain; every row carries
-    its stream rows when the model has streams and `streams`), after a `prefix`-token
-    prompt."""
+    """Milliseconds of one decode pass over `rows` tree rows (the root and a chain), after
+    a `prefix`-token prompt: a drafting pass as decoding runs it when the model has
+    streams and `streams`, else a plain one."""
     cache = KVCache(len(model.layers))
     model(mx.zeros((1, prefix), dtype=mx.int32), cache=cache)
     cache.commit(range(prefix))
