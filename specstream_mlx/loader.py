@@ -24,6 +24,7 @@ from specstream_mlx.checkpoint import (
     resolve_source,
 )
 from specstream_mlx.decoding.corpus import CorpusIndex
+from specstream_mlx.decoding.drafter import model_corpus
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
@@ -137,7 +138,7 @@ def describe_model(model: nn.Module) -> str:
         f"{sa.num_streams} streams in the top {sa.msa_layers} layers, tree budget "
         f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
     )
-    corpus = getattr(model, "corpus", None)
+    corpus = model_corpus(model)
     if corpus is not None:
         streams += f", corpus of {len(corpus) // 1000}k tokens"
     precision = getattr(model, "precision", None) or describe_precision(model)

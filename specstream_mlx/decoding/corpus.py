@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from specstream_mlx.checkpoint import CORPUS_SEPARATOR as SEPARATOR  # never drafted or matched
+
 # Polynomial hash of an n-gram, wrapping at 2**64 (collisions: ~n_grams**2 / 2**64).
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 _MASK = (1 << 64) - 1
-SEPARATOR = -1  # between documents (checkpoint.CORPUS_SEPARATOR); never drafted or matched
 
 
 class CorpusIndex:

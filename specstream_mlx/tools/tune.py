@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from specstream_mlx.checkpoint import CORPUS_FILE
-from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter
+from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter, model_corpus
 from specstream_mlx.decoding.step import stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -261,7 +261,7 @@ def tune(args: TuneArgs, log=print) -> dict:
     budgets = args.budgets or [0, 1, 2, 3, 4, 6, 8]
     depths = args.lookup_depths or [0, 4, 6, 8, 12]
     min_probs = args.min_draft_probs or [0.0, 0.05, 0.1, 0.2]
-    corpus = getattr(model, "corpus", None)
+    corpus = model_corpus(model)
     if args.corpus_depths and any(args.corpus_depths) and corpus is None:
         raise InputError(f"{path} has no {CORPUS_FILE}: no corpus depths to try")
     corpus_depths = args.corpus_depths or (
