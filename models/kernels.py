@@ -9,16 +9,33 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+# How x @ w.T runs on the CPU, per (w's rows, w's columns, rows of x): (transposed,
+# padded rows). BLAS libraries switch kernels and threads by shape (MKL runs one row on
+# one thread and two rows on two, so two rows cost less than one), so the form is measured
+# per machine (specstream_mlx/matmul_plan.py fills this); shapes it lacks take the default.
+MATMUL_PLAN: dict[tuple[int, int, int], tuple[bool, int]] = {}
+MAX_PLANNED_ROWS = 32
+
 
 def matmul_t(x: mx.array, w: mx.array) -> mx.array:
-    """x @ w.T for x (..., in) and a float w (out, in). A few rows on the CPU compute
-    (w @ x^T)^T: BLAS libraries handle a skinny right-hand side far better than a few-row
-    left one (MKL, SmolLM2's matmuls with 4 rows: 61 ms a pass instead of 117; its tied
-    head with 4 rows: 18 ms instead of 46)."""
+    """x @ w.T for x (..., in) and a float w (out, in). On the CPU, as MATMUL_PLAN says for
+    this shape: (w @ x^T)^T or x @ w^T, on x's rows padded with zero rows or not. Default
+    (no plan): a few rows through (w @ x^T)^T, since BLAS libraries handle a skinny
+    right-hand side better than a few-row left one (MKL, SmolLM2's matmuls with 4 rows:
+    61 ms a pass instead of 117; its tied head with 4 rows: 18 ms instead of 46)."""
     rows = x.size // x.shape[-1]
-    if not 1 < rows <= 32 or mx.default_device() != mx.cpu:
+    if rows > MAX_PLANNED_ROWS or mx.default_device() != mx.cpu:
         return x @ w.T
-    return (w @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
+    transposed, padded = MATMUL_PLAN.get((*w.shape, rows), (rows > 1, rows))
+    if not transposed and padded == rows:
+        return x @ w.T
+    x2 = x.reshape(rows, -1)
+    if padded > rows:
+        x2 = mx.concatenate([x2, mx.zeros((padded - rows, x2.shape[1]), x2.dtype)])
+    y = (w @ x2.T).T if transposed else x2 @ w.T
+    if padded > rows:
+        y = y[:rows]
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def linear(layer: nn.Module, x: mx.array) -> mx.array:

@@ -179,11 +179,12 @@ def probe(path: Path, env: dict | None = None) -> tuple[float, float] | None:
         return None
 
 
-def _cache_file() -> Path:
+def cache_file(name: str = "blas.json") -> Path:
+    """A per-machine measurement file: in $SPECSTREAM_HOME, else the user's cache folder."""
     if home := os.environ.get("SPECSTREAM_HOME"):
-        return Path(home) / "blas.json"
+        return Path(home) / name
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "specstream_mlx" / "blas.json"
+    return Path(base) / "specstream_mlx" / name
 
 
 def choose(usable: dict[str, tuple[Path, str]], threads: str) -> tuple[str | None, dict]:
@@ -193,7 +194,7 @@ def choose(usable: dict[str, tuple[Path, str]], threads: str) -> tuple[str | Non
         return None, {}
     key = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
            "libraries": {n: f"{p} {b}" for n, (p, b) in sorted(usable.items())}}
-    cache = _cache_file()
+    cache = cache_file()
     try:
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:

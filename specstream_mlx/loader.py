@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
+import specstream_mlx.matmul_plan as matmul_plan
 from specstream_mlx.blas import blas_info
 from specstream_mlx.checkpoint import (
     CONFIG_KEY,
@@ -223,6 +224,7 @@ def load(
         tokenizer._tokenizer.model_max_length = sys.maxsize
     mx.eval(model.parameters())
     check_finite(model, path)
+    matmul_plan.apply(model)
     return model, tokenizer
 
 

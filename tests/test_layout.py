@@ -14,7 +14,7 @@ import specstream_mlx
 RANKS = {
     "errors": 0, "settings": 1, "jsonl": 1, "blas": 1,
     "models": 2, "checkpoint": 2.5,
-    "decoding": 3, "convert": 3,
+    "decoding": 3, "convert": 3, "matmul_plan": 3,
     "generate": 4, "loader": 4,
     "training": 5, "tools": 5, "serve": 5,
     "cli": 6, "__init__": 7,
