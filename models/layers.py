@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .kernels import attention, grouped_attention, linear
+from .kernels import attention, grouped_attention, linear, silu_mul
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -163,7 +163,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array, n_main: int = 0, adapter=None) -> mx.array:
         gate = project(self, "gate_proj", x, adapter, n_main)
-        h = nn.silu(gate) * project(self, "up_proj", x, adapter, n_main)
+        h = silu_mul(gate, project(self, "up_proj", x, adapter, n_main))
         return project(self, "down_proj", h, adapter, n_main)
 
 

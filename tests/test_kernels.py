@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import tiny_model
 
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.models.config import StreamArgs
-from specstream_mlx.models.kernels import CAUSAL_CHUNK, _exp_shifted, attention, matmul_t
+from specstream_mlx.models.kernels import (
+    CAUSAL_CHUNK,
+    _exp_shifted,
+    attention,
+    matmul_t,
+    silu_mul,
+)
 
 
 def test_matmul_t_equals_the_plain_product():
@@ -28,6 +35,20 @@ def test_exp_shifted_matches_exp():
     normal = want > 1e-37
     np.testing.assert_allclose(got[normal], want[normal], rtol=2e-7)
     assert got[-2] == 0.0 and np.all(got[~normal] < 1e-37)
+
+
+def test_silu_mul_matches_mlx_in_value_and_gradient():
+    mx.random.seed(3)
+    g = mx.concatenate([mx.random.normal((5000,)) * 8,
+                        mx.array([0.0, -1e4, 1e4, -88.0, 88.0, -90.0, 90.0, 1e-30])])
+    u = mx.random.normal(g.shape)
+    want = np.array(nn.silu(g) * u, np.float64)
+    got = np.array(silu_mul(g, u), np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30)
+    grad = mx.grad(lambda g: silu_mul(g, u).sum())(g)
+    grad_ref = mx.grad(lambda g: (nn.silu(g) * u).sum())(g)
+    np.testing.assert_allclose(np.array(grad), np.array(grad_ref), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [2, 5, 16, 33])
