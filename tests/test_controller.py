@@ -154,3 +154,17 @@ def test_sampled_generations_start_with_a_cautious_calibration(monkeypatch):
     list(generate_step(model, PROMPT, max_tokens=4))
     list(generate_step(model, PROMPT, max_tokens=4, sampler=PositionSampler(0.7, seed=1)))
     assert seen == [False] * 3 + [True] * 3
+
+
+def test_sampled_generations_start_chains_at_the_sampled_rates():
+    greedy = Controller(PassCosts(), 3)
+    sampled = Controller(PassCosts(), 3, sampled=True)
+    for match, rates in ((4, (ctl.CHAIN_FIRST[4], ctl.SAMPLED_CHAIN_FIRST[4])),
+                         (("corpus", 6), (ctl.CORPUS_FIRST[6], ctl.SAMPLED_CORPUS_FIRST[6]))):
+        assert greedy.chain_gain(match, 1) == pytest.approx(rates[0])
+        assert sampled.chain_gain(match, 1) == pytest.approx(rates[1])
+        assert sampled.chain_gain(match, 8) < greedy.chain_gain(match, 8)
+    # the priors are per controller: learning in one leaves a new one's alone
+    sampled.first[("context", 4)][0] = 0.0
+    assert Controller(PassCosts(), 3, sampled=True).chain_gain(4, 1) == pytest.approx(
+        ctl.SAMPLED_CHAIN_FIRST[4])
