@@ -136,3 +136,13 @@ def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple
         except OSError:
             pass  # a read-only home only costs a measurement per process
     return applied
+
+
+def summary() -> dict[str, str]:
+    """The plan in use, per weight shape: "rows:form" for every row count, form "x" for
+    x @ W^T or "W" for (W @ x^T)^T, then the padded row count (e.g. "1:W2 ... 8:x8")."""
+    shapes: dict[str, list[str]] = {}
+    for (out, inp, rows), (transposed, padded) in sorted(kernels.MATMUL_PLAN.items()):
+        shapes.setdefault(f"{out}x{inp}", []).append(
+            f"{rows}:{'W' if transposed else 'x'}{padded}")
+    return {shape: " ".join(forms) for shape, forms in shapes.items()}

@@ -72,6 +72,25 @@ def test_costly_rows_and_unsure_streams_fall_back_to_plain_then_probe():
     assert all(p.stream_nodes == 0 for p in plans)
 
 
+def test_a_drafting_pass_is_never_estimated_cheaper_than_a_plain_one():
+    c = PassCosts()
+    c.observe(1, False, 0.060)
+    c.observe(1, True, 0.059)  # measured in a faster spell of the machine
+    c.observe(3, False, 0.070)
+    c.observe(3, True, 0.081)
+    assert c.estimate(1, True) == pytest.approx(0.060)
+    assert c.estimate(3, True) == pytest.approx(0.081)
+
+
+def test_drafting_is_not_kept_for_a_draft_that_verifies_no_node():
+    # Drafting measured (by noise) as cheap as plain, unsure streams: the controller must
+    # not keep computing stream rows on the strength of a zero-node draft.
+    c = Controller(costs({1: 0.060, 2: 0.090, 4: 0.120}, 0.0), 3)
+    c.costs.observe(1, True, 0.059)
+    plans = [c.plan(confident_tree(0.05), 0, 0) for _ in range(7)]
+    assert plans == [Plan(0, 0, False)] * 7
+
+
 def test_acceptance_calibration_learns_from_outcomes():
     c = Controller(costs({1: 0.1, 2: 0.13, 3: 0.16, 4: 0.19}, 0.01), 3)
     tree = confident_tree(0.9).first(3)

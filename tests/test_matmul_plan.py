@@ -85,6 +85,11 @@ def test_apply_measures_once_caches_and_fills_the_kernel_plan(tmp_path, monkeypa
             assert padded >= rows
     saved = json.loads((tmp_path / "matmul.json").read_text())
     assert len(saved) == len(shapes)
+    summary = mp.summary()
+    assert set(summary) == {f"{o}x{i}" for o, i in shapes}
+    forms = summary["97x64"].split()
+    assert len(forms) == kernels.MAX_PLANNED_ROWS and forms[0][:2] == "1:"
+    assert forms[0][2] in "xW" and int(forms[0][3:]) >= 1
     # a second model of the same shapes reads the cache: nothing is measured again
     kernels.MATMUL_PLAN.clear()
     monkeypatch.setattr(mp, "measure", lambda ws: pytest.fail("measured again"))

@@ -107,12 +107,16 @@ class PassCosts:
         return self.fitted()[1]
 
     def estimate(self, rows: int, draft: bool) -> float:
-        if (rows, draft) in self.table:
-            return self.table[(rows, draft)]
-        known, extra = self.fitted()
         if draft:
-            return self.estimate(rows, False) + extra
-        return interpolate(known, rows)
+            # A drafting pass does strictly more than a plain one; running averages taken
+            # at different times can say otherwise when the machine's speed drifts.
+            plain = self.estimate(rows, False)
+            if (rows, True) in self.table:
+                return max(self.table[(rows, True)], plain)
+            return plain + self.fitted()[1]
+        if (rows, False) in self.table:
+            return self.table[(rows, False)]
+        return interpolate(self.fitted()[0], rows)
 
 
 def interpolate(known: list[tuple[int, float]], rows: int) -> float:
@@ -238,11 +242,12 @@ class Controller:
             self.off_steps, self.probe_after = 0, 8
             return best_plan
         # Drafting lost this step. Keep it when the streams still pay for themselves at
-        # the draft just seen (their next draft is likely as good); else probe now and then.
-        with_draft = max((1 + gains[k]) / (self.costs.estimate(1 + k, True) * self.margin)
-                         for k in range(len(gains)))
+        # the draft just seen (their next draft is likely as good): with at least one of
+        # its nodes, since a draft verified by none gains nothing. Else probe now and then.
+        with_draft = max(((1 + gains[k]) / (self.costs.estimate(1 + k, True) * self.margin)
+                          for k in range(1, len(gains))), default=0.0)
         plain = 1 / self.costs.estimate(1, False)
-        if tree is not None and tree.logprobs and with_draft >= plain:
+        if with_draft > plain:
             return Plan(best_plan.stream_nodes, best_plan.chain, True)
         self.off_steps += 1
         if self.off_steps >= self.probe_after:

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+import specstream_mlx.matmul_plan as matmul_plan
 from specstream_mlx.blas import blas_info
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.prompt_cache import PromptCache
@@ -308,6 +309,7 @@ def bench(args: BenchArgs, log=print) -> dict:
         "all": summarize(rows),
         "pass_cost_ms": {str(k): round(v, 1) for k, v in pass_cost(model, args.rows).items()},
         "bandwidth": bandwidth_floor(model),
+        "matmul_plan": matmul_plan.summary(),
     }
     log(format_report(report))
     if args.conversation:
@@ -357,6 +359,9 @@ def format_report(report: dict) -> str:
     bw = report["bandwidth"]
     lines.append(f"one-token floor: {bw['weight_bytes'] / 1e6:.0f} MB of weights at "
                  f"{bw['copy_GBps']} GB/s = {bw['floor_ms']} ms; BLAS: {report['blas']}")
+    plan = report.get("matmul_plan")
+    lines.append(f"matmul plan: measured for {len(plan)} weight shapes (in the JSON)" if plan
+                 else "matmul plan: none (default forms)")
     lines.append(f"accepted drafted tokens per pass: {report['all']['accepted_hist']}")
     if report["settings"]["temp"] > 0:
         lines.append(f"sampled at temperature {report['settings']['temp']} (top_p "
