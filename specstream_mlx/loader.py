@@ -200,6 +200,19 @@ def load_corpus(model: nn.Module, path: Path) -> None:
         model.corpus = CorpusIndex(read_corpus(file, model.args.vocab_size))
 
 
+def load_tokenizer_of(path: Path) -> TokenizerWrapper:
+    """mlx-lm's tokenizer wrapper of a model folder, without loading its weights."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from e
+    # Too-long prompts get our own one-line error (against the model's real context), not
+    # transformers' warning about the tokenizer's nominal maximum.
+    if hasattr(tokenizer._tokenizer, "model_max_length"):
+        tokenizer._tokenizer.model_max_length = sys.maxsize
+    return tokenizer
+
+
 def load(
     path_or_hub_id: str | Path | None = None, *, precision: str = "auto"
 ) -> tuple[nn.Module, TokenizerWrapper]:
@@ -214,14 +227,7 @@ def load(
     model.precision = set_precision(model, precision)
     load_streams(model, path, config)
     load_corpus(model, path)
-    try:
-        tokenizer = load_tokenizer(path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from e
-    # Too-long prompts get our own one-line error (against the model's real context), not
-    # transformers' warning about the tokenizer's nominal maximum.
-    if hasattr(tokenizer._tokenizer, "model_max_length"):
-        tokenizer._tokenizer.model_max_length = sys.maxsize
+    tokenizer = load_tokenizer_of(path)
     mx.eval(model.parameters())
     check_finite(model, path)
     matmul_plan.apply(model)

@@ -8,7 +8,7 @@ from pathlib import Path
 from specstream_mlx.checkpoint import CORPUS_FILE, save_corpus
 from specstream_mlx.errors import InputError
 from specstream_mlx.jsonl import read_jsonl
-from specstream_mlx.loader import load, resolve_path
+from specstream_mlx.loader import load_tokenizer_of, resolve_path
 from specstream_mlx.settings import check_output_path
 from specstream_mlx.training.data import corpus_documents
 
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     path = resolve_path(args.model)
     out = Path(args.out) if args.out else path / CORPUS_FILE
     check_output_path(out, "--out")
-    _, tokenizer = load(path)
+    tokenizer = load_tokenizer_of(path)  # the weights are not needed
     docs = corpus_documents(tokenizer, records)
     if not docs:
         raise InputError(f"{args.data}: no completions to build a corpus from")
