@@ -10,7 +10,8 @@ every distinct weight shape and every row count up to MAX_PLANNED_ROWS this meas
 orientations on the model's own matrices (enough of them to miss the caches, as a pass
 does) at a set of row counts, and picks for each row count the fastest orientation and
 padded row count (zero rows added, results dropped: exact). models/kernels.py applies it.
-SPECSTREAM_MATMUL_PLAN=off keeps the default forms.
+SPECSTREAM_MATMUL_PLAN=off keeps the default forms; SPECSTREAM_MATMUL_PLAN=measure measures
+again and replaces the cached plan (after one was measured on a busy machine, say).
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def _key(shape: Shape, dtype: mx.Dtype) -> str:
 def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple[bool, int]]]:
     """Fill kernels.MATMUL_PLAN for the model's weight shapes: from the cache, else by
     measuring (~7 s for SmolLM2-135M here, once per machine, BLAS and shape). Does
-    nothing off the CPU or with SPECSTREAM_MATMUL_PLAN=off. Returns the plans applied."""
-    if mx.default_device() != mx.cpu or os.environ.get("SPECSTREAM_MATMUL_PLAN") == "off":
+    nothing off the CPU or with SPECSTREAM_MATMUL_PLAN=off; measures again with =measure.
+    Returns the plans applied."""
+    mode = os.environ.get("SPECSTREAM_MATMUL_PLAN", "").lower()
+    if mx.default_device() != mx.cpu or mode == "off":
         return {}
     path = cache_file("matmul.json")
     try:
@@ -116,7 +119,7 @@ def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple
     applied, changed = {}, False
     for shape, ws in weight_samples(model).items():
         key = _key(shape, ws[0].dtype)
-        entry = saved.get(key)
+        entry = None if mode == "measure" else saved.get(key)
         if not (isinstance(entry, dict) and entry.get("rows") == list(MEASURED_ROWS)
                 and set(entry.get("times", {})) == {"x_wt", "w_xt"}):
             if verbose and not changed:

@@ -126,3 +126,25 @@ def test_a_stale_cache_entry_is_measured_again(tmp_path, monkeypatch):
     mp.apply(model, verbose=False)
     assert len(calls) == 1
     assert json.loads(path.read_text())[key]["rows"] == list(mp.MEASURED_ROWS)
+
+
+def test_measure_mode_replaces_the_cached_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
+    monkeypatch.delenv("SPECSTREAM_MATMUL_PLAN", raising=False)
+    monkeypatch.setattr(mp, "REPEATS", 1)
+    model = tiny_model("qwen2")
+    mp.apply(model, verbose=False)
+    n_shapes = len(mp.weight_samples(model))
+    calls = []
+    slow = {"x_wt": [1.0] * len(mp.MEASURED_ROWS), "w_xt": [2.0] * len(mp.MEASURED_ROWS)}
+    monkeypatch.setattr(mp, "measure", lambda ws: calls.append(1) or slow)
+    mp.apply(model, verbose=False)
+    assert calls == []  # cached
+    monkeypatch.setenv("SPECSTREAM_MATMUL_PLAN", "measure")
+    plans = mp.apply(model, verbose=False)
+    assert len(calls) == n_shapes
+    # the new times (x @ W^T always faster) decide: untransposed, the next measured count
+    assert all(p[r] == (False, min(m for m in mp.MEASURED_ROWS if m >= r))
+               for p in plans.values() for r in p)
+    saved = json.loads((tmp_path / "matmul.json").read_text())
+    assert all(v["times"] == slow for v in saved.values())
