@@ -22,6 +22,7 @@ from specstream_mlx.decoding.step import (
     prefill,
     speculative_step,
     stream_candidates,
+    verify,
 )
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -600,3 +601,29 @@ def test_greedy_speculative_with_a_draft_vocab_equals_plain(arch, budget):
     events = list(generate_step(model, PROMPT, max_tokens=32, tree_budget=budget))
     assert tokens_of(events) == expected
     assert all(t % 2 == 0 for e in events if e.from_draft for t in [e.token])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_one_row_drafting_pass_drafts_as_the_deferred_stream_pass(arch, monkeypatch):
+    """A one-row drafting pass runs its stream rows inside the main pass; its candidates
+    are the ones a separate stream pass over the same row gives."""
+    model = tiny_model(arch, seed=2, streams=STREAMS)
+    prompt = [3, 17, 42, 8, 91, 5]
+    cache = KVCache(len(model.layers))
+    model(mx.array([prompt], dtype=mx.int32), cache=cache)
+    cache.commit(range(len(prompt)))
+    separate = model.stream_pass
+    with monkeypatch.context() as m:
+        m.setattr(model, "stream_pass", lambda *a, **k: pytest.fail("a separate stream pass"))
+        _, bonus, draft = verify(model, cache, 11, DraftTree(), None, 3, True)
+    assert model.stream_pass == separate
+    pos = mx.array([len(prompt)], dtype=mx.int32)
+    h_low = model.lower(mx.array([[11]], dtype=mx.int32), pos, None, cache)
+    model.upper(h_low, pos, None, cache, None)  # writes the row's K/V, as the pass does
+    seen = mx.ones((1, len(prompt) + 1), dtype=mx.bool_)
+    hs = model.stream_pass(h_low, pos, seen, cache, 1)[0, 0]
+    cand, lp = stream_candidates(model, hs, 3)
+    assert (np.array(cand) == draft.candidates).all()
+    np.testing.assert_allclose(np.array(lp), draft.logprobs, rtol=1e-4, atol=1e-5)
+    plain = verify(model, cache, 11, DraftTree(), None, 3, False)
+    assert plain[1] == bonus and plain[2] is None
