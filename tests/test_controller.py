@@ -80,6 +80,11 @@ def test_a_drafting_pass_is_never_estimated_cheaper_than_a_plain_one():
     c.observe(3, True, 0.081)
     assert c.estimate(1, True) == pytest.approx(0.060)
     assert c.estimate(3, True) == pytest.approx(0.081)
+    # a measured drafting pass is not overruled by an extrapolated plain one (a long
+    # context chain's 17 rows, plain never tried at that size)
+    c.observe(17, True, 0.110)
+    assert c.estimate(17, False) > 0.110
+    assert c.estimate(17, True) == pytest.approx(0.110)
 
 
 def test_drafting_is_not_kept_for_a_draft_that_verifies_no_node():

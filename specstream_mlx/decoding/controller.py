@@ -109,11 +109,11 @@ class PassCosts:
     def estimate(self, rows: int, draft: bool) -> float:
         if draft:
             # A drafting pass does strictly more than a plain one; running averages taken
-            # at different times can say otherwise when the machine's speed drifts.
-            plain = self.estimate(rows, False)
+            # at different times can say otherwise when the machine's speed drifts. (Only
+            # against a measured plain pass: an extrapolated one is a pessimistic guess.)
             if (rows, True) in self.table:
-                return max(self.table[(rows, True)], plain)
-            return plain + self.fitted()[1]
+                return max(self.table[(rows, True)], self.table.get((rows, False), 0.0))
+            return self.estimate(rows, False) + self.fitted()[1]
         if (rows, False) in self.table:
             return self.table[(rows, False)]
         return interpolate(self.fitted()[0], rows)
