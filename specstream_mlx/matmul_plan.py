@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from specstream_mlx.blas import blas_info, cache_file, cpu_model
+from specstream_mlx.checkpoint import write_json_atomic
 from specstream_mlx.models import kernels
 
 # Row counts that are measured; any other count pads up to the next of these.
@@ -133,9 +134,7 @@ def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple
     if changed:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(saved, indent=1))
-            os.replace(tmp, path)
+            write_json_atomic(path, saved)
         except OSError:
             pass  # a read-only home only costs a measurement per process
     return applied

@@ -44,6 +44,15 @@ def test_rows_beyond_the_plan_take_the_plain_product():
     assert kernels.matmul_t(x, w).shape == (kernels.MAX_PLANNED_ROWS + 1, 8)
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh $SPECSTREAM_HOME, the plan on, one timed repeat per measurement."""
+    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
+    monkeypatch.delenv("SPECSTREAM_MATMUL_PLAN", raising=False)
+    monkeypatch.setattr(mp, "REPEATS", 1)
+    return tmp_path
+
+
 def _times(x_wt, w_xt):
     return {"x_wt": [x_wt(r) for r in mp.MEASURED_ROWS],
             "w_xt": [w_xt(r) for r in mp.MEASURED_ROWS]}
@@ -68,10 +77,7 @@ def test_choose_pads_up_to_a_cheaper_count_and_keeps_the_default_in_the_noise():
     assert all(flat[r] == (r > 1, r) for r in mp.MEASURED_ROWS)
 
 
-def test_apply_measures_once_caches_and_fills_the_kernel_plan(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
-    monkeypatch.delenv("SPECSTREAM_MATMUL_PLAN", raising=False)
-    monkeypatch.setattr(mp, "REPEATS", 1)
+def test_apply_measures_once_caches_and_fills_the_kernel_plan(home, monkeypatch):
     model = tiny_model("llama", streams=StreamArgs(num_streams=2, msa_layers=2,
                                                    draft_vocab_size=40))
     shapes = set(mp.weight_samples(model))
@@ -83,7 +89,7 @@ def test_apply_measures_once_caches_and_fills_the_kernel_plan(tmp_path, monkeypa
         for rows in range(1, kernels.MAX_PLANNED_ROWS + 1):
             transposed, padded = kernels.MATMUL_PLAN[(*shape, rows)]
             assert padded >= rows
-    saved = json.loads((tmp_path / "matmul.json").read_text())
+    saved = json.loads((home / "matmul.json").read_text())
     assert len(saved) == len(shapes)
     summary = mp.summary()
     assert set(summary) == {f"{o}x{i}" for o, i in shapes}
@@ -109,13 +115,10 @@ def test_apply_can_be_switched_off(tmp_path, monkeypatch):
     assert not (tmp_path / "matmul.json").exists()
 
 
-def test_a_stale_cache_entry_is_measured_again(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
-    monkeypatch.delenv("SPECSTREAM_MATMUL_PLAN", raising=False)
-    monkeypatch.setattr(mp, "REPEATS", 1)
+def test_a_stale_cache_entry_is_measured_again(home, monkeypatch):
     model = tiny_model("qwen2")
     mp.apply(model, verbose=False)
-    path = tmp_path / "matmul.json"
+    path = home / "matmul.json"
     saved = json.loads(path.read_text())
     key = next(iter(saved))
     saved[key]["rows"] = [1, 2]  # another version's row set
@@ -128,10 +131,7 @@ def test_a_stale_cache_entry_is_measured_again(tmp_path, monkeypatch):
     assert json.loads(path.read_text())[key]["rows"] == list(mp.MEASURED_ROWS)
 
 
-def test_measure_mode_replaces_the_cached_plan(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
-    monkeypatch.delenv("SPECSTREAM_MATMUL_PLAN", raising=False)
-    monkeypatch.setattr(mp, "REPEATS", 1)
+def test_measure_mode_replaces_the_cached_plan(home, monkeypatch):
     model = tiny_model("qwen2")
     mp.apply(model, verbose=False)
     n_shapes = len(mp.weight_samples(model))
@@ -146,5 +146,5 @@ def test_measure_mode_replaces_the_cached_plan(tmp_path, monkeypatch):
     # the new times (x @ W^T always faster) decide: untransposed, the next measured count
     assert all(p[r] == (False, min(m for m in mp.MEASURED_ROWS if m >= r))
                for p in plans.values() for r in p)
-    saved = json.loads((tmp_path / "matmul.json").read_text())
+    saved = json.loads((home / "matmul.json").read_text())
     assert all(v["times"] == slow for v in saved.values())
