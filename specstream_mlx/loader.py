@@ -24,6 +24,7 @@ from specstream_mlx.checkpoint import (
     read_corpus,
     resolve_source,
 )
+from specstream_mlx.decoding import pass_curve
 from specstream_mlx.decoding.corpus import CorpusIndex
 from specstream_mlx.decoding.drafter import model_corpus
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
@@ -231,6 +232,7 @@ def load(
     mx.eval(model.parameters())
     check_finite(model, path)
     matmul_plan.apply(model)
+    pass_curve.apply(model)
     return model, tokenizer
 
 

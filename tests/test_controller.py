@@ -56,6 +56,36 @@ def test_estimates_interpolate_and_extrapolate():
     assert PassCosts().estimate(3, False) == 1.0  # nothing measured: all sizes alike
 
 
+def test_a_machine_curve_scales_the_nearest_measured_size():
+    curve = {1: 0.05, 8: 0.08, 16: 0.09, 17: 0.12, 24: 0.12}
+    c = PassCosts(curve=curve)
+    c.observe(1, False, 0.10)  # this process runs at half the curve's speed
+    c.observe(1, True, 0.11)
+    assert c.estimate(1, False) == pytest.approx(0.10)  # measured: as measured
+    assert c.estimate(16, False) == pytest.approx(0.18)
+    assert c.estimate(17, True) == pytest.approx(0.24 + 0.01)  # plus drafting's extra
+    assert c.estimate(12, False) == pytest.approx(0.17)  # linear between curve points
+    assert c.estimate(40, False) == pytest.approx(0.24)  # flat last segment: no rise
+    c.observe(16, False, 0.16)  # the nearest measured size is the reference
+    assert c.estimate(17, False) == pytest.approx(0.16 * 0.12 / 0.09)
+    assert c.estimate(8, False) == pytest.approx(0.10 * 0.08 / 0.05)  # 1 is nearer than 16
+    assert ctl.on_curve(sorted(PassCosts(curve={1: 1.0, 3: 2.0}).curve), 5) == 3.0
+    # Until a plain pass is measured the curve has nothing to scale.
+    assert PassCosts(curve=curve).estimate(3, False) == 1.0
+
+
+def test_a_context_chain_fills_a_pass_up_to_a_cheap_size():
+    # 16 rows cost little more than 9, the 17th row a jump: a long chain is cut to fill
+    # 16 rows exactly (15 tokens after the root), not to a fixed length of 8 or 16.
+    curve = {1: 0.05, 2: 0.05, 8: 0.09, 9: 0.095, 16: 0.095, 17: 0.13, 24: 0.13, 33: 0.17}
+    c = Controller(PassCosts(curve=curve), 3)
+    c.costs.observe(1, False, 0.05)
+    c.costs.observe(1, True, 0.055)
+    c.follow["context"] = [0.95 * 8, 8.0]
+    assert c.plan(None, 24, 4) == Plan(0, 15, False)
+    assert c.plan(None, 10, 4) == Plan(0, 10, False)  # a short chain is taken whole
+
+
 def test_flat_costs_and_confident_streams_draft_deep():
     c = Controller(costs({r: 0.1 for r in range(1, 20)}, 0.005), 3)
     assert c.plan(confident_tree(), 0, 0) == Plan(6, 0, True)  # free rows: take them all

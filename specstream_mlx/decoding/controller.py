@@ -7,7 +7,9 @@ per plain pass. Both sides are measured, not assumed:
 * costs: the wall time of every step (host work included) by rows of the pass and by
   whether it drafted, kept as running averages per model in this process (`PassCosts`);
   a model's first two steps are a plain one and a one-row drafting one, which measure
-  the reference costs while emitting tokens; other sizes are estimated until tried;
+  the reference costs while emitting tokens; other sizes are estimated until tried,
+  along the pass-cost curve measured once per machine when the loader gave one
+  (pass_curve.py), and chains may be cut to fill a pass up to a size the curve measured;
 * acceptance: a stream node of path probability p is accepted with probability
   min(1, r_d * p), r_d a running calibration per depth d (starting at 1, or at
   SAMPLED_START when sampling); a context chain drawn from an
@@ -25,6 +27,7 @@ choices: every tree verifies to the same tokens.
 
 from __future__ import annotations
 
+import bisect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -72,17 +75,34 @@ class Plan:
 class PassCosts:
     """Seconds of a decode step by (rows, drafts), as running averages of measured steps.
 
-    Rows never measured are estimated from the nearest measured sizes, a per-row slope
-    and the measured extra cost of drafting, so a guess is replaced by a measurement as
-    soon as the controller tries it.
+    Rows never measured are estimated from the nearest measured size scaled along the
+    machine's pass-cost curve (pass_curve.py) when there is one, else from the nearest
+    measured sizes and a per-row slope; a drafting pass adds the measured extra cost of
+    drafting. A guess is replaced by a measurement as soon as the controller tries it.
     """
 
-    def __init__(self, alpha: float = 0.2):
+    def __init__(self, alpha: float = 0.2, curve: dict[int, float] | None = None):
         self.alpha = alpha
         self.table: dict[tuple[int, bool], float] = {}
+        self.curve: list[tuple[int, float]] = []
+        self.set_curve(curve or {})
         # (measured one-pass sizes, drafting's extra cost), derived from `table`; a plan
         # asks for ~100 estimates, so they are derived once per measurement, not per call.
         self._fit: tuple[list[tuple[int, float]], float] | None = None
+
+    def set_curve(self, curve: dict[int, float]) -> None:
+        """Seconds of a plain pass by rows measured once on this machine (any scale: only
+        ratios between sizes are used)."""
+        self.curve = sorted((int(r), float(t)) for r, t in curve.items() if t > 0)
+        # A plan asks for ~300 estimates: the curve is tabulated once.
+        self._curve_at = [on_curve(self.curve, r) for r in range(65)] if self.curve else []
+
+    def along_curve(self, rows: int) -> float:
+        """The machine's curve at `rows` (set_curve; 0.0 without one)."""
+        if not self.curve:
+            return 0.0
+        return self._curve_at[rows] if rows < len(self._curve_at) else on_curve(self.curve,
+                                                                                 rows)
 
     def observe(self, rows: int, draft: bool, seconds: float) -> None:
         key = (rows, draft)
@@ -116,7 +136,30 @@ class PassCosts:
             return self.estimate(rows, False) + self.fitted()[1]
         if (rows, False) in self.table:
             return self.table[(rows, False)]
-        return interpolate(self.fitted()[0], rows)
+        known = self.fitted()[0]
+        if self.curve and known and (known[0][0], False) in self.table:
+            # The nearest size run in this process, scaled along the machine's curve.
+            i = bisect.bisect_left(known, (rows, 0.0))
+            near, t = min(known[max(0, i - 1): i + 1], key=lambda p: (abs(p[0] - rows), p[0]))
+            return t * self.along_curve(rows) / self.along_curve(near)
+        return interpolate(known, rows)
+
+
+def on_curve(curve: list[tuple[int, float]], rows: int) -> float:
+    """The curve (rows, seconds), sorted by rows, at `rows`: linear between its points,
+    beyond the last along its last segment (never falling)."""
+    below = [p for p in curve if p[0] <= rows]
+    above = [p for p in curve if p[0] > rows]
+    if not below:
+        return curve[0][1]
+    r0, t0 = below[-1]
+    if above:
+        r1, t1 = above[0]
+        return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+    if len(curve) < 2:
+        return t0
+    ra, ta = curve[-2]
+    return t0 + max(0.0, (t0 - ta) / (r0 - ra)) * (rows - r0)
 
 
 def interpolate(known: list[tuple[int, float]], rows: int) -> float:
@@ -227,10 +270,14 @@ class Controller:
         gains = np.cumsum([0.0] + self.node_gains(tree))
         lengths = [0] + [m for m in CHAIN_LENGTHS if m < chain_len] + (
             [chain_len] if chain_len else [])
+        # Chains that fill a pass up to a size the curve measured (past some sizes a row
+        # costs a jump: 16 rows 93 ms, 17 rows 126 here).
+        sizes = [r for r, _ in self.costs.curve] if chain_len else []
         best, best_plan = -1.0, Plan(0, 0, False)
         for draft in (False, True):
             for k in range(len(gains)):
-                for m in lengths:
+                fill = {r - 1 - k for r in sizes if 0 < r - 1 - k < chain_len}
+                for m in lengths + sorted(fill.difference(lengths)):
                     rows = 1 + k + m
                     cost = self.costs.estimate(rows, draft)
                     if rows > 1 or draft:  # a guess must beat a plain step clearly

@@ -18,9 +18,8 @@ from mlx.utils import tree_flatten
 
 import specstream_mlx.matmul_plan as matmul_plan
 from specstream_mlx.blas import blas_info
-from specstream_mlx.decoding.cache import KVCache
+from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.prompt_cache import PromptCache
-from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages, encode_prompt, stream_generate
 from specstream_mlx.jsonl import read_jsonl
@@ -127,37 +126,6 @@ def mlx_lm_run(ref, tokenizer, ids: list[int], args: BenchArgs, seed: int = 0) -
         if last.finish_reason:
             break
     return {"tokens": tokens, "tps": last.generation_tps}
-
-
-def time_pass(model, cache: KVCache, tree: DraftTree, repeats: int,
-              streams: bool = True) -> float:
-    """Milliseconds of one verify-and-draft pass of `tree` on top of `cache`, as decoding
-    runs it (`step.verify`: in lossless mode the stream rows of the accepted node only,
-    and the next candidates); with streams False a plain decoding pass. The pass's K/V
-    stay pending, so every repeat sees the same cache."""
-    from specstream_mlx.decoding.step import verify
-
-    top_k = model.stream_args.top_k if streams and model.stream_args is not None else 0
-    head = model.draft_head() if top_k else None
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up
-        tic = time.perf_counter()
-        verify(model, cache, 4, tree, None, top_k, streams, head)
-        times.append(time.perf_counter() - tic)
-    return float(np.median(times[1:]) * 1000)
-
-
-def pass_cost(model, rows: list[int], prefix: int = 256, repeats: int = 5,
-              streams: bool = True) -> dict[int, float]:
-    """Milliseconds of one decode pass over `rows` tree rows (the root and a chain), after
-    a `prefix`-token prompt: a drafting pass as decoding runs it when the model has
-    streams and `streams`, else a plain one."""
-    cache = KVCache(len(model.layers))
-    model(mx.zeros((1, prefix), dtype=mx.int32), cache=cache)
-    cache.commit(range(prefix))
-    mx.eval(cache.state())
-    return {n: time_pass(model, cache, DraftTree(list(range(5, 4 + n)), list(range(n - 1))),
-                         repeats, streams) for n in rows}
 
 
 def bandwidth_floor(model) -> dict:

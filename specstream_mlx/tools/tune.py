@@ -5,7 +5,7 @@ continuation, and the streams' candidates at a position depend only on the token
 it. So one teacher-forced pass over a prompt and its greedy answer gives every position's
 candidates, and any drafter setting (tree budget, top-k, min_draft_prob, lookup depth) is
 replayed from them in milliseconds, pass for pass as `generate_step` would run it. The
-measured cost of a pass by rows (bench.pass_cost) turns the replayed passes into time.
+measured cost of a pass by rows (pass_curve.pass_cost) turns the replayed passes into time.
 
 Worked example: answer tokens after the prompt [x y z w], root x. If a pass drafts the
 tree  x -> y -> q  and  x -> z, the path x y matches, q does not: it emits y plus the
@@ -24,6 +24,7 @@ import numpy as np
 
 from specstream_mlx.checkpoint import CORPUS_FILE
 from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter, model_corpus
+from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.step import stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -245,7 +246,6 @@ def tune(args: TuneArgs, log=print) -> dict:
     machine's measured pass costs, print the best settings (and store the best)."""
     from specstream_mlx.jsonl import read_jsonl
     from specstream_mlx.loader import describe_model, load, resolve_path
-    from specstream_mlx.tools.bench import pass_cost
 
     check_tune_args(args)
     records = read_jsonl(args.prompts)[: args.limit]
