@@ -58,6 +58,8 @@ def test_measure_again_off_and_a_broken_cache(home, monkeypatch):
     fresh = tiny_model("llama", 3, StreamArgs(num_streams=2, msa_layers=2))
     assert pass_curve.apply(fresh) == {} and costs_for(fresh).curve == []
     monkeypatch.delenv("SPECSTREAM_PASS_CURVE")
+    assert pass_curve.apply(tiny_model("llama", 4)) == {}  # no streams, no controller
+    assert len(calls) == 2
     saved = json.loads((path / "passes.json").read_text())
     key = next(iter(saved))
     for broken in ({"1": -3.0}, {**saved[key], "1": "fast"}, []):

@@ -90,10 +90,12 @@ def _key(model) -> str:
 def apply(model, verbose: bool = True) -> dict[int, float]:
     """Give the controller of `model` its pass-cost curve (seconds by rows, plain passes):
     from the cache, else measured (~3.5 s for SmolLM2 here, once per machine and model
-    shape). Returns the curve ({} with SPECSTREAM_PASS_CURVE=off)."""
+    shape). Returns the curve ({} with SPECSTREAM_PASS_CURVE=off or without streams)."""
     mode = os.environ.get("SPECSTREAM_PASS_CURVE", "").lower()
     prefix = min(PREFIX, model.args.max_position_embeddings - max(ROWS) - 1)
-    if mode == "off" or prefix < 1:  # (a context too short for the largest pass)
+    # Nothing to guess for a model without streams (no controller), nor in a context too
+    # short for the largest pass.
+    if mode == "off" or prefix < 1 or getattr(model, "stream_args", None) is None:
         return {}
     path = cache_file("passes.json")
     try:
