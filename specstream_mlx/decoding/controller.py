@@ -87,7 +87,7 @@ class PassCosts:
         self.curve: list[tuple[int, float]] = []
         self.set_curve(curve or {})
         # (measured one-pass sizes, drafting's extra cost), derived from `table`; a plan
-        # asks for ~100 estimates, so they are derived once per measurement, not per call.
+        # asks for a few hundred estimates, so they are derived once per measurement.
         self._fit: tuple[list[tuple[int, float]], float] | None = None
 
     def set_curve(self, curve: dict[int, float]) -> None:
