@@ -16,6 +16,7 @@ from tiny_folder import make_tiny_folder, save_model
 
 from specstream_mlx import load
 from specstream_mlx.cli import main
+from specstream_mlx.decoding import pass_curve
 from specstream_mlx.errors import InputError
 from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.models.config import StreamArgs
@@ -93,6 +94,7 @@ def test_aggregates_and_machine_fields(report, folder):
     assert report["mlx_lm_precision"] == "float32"
     assert list(report["pass_cost_ms"]) == ["1", "2", "4"]
     assert all(v > 0 for v in report["pass_cost_ms"].values())
+    assert list(report["pass_curve_ms"]) == [str(r) for r in pass_curve.ROWS]  # the loader's
     bw = report["bandwidth"]
     model, _ = load(folder)
     assert bw["weight_bytes"] == sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -119,6 +121,9 @@ def test_format_report_lines(report):
     assert [line.split()[0] for line in lines[2:5]] == ["chat", "code", "all"]
     assert "pass cost by rows (ms, ratio to 1 row): 1:" in text and "4:" in text
     assert "accepted drafted tokens per pass" in text
+    assert "controller's pass-cost curve (first load, plain, ms): 1:" in text
+    assert "pass-cost curve (first load, plain, ms): none" in format_report(
+        {**report[0], "pass_curve_ms": {}})
 
 
 def test_drafts_accepted_are_counted(tmp_path):

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 import specstream_mlx.matmul_plan as matmul_plan
 from specstream_mlx.blas import blas_info
+from specstream_mlx.decoding.controller import costs_for
 from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.errors import InputError
@@ -278,6 +279,8 @@ def bench(args: BenchArgs, log=print) -> dict:
         "pass_cost_ms": {str(k): round(v, 1) for k, v in pass_cost(model, args.rows).items()},
         "bandwidth": bandwidth_floor(model),
         "matmul_plan": matmul_plan.summary(),
+        # The controller's guess for pass sizes it has not run (pass_curve.py).
+        "pass_curve_ms": {str(r): round(t * 1000, 1) for r, t in costs_for(model).curve},
     }
     log(format_report(report))
     if args.conversation:
@@ -330,6 +333,9 @@ def format_report(report: dict) -> str:
     plan = report.get("matmul_plan")
     lines.append(f"matmul plan: measured for {len(plan)} weight shapes (in the JSON)" if plan
                  else "matmul plan: none (default forms)")
+    curve = report.get("pass_curve_ms")
+    lines.append("controller's pass-cost curve (first load, plain, ms): " + (", ".join(
+        f"{k}: {v:.0f}" for k, v in curve.items()) if curve else "none"))
     lines.append(f"accepted drafted tokens per pass: {report['all']['accepted_hist']}")
     if report["settings"]["temp"] > 0:
         lines.append(f"sampled at temperature {report['settings']['temp']} (top_p "
