@@ -187,6 +187,14 @@ def cache_file(name: str = "blas.json") -> Path:
     return Path(base) / "specstream_mlx" / name
 
 
+def machine_key() -> str:
+    """What a measurement of matrix products depends on: CPU, cores, BLAS, MLX version
+    (the prefix of matmul_plan's and pass_curve's cache keys). Call after mlx.core loads."""
+    import mlx.core as mx  # loaded by then; importing it at the top would fix the BLAS
+
+    return f"{cpu_model()} | {os.cpu_count()} cores | {blas_info()} | mlx {mx.__version__}"
+
+
 def choose(usable: dict[str, tuple[Path, str]], threads: str) -> tuple[str | None, dict]:
     """The fastest usable library by the probe (sum of the one-row and four-row times),
     cached per machine and set of libraries. Returns (name or None, probe times)."""

@@ -63,6 +63,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_cache_json(path: Path) -> dict:
+    """A per-machine measurement cache ({} when missing, unreadable or not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache_json(path: Path, data: dict) -> None:
+    """Store a measurement cache; a read-only home only costs a measurement per process."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+    except OSError:
+        pass
+
+
 def save_streams(model, folder: str | Path) -> Path:
     """Write the model's stream parameters and their config block into `folder`."""
     if model.stream_args is None:

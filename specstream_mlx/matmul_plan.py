@@ -16,7 +16,6 @@ again and replaces the cached plan (after one was measured on a busy machine, sa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,8 +23,8 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from specstream_mlx.blas import blas_info, cache_file, cpu_model
-from specstream_mlx.checkpoint import write_json_atomic
+from specstream_mlx.blas import cache_file, machine_key
+from specstream_mlx.checkpoint import read_cache_json, write_cache_json
 from specstream_mlx.models import kernels
 
 # Row counts that are measured; any other count pads up to the next of these.
@@ -100,8 +99,7 @@ def choose(times: dict[str, list[float]]) -> dict[int, tuple[bool, int]]:
 
 
 def _key(shape: Shape, dtype: mx.Dtype) -> str:
-    return f"{cpu_model()} | {os.cpu_count()} cores | {blas_info()} | mlx {mx.__version__} " \
-           f"| {shape[0]}x{shape[1]} {dtype}"
+    return f"{machine_key()} | {shape[0]}x{shape[1]} {dtype}"
 
 
 def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple[bool, int]]]:
@@ -113,10 +111,7 @@ def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple
     if mx.default_device() != mx.cpu or mode == "off":
         return {}
     path = cache_file("matmul.json")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = {}
+    saved = read_cache_json(path)
     applied, changed = {}, False
     for shape, ws in weight_samples(model).items():
         key = _key(shape, ws[0].dtype)
@@ -132,11 +127,7 @@ def apply(model: nn.Module, verbose: bool = True) -> dict[Shape, dict[int, tuple
         kernels.MATMUL_PLAN.update({(*shape, rows): choice for rows, choice in plan.items()})
         applied[shape] = plan
     if changed:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, saved)
-        except OSError:
-            pass  # a read-only home only costs a measurement per process
+        write_cache_json(path, saved)
     return applied
 
 

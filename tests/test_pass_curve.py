@@ -69,6 +69,9 @@ def test_measure_again_off_and_a_broken_cache(home, monkeypatch):
     (path / "passes.json").write_text("not json")
     pass_curve.apply(model)
     assert len(calls) == 6
+    (path / "passes.json").write_text("[1, 2]")  # JSON, but not an object
+    pass_curve.apply(model)
+    assert len(calls) == 7
 
 
 def test_real_timers_measure_positive_times(monkeypatch):

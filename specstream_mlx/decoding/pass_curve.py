@@ -26,8 +26,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from specstream_mlx.blas import blas_info, cache_file, cpu_model
-from specstream_mlx.checkpoint import write_json_atomic
+from specstream_mlx.blas import cache_file, machine_key
+from specstream_mlx.checkpoint import read_cache_json, write_cache_json
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.controller import costs_for
 from specstream_mlx.decoding.tree import DraftTree
@@ -83,8 +83,7 @@ def _signature(model) -> str:
 
 
 def _key(model) -> str:
-    return f"{cpu_model()} | {os.cpu_count()} cores | {blas_info()} | mlx {mx.__version__} " \
-           f"| {mx.default_device()} | model {_signature(model)}"
+    return f"{machine_key()} | {mx.default_device()} | model {_signature(model)}"
 
 
 def apply(model, verbose: bool = True) -> dict[int, float]:
@@ -98,10 +97,7 @@ def apply(model, verbose: bool = True) -> dict[int, float]:
     if mode == "off" or prefix < 1 or getattr(model, "stream_args", None) is None:
         return {}
     path = cache_file("passes.json")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = {}
+    saved = read_cache_json(path)
     key = _key(model)
     entry = None if mode == "measure" else saved.get(key)
     valid = isinstance(entry, dict) and sorted(entry) == sorted(str(r) for r in ROWS) \
@@ -113,11 +109,7 @@ def apply(model, verbose: bool = True) -> dict[int, float]:
         ms = pass_cost(model, ROWS, prefix, REPEATS, streams=False)
         entry = {str(r): round(t, 3) for r, t in ms.items()}
         saved[key] = entry
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, saved)
-        except OSError:
-            pass  # a read-only home only costs a measurement per process
+        write_cache_json(path, saved)
     curve = {int(r): t / 1000 for r, t in entry.items()}
     costs_for(model).set_curve(curve)
     return curve
