@@ -101,6 +101,7 @@ def plan_streams(
         ("num_streams", "embeddings", 0),
         ("pruning_rank", "pruning_down", 0),
         ("adapter_rank", "adapters.0.q_proj_a", 0),
+        ("next_token_rank", "next_token_down", 0),
     ):
         if key not in params:
             params[key] = found[tensor][1].shape[axis] if tensor in found else 0

@@ -71,6 +71,12 @@ class StreamArgs:
     draft_vocab_size:  streams draft from this many token ids (`streams.draft_vocab`, the
                        most frequent tokens of the training data); 0 means the full vocab.
                        Verification always uses the full head, so this stays lossless.
+    next_token_rank:   rank of the projection of the next token's embedding (the main
+                       stream's choice after the streams' row, known once the pass has
+                       verified) added where streams start, so stream j predicts token
+                       t+1+j knowing t+1 (as EAGLE's drafter does); 0: streams do not see it
+                       (the paper). Needs main rows blind to streams: the stream rows then
+                       run after verification (DecoderModel.stream_pass).
     """
 
     num_streams: int = 3
@@ -85,6 +91,7 @@ class StreamArgs:
     min_draft_prob: float = 0.0
     corpus_depth: int = 8
     draft_vocab_size: int = 0
+    next_token_rank: int = 0
 
     @classmethod
     def from_dict(cls, params: dict) -> StreamArgs:
@@ -121,3 +128,11 @@ class StreamArgs:
         for f in fields(self):
             if f.name.endswith("rank") and getattr(self, f.name) < 0:
                 raise ModelLoadError(f"{f.name} must be >= 0")
+        if self.next_token_rank and self.main_sees_streams:
+            raise ModelLoadError("next_token_rank needs main_sees_streams false: main rows "
+                                 "that see their streams cannot wait for their own output")
+
+    @property
+    def conditioned(self) -> bool:
+        """Stream rows take the next token's embedding (next_token_rank > 0)."""
+        return self.next_token_rank > 0

@@ -98,13 +98,16 @@ class DecoderModel(nn.Module):
         return h
 
     def upper(self, h, positions, tree_mask=None, cache=None, stream_rows=None,
-              embedding_scale: float = 1.0):
+              embedding_scale: float = 1.0, next_tokens=None):
         """Layers split .. N-1, with stream rows for `stream_rows` (S,) when given.
 
         h: (B, L, hidden) from `lower`. Returns the final-normed main rows (B, L, hidden)
         and stream rows (B, S, gamma, hidden), or None without streams. The stream
         embeddings enter as streams.embeddings * embedding_scale (training keeps them at
         unit scale: Adam moves each weight by ~lr a step, whatever its size).
+        next_tokens: (B, S) int32, the token after each stream row's main row, for
+        streams conditioned on it (StreamArgs.next_token_rank; teacher forcing only: a
+        decode pass learns it from its own main rows, see stream_pass).
         """
         B, L, _ = h.shape
         prefix = cache.offset if cache is not None else 0
@@ -122,9 +125,8 @@ class DecoderModel(nn.Module):
             stream_pos = positions[stream_rows][:, None] + mx.arange(1, g + 1)
             pos = mx.concatenate([positions, stream_pos.reshape(-1)])
             rows = self.pass_rows(pos, mask, cache, L)
-            # S[t, j] = M[t] + P[j]: (B, S, g, hidden)
-            P = self.streams.embeddings * embedding_scale
-            s = mx.take(h, stream_rows, axis=1)[:, :, None, :] + P
+            s = self.stream_inputs(mx.take(h, stream_rows, axis=1), embedding_scale,
+                                   next_tokens)
             h = mx.concatenate([h, s.reshape(B, -1, h.shape[-1])], axis=1)
         for i in range(self.split, len(self.layers)):
             adapter = self.streams.adapter(i - self.split) if streams else None
@@ -134,8 +136,22 @@ class DecoderModel(nn.Module):
             return h, None
         return h[:, :L], h[:, L:].reshape(B, -1, self.stream_args.num_streams, h.shape[-1])
 
+    def stream_inputs(self, h: mx.array, embedding_scale: float = 1.0,
+                      next_tokens: mx.array | None = None) -> mx.array:
+        """Where stream rows start: S[t, j] = M[t] + P[j] (+ the next token's projection
+        when conditioned). h: (B, S, hidden) -> (B, S, gamma, hidden)."""
+        s = h[:, :, None, :] + self.streams.embeddings * embedding_scale
+        if not self.stream_args.conditioned:
+            return s
+        if next_tokens is None:
+            raise ValueError("these streams are conditioned on the next token: pass "
+                             "next_tokens")
+        e = self.streams.next_token(self.model.embed_tokens(next_tokens).astype(h.dtype))
+        return s + (e * embedding_scale)[:, :, None, :]
+
     def stream_pass(self, h: mx.array, positions: mx.array, seen: mx.array, cache,
-                    pending: int, embedding_scale: float = 1.0) -> mx.array:
+                    pending: int, embedding_scale: float = 1.0,
+                    next_tokens: mx.array | None = None) -> mx.array:
         """Stream rows of S main rows, run after their main rows went through the MSA layers
         (which left their K/V in `cache`): valid when main rows do not see their streams.
 
@@ -143,8 +159,9 @@ class DecoderModel(nn.Module):
         positions: (S,) int32 their positions; seen: (S, offset + pending) bool, what each
         main row saw among the cache's committed slots and the `pending` slots after them;
         or positions (B, S) and seen (B, S, offset + pending), each batch entry's own rows
-        (training); embedding_scale as in `upper`. Returns (B, S, gamma, hidden),
-        final-normed.
+        (training); embedding_scale as in `upper`; next_tokens (B, S) int32, the token
+        each main row chose (verified, sampled or the data's), for conditioned streams.
+        Returns (B, S, gamma, hidden), final-normed.
         """
         sa = self.stream_args
         if sa.main_sees_streams:
@@ -157,8 +174,7 @@ class DecoderModel(nn.Module):
             rows = self.pass_rows(pos, mx.repeat(seen, g, axis=-2), cache, 0, pending, g)
         else:  # decoding (S = 1): the few-rows attention under one full mask
             rows = self.pass_rows(pos, stream_mask(seen, mx.arange(S), g), cache, 0, pending)
-        P = self.streams.embeddings * embedding_scale
-        s = (h[:, :, None, :] + P).reshape(B, -1, H)
+        s = self.stream_inputs(h, embedding_scale, next_tokens).reshape(B, -1, H)
         for i in range(self.split, len(self.layers)):
             s = self.layers[i](s, rows, i, self.streams.adapter(i - self.split))
         return self.model.norm(s).reshape(B, S, g, H)
@@ -204,16 +220,18 @@ class DecoderModel(nn.Module):
         vocabulary: (..., V_d) (or (..., vocab) without one)."""
         return self.draft_logits(self.model.norm(self.streams.early_exit(h)))
 
-    def __call__(self, tokens, positions=None, tree_mask=None, cache=None, stream_rows=None):
+    def __call__(self, tokens, positions=None, tree_mask=None, cache=None, stream_rows=None,
+                 next_tokens=None):
         """Logits of main rows (B, L, vocab) and of stream rows (B, S, gamma, vocab) or None.
 
-        positions default to cache offset + arange(L): plain causal decoding.
+        positions default to cache offset + arange(L): plain causal decoding; next_tokens
+        as in `upper`.
         """
         if positions is None:
             start = cache.offset if cache is not None else 0
             positions = mx.arange(start, start + tokens.shape[1], dtype=mx.int32)
         h = self.lower(tokens, positions, tree_mask, cache)
-        h, hs = self.upper(h, positions, tree_mask, cache, stream_rows)
+        h, hs = self.upper(h, positions, tree_mask, cache, stream_rows, next_tokens=next_tokens)
         return self.head(h), (self.head(hs) if hs is not None else None)
 
 

@@ -46,6 +46,9 @@ class Streams(nn.Module):
     pruning_down / pruning_up: rank-r residual adapter o(h) = h + up(down(h)) on the hidden
     state entering the stream layers; LMHead(o(h)) estimates the next token early.
     draft_vocab: (V_d,) int32 token ids the streams draft from (with draft_vocab_size > 0).
+    next_token_down / next_token_up: rank-r projection of the next token's (normalised)
+    embedding, added to every stream row of a node (next_token_rank > 0); up starts at
+    zero, so fresh ones change nothing (warm starts keep the loaded streams' output).
     """
 
     def __init__(self, args: StreamArgs, model_args):
@@ -57,6 +60,10 @@ class Streams(nn.Module):
             self.pruning_up = mx.zeros((hidden, args.pruning_rank))
         if args.draft_vocab_size > 0:  # replaced by the trained/loaded ids
             self.draft_vocab = mx.arange(args.draft_vocab_size, dtype=mx.int32)
+        if args.next_token_rank > 0:
+            r = args.next_token_rank
+            self.next_token_down = mx.random.normal((r, hidden)) * hidden**-0.5
+            self.next_token_up = mx.zeros((hidden, r))
         if args.adapter_rank > 0:  # adapters[i] belongs to MSA layer i (layer N - N_s + i)
             self.adapters = [
                 StreamAdapter(model_args, args.adapter_rank, args.adapter_scale)
@@ -72,3 +79,11 @@ class Streams(nn.Module):
         if "pruning_down" not in self:
             return h
         return h + (h @ self.pruning_down.T) @ self.pruning_up.T
+
+    def next_token(self, e: mx.array) -> mx.array:
+        """e: (..., hidden) the next tokens' embeddings -> (..., hidden), what each of their
+        stream rows adds. RMS-normalised first: SmolLM2's embeddings (RMS 0.12) are ~150x
+        smaller than the hidden states they join (~20), and training moves `up` at the
+        stream embeddings' scale (it is multiplied by the same embedding_scale)."""
+        e = e * mx.rsqrt(mx.mean(e * e, axis=-1, keepdims=True) + 1e-6)
+        return (e @ self.next_token_down.T) @ self.next_token_up.T

@@ -8,6 +8,8 @@ Tensor names (all float32, hidden = the model's hidden_size):
     streams.adapters.{i}.{proj}_a  (adapter_rank, in)   stream-only LoRA of MSA layer i
     streams.adapters.{i}.{proj}_b  (out, adapter_rank)  (layer N - N_s + i), proj one of
         q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; applied to stream rows only
+    streams.next_token_down (next_token_rank, hidden)  projection of the next token's
+    streams.next_token_up   (hidden, next_token_rank)  embedding (conditioned streams)
 
 An optional `corpus.npy` beside them holds the datastore of corpus drafts
 (decoding/corpus.py): one int32 array (N,) of token ids, documents separated by -1.

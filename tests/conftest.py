@@ -72,6 +72,8 @@ def tiny_model(name: str = "llama", seed: int = 0, streams: StreamArgs | None = 
     if streams is not None:
         model.attach_streams(streams)
         model.streams.embeddings = mx.random.normal(model.streams.embeddings.shape)
+        if streams.next_token_rank:  # it starts at zero: make the next token matter
+            model.streams.next_token_up = mx.random.normal(model.streams.next_token_up.shape)
     mx.eval(model.parameters())
     model.eval()
     return model

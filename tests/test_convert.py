@@ -619,3 +619,24 @@ def test_real_embedded_model_to_float32_and_8_bit(tmp_path):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                tokenize=False)
         assert "Paris" in generate(model, tokenizer, prompt=prompt, max_tokens=20), folder
+
+
+def test_next_token_rank_is_inferred_from_the_stream_tensors(tmp_path):
+    """Streams conditioned on the next token convert like the others: the projection's
+    rank comes from its tensors when the config block does not say it."""
+    from safetensors.numpy import save_file
+
+    config = {**tiny_config("llama"), "speculative_streaming": {"num_streams": 3, "msa_layers": 2}}
+    src, _ = write_hf_checkpoint(tmp_path / "finetune", config=config)
+    trained = {k: v.astype(np.float32) for k, v in stream_tensors().items()}
+    rng = np.random.default_rng(0)
+    trained["streams.next_token_down"] = rng.standard_normal((5, 64)).astype(np.float32)
+    trained["streams.next_token_up"] = rng.standard_normal((64, 5)).astype(np.float32)
+    save_file(trained, str(src / "streams.safetensors"))
+    out = convert(src, tmp_path / "out", ConvertOptions())
+    block = json.loads((out / "config.json").read_text())["speculative_streaming"]
+    assert block["next_token_rank"] == 5
+    model = ours(out)
+    assert model.stream_args.conditioned
+    assert np.array_equal(np.array(model.streams.next_token_up),
+                          trained["streams.next_token_up"])

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, reference_model, tiny_model
+from mlx.utils import tree_flatten
 
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.drafter import Draft, budget_drafter
@@ -20,12 +21,13 @@ from specstream_mlx.decoding.step import (
     generate_step,
     last_accepted,
     prefill,
+    root_streams,
     speculative_step,
     stream_candidates,
     verify,
 )
 from specstream_mlx.decoding.tree import DraftTree
-from specstream_mlx.errors import InputError
+from specstream_mlx.errors import InputError, ModelLoadError
 from specstream_mlx.models.config import StreamArgs
 
 PROMPT = [3, 17, 42, 8, 91, 5]
@@ -197,9 +199,12 @@ def test_chunked_prefill_is_equivalent():
 def drive(model, prompt: list[int], drafter, steps: int, top_k: int = 3):
     """prefill + speculative_step by hand, checking the cache and the draft after each step."""
     cache = KVCache(len(model.layers))
-    logits, hs = prefill(model, cache, prompt, 512, True)
+    logits, hs, h_last = prefill(model, cache, prompt, 512, True)
     root = int(mx.argmax(logits))
     assert root == plain(model, prompt, 1)[0]
+    if hs is None:  # conditioned streams draft once the root is known
+        assert model.stream_args.conditioned
+        hs = root_streams(model, cache, h_last, mx.array(root))
     cand, lp = stream_candidates(model, hs, top_k)
     draft = Draft(np.array(cand), np.array(lp))
     history = prompt + [root]
@@ -213,8 +218,10 @@ def drive(model, prompt: list[int], drafter, steps: int, top_k: int = 3):
         history += result.tokens
         root, draft = result.tokens[-1], result.draft
         assert_cache_matches(cache, model, history[:-1])
-        # the next draft is the streams' top-k at the last committed position
-        _, streams = model(mx.array([history[:-1]]), stream_rows=mx.array([len(history) - 2]))
+        # the next draft is the streams' top-k at the last committed position (given the
+        # root after it, when conditioned)
+        _, streams = model(mx.array([history[:-1]]), stream_rows=mx.array([len(history) - 2]),
+                           next_tokens=mx.array([[root]]))
         logprobs = np.array(streams[0, 0] - mx.logsumexp(streams[0, 0], axis=-1, keepdims=True))
         want = np.argsort(-logprobs, axis=-1)[:, :top_k]
         np.testing.assert_array_equal(draft.candidates, want)
@@ -238,6 +245,48 @@ def test_cache_after_each_step_random_streams(arch):
     """Same invariant with the default budget drafter on random streams (partial accepts)."""
     model = tiny_model(arch, seed=5, streams=StreamArgs(num_streams=2, msa_layers=3))
     drive(model, PROMPT, budget_drafter(6), steps=6)
+
+
+@pytest.mark.parametrize("budget", [0, 6])
+def test_conditioned_streams_draft_as_teacher_forcing(arch, budget):
+    """Streams conditioned on the next token (next_token_rank): after the prefill and
+    every step, plain ones (budget 0) included, the draft is the teacher-forced streams'
+    at the last committed position given the root, and the cache is plain decoding's."""
+    sa = StreamArgs(num_streams=2, msa_layers=3, next_token_rank=4)
+    model = tiny_model(arch, seed=5, streams=sa)
+    drive(model, PROMPT, budget_drafter(budget), steps=6)
+
+
+@pytest.mark.parametrize("budget", [2, 8])
+def test_greedy_with_conditioned_streams_equals_plain(arch, budget):
+    sa = StreamArgs(num_streams=3, msa_layers=2, next_token_rank=4)
+    model = tiny_model(arch, seed=budget, streams=sa)
+    events = list(generate_step(model, PROMPT, max_tokens=32, tree_budget=budget))
+    assert tokens_of(events) == plain(model, PROMPT, 32)
+
+
+def test_next_token_conditioning_changes_drafts_and_starts_neutral():
+    """The next token moves the stream rows; a fresh projection (up = 0) does not, so
+    warm-started streams keep their output."""
+    base = tiny_model("llama", seed=3, streams=STREAMS)
+    model = tiny_model("llama", seed=3, streams=replace(STREAMS, next_token_rank=4))
+    tokens, rows = mx.array([PROMPT]), mx.array([2, 4])
+    with pytest.raises(ValueError, match="pass next_tokens"):
+        model(tokens, stream_rows=rows)
+    _, a = model(tokens, stream_rows=rows, next_tokens=mx.array([[5, 9]]))
+    _, b = model(tokens, stream_rows=rows, next_tokens=mx.array([[6, 9]]))
+    assert not np.allclose(np.array(a[0, 0]), np.array(b[0, 0]))
+    np.testing.assert_allclose(np.array(a[0, 1]), np.array(b[0, 1]), rtol=1e-5, atol=1e-5)
+    model.load_weights(list(tree_flatten(base.parameters())), strict=False)
+    model.streams.next_token_up = mx.zeros_like(model.streams.next_token_up)
+    _, c = model(tokens, stream_rows=rows, next_tokens=mx.array([[5, 9]]))
+    _, d = base(tokens, stream_rows=rows)
+    np.testing.assert_allclose(np.array(c), np.array(d), rtol=1e-5, atol=1e-5)
+
+
+def test_next_token_rank_needs_blind_main_rows():
+    with pytest.raises(ModelLoadError, match="next_token_rank needs main_sees_streams"):
+        StreamArgs(next_token_rank=4, main_sees_streams=True).validate(4)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -406,6 +455,18 @@ def test_sampling_keeps_the_distribution(sampling_model, drafter):
     assert_same_distribution(counts, joint, 0.08)
 
 
+def test_conditioned_streams_keep_the_distribution():
+    """Streams conditioned on the sampled next token (their rows run after the sample)
+    still give the model's exact distribution of the first three tokens."""
+    sa = StreamArgs(num_streams=2, msa_layers=1, top_k=3, tree_budget=6, next_token_rank=2)
+    with custom_config("llama", vocab_size=8, num_hidden_layers=2) as name:
+        model = tiny_model(name, seed=0, streams=sa)
+    prompt = [4, 5, 6, 7]
+    counts, drafted = empirical(model, prompt, 1000, seed=17, adaptive=False)
+    assert 0.05 < drafted < 0.9  # acceptance and rejection both exercised
+    assert_same_distribution(counts, exact_distribution(model, prompt), 0.08)
+
+
 def test_tempered_drafts_keep_the_distribution(sampling_model):
     """At temperature 0.6, with the drafts ranked at that temperature, the tokens still
     follow the tempered distribution exactly: tempering changes which nodes are drafted,
@@ -536,7 +597,7 @@ def test_main_sees_streams_prefill_matches_full_pass():
     sa = StreamArgs(num_streams=3, msa_layers=2, main_sees_streams=True)
     model = tiny_model("llama", seed=0, streams=sa)
     cache = KVCache(len(model.layers))
-    logits, _ = prefill(model, cache, PROMPT, 512, True)
+    logits, _, _ = prefill(model, cache, PROMPT, 512, True)
     full, _ = model(mx.array([PROMPT]), stream_rows=mx.arange(len(PROMPT)))
     np.testing.assert_allclose(np.array(logits), np.array(full[0, -1]), atol=1e-4)
 

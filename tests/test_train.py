@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
-from specstream_mlx.checkpoint import STREAMS_FILE, init_streams
+from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, init_streams
 from specstream_mlx.cli import main
-from specstream_mlx.decoding.step import generate_step
+from specstream_mlx.decoding.step import budget_drafter, generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.models.config import StreamArgs
@@ -116,6 +116,11 @@ def test_make_batch_rows_and_targets():
     assert batch.stream_target.tolist() == [y for *_, y in want]
     assert batch.stream_id.tolist() == [j - 1 for _, _, j, _ in want]
     assert batch.tokens == 3 + 3  # completion tokens
+    # Conditioned streams are given the token after their row (0 past a sample's end).
+    nxt = np.array(batch.stream_next)
+    assert nxt.shape == (2, S)
+    assert nxt[0, : 6 - first].tolist() == list(range(11 + first, 17)) and not nxt[0, 6:].any()
+    assert nxt[1, : 4 - first].tolist() == list(range(21 + first, 25)) and not nxt[1, 4:].any()
     # The first completion token is a target of main only: streams start one later.
     assert 14 not in batch.stream_target.tolist() and 22 not in batch.stream_target.tolist()
 
@@ -128,6 +133,7 @@ def test_make_batch_per_sample_rows_cover_each_completion_only():
     batch = make_batch([s0, s1], gamma=2, per_sample=True)
     # Each sample's own rows t = start-1 .. n-3; the shorter repeats its last row.
     assert batch.stream_rows.tolist() == [[3, 4, 4], [1, 2, 3]]
+    assert batch.stream_next.tolist() == [[14, 15, 15], [22, 23, 24]]
     S = 3
     want = [(0, 0, 1, 15), (0, 0, 2, 16), (0, 1, 1, 16),
             (1, 0, 1, 23), (1, 0, 2, 24), (1, 1, 1, 24), (1, 1, 2, 25), (1, 2, 1, 25)]
@@ -321,13 +327,14 @@ def live_adapters(model) -> None:
 
 
 def assert_frozen_path_equals_the_full_pass(arch: str, seed: int, full_batch,
-                                            frozen_batch) -> None:
+                                            frozen_batch, next_token_rank: int = 0) -> None:
     """Loss, per-stream CE, hits and every trainable gradient of the frozen-main path
     (upper_streams) on the batch `frozen_batch(model)` equal the full MSA pass's on
     `full_batch(model)`."""
     import mlx.nn as nn
 
-    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4)
+    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4,
+                         next_token_rank=next_token_rank)
     model = tiny_model(arch, seed=seed, streams=streams)
     live_adapters(model)
     model.freeze()
@@ -361,6 +368,18 @@ def test_frozen_main_path_gives_the_same_loss_and_gradients(arch):
         return make_batch(random_samples(model, 1, [(14, 6), (9, 3), (22, 12)]), 3)
 
     assert_frozen_path_equals_the_full_pass(arch, 6, batch, batch)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_conditioned_streams_frozen_path_equals_the_full_pass(per_sample):
+    """With streams conditioned on the next token, the frozen-main path (shared or
+    per-sample rows) gives the full MSA pass's loss, hits and gradients, the next-token
+    projection's included."""
+    sizes = [(14, 6), (9, 3), (22, 12)]
+    assert_frozen_path_equals_the_full_pass(
+        "qwen3", 8, lambda model: make_batch(random_samples(model, 3, sizes), 3),
+        lambda model: make_batch(random_samples(model, 3, sizes), 3, per_sample=per_sample),
+        next_token_rank=4)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -513,6 +532,42 @@ def test_warm_start_continues_from_the_folders_streams(workdir, lossless_run):
     for k in before:
         np.testing.assert_allclose(np.array(after[k]), np.array(before[k]), atol=1e-4,
                                    err_msg=k)
+
+
+def test_warm_start_adds_next_token_conditioning(workdir, lossless_run):
+    """Warm-started streams without conditioning gain it: at step 0 they validate as
+    loaded (the fresh projection adds zero); the run trains the projection, writes it
+    (scaled like the embeddings) with next_token_rank in the config, and the folder
+    decodes greedily as the base model, with its trace replaying generate_step."""
+    from specstream_mlx.tools.tune import replay, trace
+
+    root, folder, _ = workdir
+    trained = root / "lossless" / "model"
+    args = small_args(root, folder, "warm-cond", model=str(trained), warm_start=True,
+                      next_token_rank=8, epochs=2)
+    logs: list[str] = []
+    result = train(args, log=logs.append)
+    metrics0 = validations(logs)[0]
+    np.testing.assert_allclose(metrics0["valid_loss"], lossless_run[0]["valid_loss"], rtol=1e-3)
+    out = Path(result["output"])
+    saved = mx.load(str(out / STREAMS_FILE))
+    assert saved["streams.next_token_down"].shape == (8, 64)
+    assert np.abs(np.array(saved["streams.next_token_up"])).max() > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config[CONFIG_KEY]["next_token_rank"] == 8
+    model, tokenizer = load(out)
+    assert model.stream_args.conditioned
+    prompt = prompt_ids(tokenizer, "count from c")
+    plain = greedy(model, prompt, False)
+    assert greedy(model, prompt, True) == plain
+    events = list(generate_step(model, prompt, max_tokens=24, adaptive=False))
+    tr = trace(model, prompt, plain, top_k=model.stream_args.top_k)
+    rp = replay(tr, budget_drafter(model.stream_args.tree_budget))
+    assert rp.passes == events[-1].passes - 1
+    # A second warm start keeps the conditioning, and a different rank is refused.
+    with pytest.raises(InputError, match="next_token_rank 8, this run asks for 4"):
+        train(small_args(root, folder, "warm-cond-bad", model=str(out), warm_start=True,
+                         next_token_rank=4), log=lambda _: None)
 
 
 def test_warm_start_needs_matching_streams(workdir, lossless_run):

@@ -54,6 +54,19 @@ def test_replay_matches_generate_step(arch, budget, depth, min_prob):
     assert all(r >= 1 for r in rp.rows)
 
 
+@pytest.mark.parametrize("budget", [1, 6])
+def test_replay_with_conditioned_streams_matches_generate_step(arch, budget):
+    """Streams conditioned on the next token: the trace gives each row the answer's next
+    token, as decoding gives them the verified one, so the replay stays exact."""
+    model = tiny_model(arch, seed=3, streams=StreamArgs(num_streams=3, msa_layers=2,
+                                                        next_token_rank=4))
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, speculative=False)]
+    tokens, accepted = decoded(model, 40, tree_budget=budget, draft_top_k=2, lookup_depth=0)
+    assert tokens == plain
+    rp = replay(trace(model, PROMPT, plain, top_k=2), budget_drafter(budget))
+    assert rp.accepted == accepted and sum(accepted) > 0
+
+
 def test_replay_with_max_tokens_matches_a_shorter_run():
     model = tiny_model("qwen3", seed=1, streams=STREAMS)
     plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, speculative=False)]

@@ -18,6 +18,8 @@ HELP = {
                     "others before it stops with a message (default 600)",
     "soft_targets": "share (0 .. 1) of each stream's loss on the base model's own next-token "
                     "distribution instead of its greedy token (lossless mode; default 0)",
+    "next_token_rank": "rank of the streams' projection of the next token (0: streams do not "
+                       "see it; > 0 adds it, also to warm-started streams without one)",
     "warm_start": "start from the streams --model comes with (the shipped ones by default) "
                   "instead of fresh ones; the stream settings must match them",
 }

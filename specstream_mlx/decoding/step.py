@@ -108,24 +108,40 @@ def rows_needing_streams(model, n: int, draft: bool) -> mx.array | None:
     return mx.arange(n, dtype=mx.int32)
 
 
+def conditioned(model) -> bool:
+    """The model's streams take the next token (their stream rows run after it is known)."""
+    return model.stream_args is not None and model.stream_args.conditioned
+
+
 def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
     """Run the prompt through the model in chunks, committing its K/V.
 
-    Returns the last row's logits (vocab,) and its stream rows (gamma, hidden) or None.
+    Returns the last row's logits (vocab,), its stream rows (gamma, hidden) or None, and
+    its hidden state entering the MSA layers (hidden,) (for `root_streams`: streams
+    conditioned on the next token draft once it is chosen; their rows are None here).
     """
     for start in range(0, len(prompt), chunk):
         piece = prompt[start : start + chunk]
         last = start + chunk >= len(prompt)
         positions = mx.arange(cache.offset, cache.offset + len(piece), dtype=mx.int32)
-        h = model.lower(mx.array([piece], dtype=mx.int32), positions, None, cache)
+        h_low = model.lower(mx.array([piece], dtype=mx.int32), positions, None, cache)
         rows = rows_needing_streams(model, len(piece), False)
-        if rows is None and last and draft:  # only the last row drafts
-            rows = mx.array([len(piece) - 1], dtype=mx.int32)
-        h, hs = model.upper(h, positions, None, cache, rows)
+        if rows is None and last and draft and not conditioned(model):
+            rows = mx.array([len(piece) - 1], dtype=mx.int32)  # only the last row drafts
+        h, hs = model.upper(h_low, positions, None, cache, rows)
         cache.commit(range(len(piece)))
         if not last:
             mx.eval(cache.state())
-    return model.head(h[0, -1]), (hs[0, -1] if hs is not None else None)
+    return model.head(h[0, -1]), (hs[0, -1] if hs is not None else None), h_low[0, -1]
+
+
+def root_streams(model, cache: KVCache, h_last: mx.array, root: mx.array) -> mx.array:
+    """Stream rows (gamma, hidden) of the cache's last committed row, conditioned on the
+    token chosen after it (`root`, a 0-d int32 array); h_last (hidden,) from `prefill`."""
+    offset = cache.offset
+    return model.stream_pass(h_last[None, None], mx.array([offset - 1], dtype=mx.int32),
+                             mx.ones((1, offset), dtype=mx.bool_), cache, 0,
+                             next_tokens=root.reshape(1, 1).astype(mx.int32))[0, 0]
 
 
 def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None,
@@ -143,11 +159,13 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     that node beforehand, so its stream rows ride along in the main pass (SmolLM2 on the
     CPU, interleaved medians of 37: a drafting step 63.8 -> 61.2 ms, plain 52.7: the top
     layers' weights are read once, and one row costs as much as two there, see
-    matmul_plan).
+    matmul_plan), unless the streams are conditioned on the token chosen after that
+    node (StreamArgs.next_token_rank): then they always run after it.
     """
     n = len(tree)
     streams = draft and model.stream_args is not None and top_k > 0
-    deferred = streams and not model.stream_args.main_sees_streams and n > 1
+    deferred = streams and not model.stream_args.main_sees_streams and (
+        n > 1 or model.stream_args.conditioned)
     tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
     where = cache.offset + tree.depths  # (n,) host positions
     positions = mx.array(where)
@@ -165,8 +183,9 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
             seen = mx.ones((1, cache.offset + n), dtype=mx.bool_)
             if mask is not None:
                 seen[:, cache.offset:] = mask[last]
+            nxt = targets[last].reshape(1, 1).astype(mx.int32) if conditioned(model) else None
             hs = model.stream_pass(mx.take(h_low, last[None], axis=1), positions[last][None],
-                                   seen, cache, n)[0, 0]
+                                   seen, cache, n, next_tokens=nxt)[0, 0]
         else:
             hs = hs[0, last]
         outputs += list(stream_candidates(model, hs, top_k, draft_head,
@@ -253,10 +272,12 @@ def generate_step(
     history = list(prompt)
     yielded = 0
     try:
-        logits, hs = prefill(model, cache, prompt[reused:], prefill_chunk, streams)
+        logits, hs, h_last = prefill(model, cache, prompt[reused:], prefill_chunk, streams)
         root = choose(logits[None], sampler, np.array([len(prompt) - 1]))[0]
         draft = None
         if streams:
+            if hs is None:  # conditioned streams: they draft knowing the root
+                hs = root_streams(model, cache, h_last, root)
             cand, lp = stream_candidates(model, hs, top_k, draft_head,
                                          draft_temperature(sampler))
             mx.eval(root, cand, lp)

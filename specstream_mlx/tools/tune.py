@@ -56,7 +56,9 @@ def trace(model, prompt: list[int], answer: list[int], top_k: int) -> Trace:
     positions = mx.arange(L, dtype=mx.int32)
     rows = mx.arange(start - 1, L, dtype=mx.int32)
     h = model.lower(mx.array([tokens], dtype=mx.int32), positions)
-    h, hs = model.upper(h, positions, None, None, rows)
+    # Conditioned streams get the answer's next token (the last row's, unknown, is cut).
+    nxt = mx.array([tokens[1:] + [0]], dtype=mx.int32)[:, start - 1 :]
+    h, hs = model.upper(h, positions, None, None, rows, next_tokens=nxt)
     greedy = mx.argmax(model.head(h[0, start - 1 : L - 1]), axis=-1)
     cand, lp = stream_candidates(model, hs[0], top_k)
     mx.eval(greedy, cand, lp)

@@ -59,6 +59,7 @@ class Batch:
     stream_id: np.ndarray  # (K,) which stream each target belongs to
     stream_missed: np.ndarray  # (gamma,) targets per stream outside the draft vocab
     tokens: int  # completion tokens in the batch
+    stream_next: mx.array | None = None  # (B, S) the token after each stream row's row
 
 
 def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = None,
@@ -109,11 +110,18 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
                     st_tgt.append(target)
                     st_id.append(j - 1)
                     st_src.append(b * T + t + j)
+    # The token after each stream row (what conditioned streams are given; 0 past the end,
+    # where rows carry no loss).
+    at = np.broadcast_to(rows, (B, S)) if rows.ndim == 1 else rows
+    nxt = np.zeros((B, S), dtype=np.int32)
+    for b, s in enumerate(samples):
+        ok = at[b] + 1 < len(s.tokens)
+        nxt[b, ok] = np.asarray(s.tokens)[at[b][ok] + 1]
     as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
     return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
                  as_int(main_tgt), as_int(pr_idx), as_int(pr_tgt), as_int(st_idx),
                  as_int(st_tgt), as_int(st_src), np.array(st_id, dtype=np.int64), missed,
-                 sum(len(s.tokens) - s.start for s in samples))
+                 sum(len(s.tokens) - s.start for s in samples), mx.array(nxt))
 
 
 def index_batches(sizes: list[tuple[int, int]], size: int, rng: random.Random,

@@ -84,6 +84,7 @@ class TrainArgs:
     tree_budget: int = 6
     top_k: int = 3
     draft_vocab: int = 8192  # 0: streams draft from the whole vocabulary
+    next_token_rank: int = 0  # streams see the next token (StreamArgs.next_token_rank)
 
     def validate(self) -> None:
         """InputError naming the first bad setting (as its flag)."""
@@ -92,7 +93,8 @@ class TrainArgs:
         ints = {"num_streams": 1, "msa_layers": 1, "adapter_rank": 0, "pruning_rank": 0,
                 "warmup": 0, "batch_size": 1, "max_length": 2, "seed": 0,
                 "steps_per_report": 1, "steps_per_eval": 1, "steps_per_checkpoint": 1,
-                "max_valid": 0, "tree_budget": 0, "top_k": 1, "draft_vocab": 0}
+                "max_valid": 0, "tree_budget": 0, "top_k": 1, "draft_vocab": 0,
+                "next_token_rank": 0}
         reals = {"adapter_scale": 0.0, "stream_weight": 0.0, "pruning_weight": 0.0,
                  "soft_targets": 0.0,
                  "main_weight": 0.0, "dist_timeout": 1.0}
@@ -129,7 +131,8 @@ class TrainArgs:
 
 
 def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array,
-                  embedding_scale: float = 1.0) -> tuple[mx.array, mx.array]:
+                  embedding_scale: float = 1.0, next_tokens: mx.array | None = None
+                  ) -> tuple[mx.array, mx.array]:
     """The stream rows of `model.upper(h, positions, None, None, stream_rows)`, computed the
     cheap way when main rows are blind to streams (lossless mode): the main rows run once
     without streams, leaving their K/V in a cache, then only the stream rows run,
@@ -138,6 +141,7 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
     h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal main
     rows); stream_rows: (S,) int32, or (B, S) each sample's own rows. Returns the main
     rows (B, L, hidden) and the stream rows (B, S, gamma, hidden), both final-normed.
+    next_tokens: (B, S) int32, for streams conditioned on the next token.
     """
     L = h.shape[1]
     cache = KVCache(len(model.layers))
@@ -145,11 +149,11 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
     if stream_rows.ndim == 1:
         seen = mx.tril(mx.ones((L, L), dtype=mx.bool_))[stream_rows]
         return hm, model.stream_pass(mx.take(h, stream_rows, axis=1), positions[stream_rows],
-                                     seen, cache, L, embedding_scale)
+                                     seen, cache, L, embedding_scale, next_tokens)
     seen = stream_rows[..., None] >= mx.arange(L)  # (B, S, L): causal
     rows_h = mx.take_along_axis(h, stream_rows[..., None], axis=1)
     return hm, model.stream_pass(rows_h, positions[stream_rows], seen, cache, L,
-                                 embedding_scale)
+                                 embedding_scale, next_tokens)
 
 
 def loss_counts(batch: Batch, gamma: int) -> np.ndarray:
@@ -176,7 +180,7 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
     """
     if frozen_main and not main_weight:
         hm, hs = upper_streams(model, batch.hidden, batch.positions, batch.stream_rows,
-                               embedding_scale)
+                               embedding_scale, batch.stream_next)
     elif soft_targets:
         raise ValueError("soft targets need the frozen-main path (lossless, main weight 0)")
     elif batch.stream_rows.ndim == 2:
@@ -184,7 +188,7 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
                          "main weight 0)")
     else:
         hm, hs = model.upper(batch.hidden, batch.positions, None, None, batch.stream_rows,
-                             embedding_scale)
+                             embedding_scale, batch.stream_next)
     H = hs.shape[-1]
     gamma = hs.shape[2]
     counts = mx.array(loss_counts(batch, gamma) if counts is None else counts)
@@ -248,6 +252,8 @@ def scale_stream_embeddings(model, samples: list[Sample], seed: int, warm: bool 
     rms = mx.sqrt(mx.mean(sample * sample)).item()
     if warm:
         model.streams.embeddings = model.streams.embeddings / rms
+        if "next_token_up" in model.streams:
+            model.streams.next_token_up = model.streams.next_token_up / rms
         return rms
     mx.random.seed(seed)
     model.streams.embeddings = mx.random.normal(model.streams.embeddings.shape) * 0.5
@@ -256,7 +262,8 @@ def scale_stream_embeddings(model, samples: list[Sample], seed: int, warm: bool 
 
 def check_warm_start(model, source: Path, args: TrainArgs) -> None:
     """InputError naming the first setting of this run that the streams `source` came
-    with differ in (or that it has none); otherwise the run continues from them."""
+    with differ in (or that it has none); otherwise the run continues from them.
+    Streams without next-token conditioning may gain it (fresh, it changes nothing)."""
     loaded = model.stream_args
     if loaded is None:
         raise InputError(f"--warm-start: {source} has no streams to start from")
@@ -265,6 +272,8 @@ def check_warm_start(model, source: Path, args: TrainArgs) -> None:
             "pruning_rank": args.pruning_rank,
             "adapter_rank": args.adapter_rank if args.mode == "lossless" else 0,
             "draft_vocab_size": 0 if full else args.draft_vocab}
+    if loaded.next_token_rank and args.next_token_rank:
+        want["next_token_rank"] = args.next_token_rank
     if want["adapter_rank"]:
         want["adapter_scale"] = args.adapter_scale
     for name, value in want.items():
@@ -273,6 +282,19 @@ def check_warm_start(model, source: Path, args: TrainArgs) -> None:
             flag = "--" + name.replace("_size", "").replace("_", "-")
             raise InputError(f"--warm-start: the streams of {source} have {name} {have}, "
                              f"this run asks for {value} ({flag})")
+
+
+def add_conditioning(model, rank: int, seed: int) -> None:
+    """Give loaded streams without it a fresh next-token projection of `rank` (its zero
+    `up` keeps their output until training moves it)."""
+    sa = model.stream_args
+    if not rank or sa.next_token_rank == rank:
+        return
+    mx.random.seed(seed)
+    hidden = model.args.hidden_size
+    sa.next_token_rank = rank
+    model.streams.next_token_down = mx.random.normal((rank, hidden)) * hidden**-0.5
+    model.streams.next_token_up = mx.zeros((hidden, rank))
 
 
 def trainable(model, args: TrainArgs) -> None:
@@ -345,6 +367,8 @@ def write_output(model, source: Path, out: Path, args: TrainArgs,
         (out / "config.json").write_text(json.dumps(config, indent=2))
     # The file stores P itself: the unit-scale embeddings times their training scale.
     model.streams.embeddings = model.streams.embeddings * embedding_scale
+    if "next_token_up" in model.streams:
+        model.streams.next_token_up = model.streams.next_token_up * embedding_scale
     save_streams(model, out)
     return out
 
@@ -397,6 +421,7 @@ def train(args: TrainArgs, log=print) -> dict:
     vocab_size = model.args.vocab_size
     if args.warm_start:  # continue the folder's streams, their draft vocabulary included
         check_warm_start(model, source, args)
+        add_conditioning(model, args.next_token_rank, args.seed)
         draft_vocab = np.array(model.streams.draft_vocab) if model.has_draft_vocab else None
         log(f"warm start from the streams of {source}")
     else:
@@ -407,7 +432,8 @@ def train(args: TrainArgs, log=print) -> dict:
             pruning_rank=args.pruning_rank,
             adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
             adapter_scale=args.adapter_scale, tree_budget=args.tree_budget, top_k=args.top_k,
-            draft_vocab_size=0 if draft_vocab is None else len(draft_vocab))
+            draft_vocab_size=0 if draft_vocab is None else len(draft_vocab),
+            next_token_rank=args.next_token_rank)
         init_streams(model, stream_args, seed=args.seed)
     lookup = vocab_lookup(draft_vocab, vocab_size)
     if draft_vocab is not None:
