@@ -2,7 +2,8 @@
 
 Under greedy decoding a pass accepts the longest tree path that matches the model's own
 continuation, and the streams' candidates at a position depend only on the tokens up to
-it. So one teacher-forced pass over a prompt and its greedy answer gives every position's
+it (conditioned streams: and the next one, which greedy decoding fixes too). So one
+teacher-forced pass over a prompt and its greedy answer gives every position's
 candidates, and any drafter setting (tree budget, top-k, min_draft_prob, lookup depth) is
 replayed from them in milliseconds, pass for pass as `generate_step` would run it. The
 measured cost of a pass by rows (pass_curve.pass_cost) turns the replayed passes into time.
