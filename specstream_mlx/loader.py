@@ -137,7 +137,8 @@ def describe_model(model: nn.Module) -> str:
     """One line: architecture, precision and streams, as the CLI shows it."""
     sa = model.stream_args
     streams = (
-        f"{sa.num_streams} streams in the top {sa.msa_layers} layers, tree budget "
+        f"{sa.num_streams} streams in the top {sa.msa_layers} layers"
+        f"{' (seeing the next token)' if sa.conditioned else ''}, tree budget "
         f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
     )
     corpus = model_corpus(model)

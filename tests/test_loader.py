@@ -183,7 +183,9 @@ def test_describe_model_names_precision_and_streams(streams_folder, plain_folder
     model, _ = load(streams_folder[0], precision="bfloat16")
     line = describe_model(model)
     assert "llama" in line and "bfloat16" in line
-    assert "3 streams in the top 2 layers" in line
+    assert "3 streams in the top 2 layers, tree" in line  # not conditioned
+    model.stream_args.next_token_rank = 4
+    assert "3 streams in the top 2 layers (seeing the next token), tree" in describe_model(model)
     assert f"tree budget {STREAMS.tree_budget}" in line and f"top-k {STREAMS.top_k}" in line
     plain, _ = load_quietly(plain_folder)
     assert "float32" in describe_model(plain)
