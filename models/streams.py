@@ -61,9 +61,7 @@ class Streams(nn.Module):
         if args.draft_vocab_size > 0:  # replaced by the trained/loaded ids
             self.draft_vocab = mx.arange(args.draft_vocab_size, dtype=mx.int32)
         if args.next_token_rank > 0:
-            r = args.next_token_rank
-            self.next_token_down = mx.random.normal((r, hidden)) * hidden**-0.5
-            self.next_token_up = mx.zeros((hidden, r))
+            self.add_next_token(args.next_token_rank, hidden)
         if args.adapter_rank > 0:  # adapters[i] belongs to MSA layer i (layer N - N_s + i)
             self.adapters = [
                 StreamAdapter(model_args, args.adapter_rank, args.adapter_scale)
@@ -79,6 +77,11 @@ class Streams(nn.Module):
         if "pruning_down" not in self:
             return h
         return h + (h @ self.pruning_down.T) @ self.pruning_up.T
+
+    def add_next_token(self, rank: int, hidden: int) -> None:
+        """A fresh next-token projection of `rank` (zero `up`: it adds nothing yet)."""
+        self.next_token_down = mx.random.normal((rank, hidden)) * hidden**-0.5
+        self.next_token_up = mx.zeros((hidden, rank))
 
     def next_token(self, e: mx.array) -> mx.array:
         """e: (..., hidden) the next tokens' embeddings -> (..., hidden), what each of their

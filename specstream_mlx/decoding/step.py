@@ -165,7 +165,7 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     n = len(tree)
     streams = draft and model.stream_args is not None and top_k > 0
     deferred = streams and not model.stream_args.main_sees_streams and (
-        n > 1 or model.stream_args.conditioned)
+        n > 1 or conditioned(model))
     tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
     where = cache.offset + tree.depths  # (n,) host positions
     positions = mx.array(where)

@@ -251,13 +251,19 @@ def scale_stream_embeddings(model, samples: list[Sample], seed: int, warm: bool 
     sample = mx.concatenate([s.hidden[1:] for s in samples[:64]])  # token 0 is an outlier
     rms = mx.sqrt(mx.mean(sample * sample)).item()
     if warm:
-        model.streams.embeddings = model.streams.embeddings / rms
-        if "next_token_up" in model.streams:
-            model.streams.next_token_up = model.streams.next_token_up / rms
+        scale_unit_params(model, 1 / rms)
         return rms
     mx.random.seed(seed)
     model.streams.embeddings = mx.random.normal(model.streams.embeddings.shape) * 0.5
     return rms
+
+
+def scale_unit_params(model, factor: float) -> None:
+    """Multiply the stream parameters training keeps at unit scale (the embeddings P and
+    the next-token projection's `up`, both entering as x embedding_scale) by `factor`."""
+    model.streams.embeddings = model.streams.embeddings * factor
+    if "next_token_up" in model.streams:
+        model.streams.next_token_up = model.streams.next_token_up * factor
 
 
 def check_warm_start(model, source: Path, args: TrainArgs) -> None:
@@ -291,10 +297,8 @@ def add_conditioning(model, rank: int, seed: int) -> None:
     if not rank or sa.next_token_rank == rank:
         return
     mx.random.seed(seed)
-    hidden = model.args.hidden_size
     sa.next_token_rank = rank
-    model.streams.next_token_down = mx.random.normal((rank, hidden)) * hidden**-0.5
-    model.streams.next_token_up = mx.zeros((hidden, rank))
+    model.streams.add_next_token(rank, model.args.hidden_size)
 
 
 def trainable(model, args: TrainArgs) -> None:
@@ -366,9 +370,7 @@ def write_output(model, source: Path, out: Path, args: TrainArgs,
         config.pop("quantization_config", None)
         (out / "config.json").write_text(json.dumps(config, indent=2))
     # The file stores P itself: the unit-scale embeddings times their training scale.
-    model.streams.embeddings = model.streams.embeddings * embedding_scale
-    if "next_token_up" in model.streams:
-        model.streams.next_token_up = model.streams.next_token_up * embedding_scale
+    scale_unit_params(model, embedding_scale)
     save_streams(model, out)
     return out
 
