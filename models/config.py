@@ -77,6 +77,10 @@ class StreamArgs:
                        t+1+j knowing t+1 (as EAGLE's drafter does); 0: streams do not see it
                        (the paper). Needs main rows blind to streams: the stream rows then
                        run after verification (DecoderModel.stream_pass).
+    sampled_top_k, sampled_min_draft_prob: top_k and min_draft_prob when the generation
+                       samples. A sampled target takes the second or third candidate far
+                       more often than a greedy one, so sampling drafts wider by default
+                       (candidates past the draft vocabulary's size are not taken).
     """
 
     num_streams: int = 3
@@ -92,6 +96,8 @@ class StreamArgs:
     corpus_depth: int = 8
     draft_vocab_size: int = 0
     next_token_rank: int = 0
+    sampled_top_k: int = 8
+    sampled_min_draft_prob: float = 0.0
 
     @classmethod
     def from_dict(cls, params: dict) -> StreamArgs:
@@ -116,8 +122,9 @@ class StreamArgs:
                 f"draft_vocab_size must be 0 (full vocabulary) or >= top_k ({self.top_k}), "
                 f"got {self.draft_vocab_size}"
             )
-        if not 0.0 <= self.min_draft_prob <= 1.0:
-            raise ModelLoadError(f"min_draft_prob must be in [0, 1], got {self.min_draft_prob}")
+        for name in ("min_draft_prob", "sampled_min_draft_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ModelLoadError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("lookup_depth", "corpus_depth"):
             if getattr(self, name) < 0:
                 raise ModelLoadError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -125,6 +132,8 @@ class StreamArgs:
             raise ModelLoadError(
                 f"tree_budget must be >= 0 and top_k >= 1, got {self.tree_budget}, {self.top_k}"
             )
+        if self.sampled_top_k < 1:
+            raise ModelLoadError(f"sampled_top_k must be >= 1, got {self.sampled_top_k}")
         for f in fields(self):
             if f.name.endswith("rank") and getattr(self, f.name) < 0:
                 raise ModelLoadError(f"{f.name} must be >= 0")

@@ -139,7 +139,8 @@ def describe_model(model: nn.Module) -> str:
     streams = (
         f"{sa.num_streams} streams in the top {sa.msa_layers} layers"
         f"{' (seeing the next token)' if sa.conditioned else ''}, tree budget "
-        f"{sa.tree_budget}, top-k {sa.top_k}" if sa else "no streams (plain decoding)"
+        f"{sa.tree_budget}, top-k {sa.top_k} ({sa.sampled_top_k} when sampling)"
+        if sa else "no streams (plain decoding)"
     )
     corpus = model_corpus(model)
     if corpus is not None:

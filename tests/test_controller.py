@@ -197,10 +197,14 @@ def test_sampled_generations_start_with_a_cautious_calibration(monkeypatch):
     greedy = Controller(PassCosts(), 3)
     sampled = Controller(PassCosts(), 3, sampled=True)
     assert greedy.node_gains(tree)[0] == pytest.approx(0.8)
-    ratio, _ = ctl.SAMPLED_START
+    ratios, _ = ctl.SAMPLED_START
+    ratio = ratios[0]  # the tree's first node is at depth 1
     assert sampled.node_gains(tree)[0] == pytest.approx(ratio * 0.8)
+    deep = Controller(PassCosts(), 5, sampled=True)
+    assert np.allclose(deep.accepted[1:] / deep.predicted[1:],
+                       [ratios[0], ratios[1], ratios[2], ratios[2], ratios[2]])
     sampled.observe(tree, Plan(len(tree), 0, True), 0, [0, 1], None)  # one hit
-    assert sampled.node_gains(tree)[0] > ratio * 0.8 * 1.2
+    assert sampled.node_gains(tree)[0] > ratio * 0.8 * 1.15
     seen = []
     monkeypatch.setattr(ctl.Controller, "plan", lambda self, tree, chain_len, match: (
         seen.append(self.sampled) or Plan(0, 0, False)))

@@ -332,6 +332,8 @@ def test_config_block_that_does_not_fit_the_model(streams_folder):
 @pytest.mark.parametrize("key, value, message", [
     ("lookup_depth", -2, "lookup_depth must be >= 0"),
     ("min_draft_prob", 2.0, "min_draft_prob must be in"),
+    ("sampled_min_draft_prob", -0.5, "sampled_min_draft_prob must be in"),
+    ("sampled_top_k", 0, "sampled_top_k must be >= 1"),
     ("draft_vocab_size", 2, "draft_vocab_size must be 0"),  # smaller than top_k (3)
     ("draft_vocab_size", 200, "exceeds the model's vocabulary"),
 ])

@@ -10,9 +10,9 @@ import pytest
 from conftest import tiny_model
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from specstream_mlx.decoding.drafter import Draft
+from specstream_mlx.decoding.drafter import Draft, Drafting
 from specstream_mlx.decoding.sampling import PositionSampler
-from specstream_mlx.decoding.step import generate_step
+from specstream_mlx.decoding.step import draft_temperature, generate_step
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.generate import stream_generate
 from specstream_mlx.models.config import StreamArgs
@@ -178,3 +178,36 @@ def test_stream_generate_seeded_runs_repeat_and_match_plain():
 def test_bad_sampler_settings_raise(options, message):
     with pytest.raises(ValueError, match=message):
         PositionSampler(**options)
+
+
+def test_sampling_drafts_wider_from_unsharpened_streams():
+    """A sampled generation takes the config's sampled_top_k candidates per stream and its
+    sampled_min_draft_prob (explicit arguments still win), ranked at the streams' own
+    temperature for temp <= 1 and at the sampler's above; greedy keeps top_k."""
+    sa = StreamArgs(num_streams=3, msa_layers=2, tree_budget=6, top_k=3, min_draft_prob=0.2,
+                    sampled_top_k=5, sampled_min_draft_prob=0.05)
+    model = tiny_model("llama", seed=5, streams=sa)
+    d = Drafting.resolve(model, True, None, None, None, None, sampled=True)
+    assert (d.top_k, d.min_prob) == (5, 0.05)
+    d = Drafting.resolve(model, True, None, 2, None, 0.3, sampled=True)
+    assert (d.top_k, d.min_prob) == (2, 0.3)
+    d = Drafting.resolve(model, True, None, None, None, None)
+    assert (d.top_k, d.min_prob) == (3, 0.2)
+    assert [draft_temperature(s) for s in (None, PositionSampler(0.7), PositionSampler(1.0),
+                                           PositionSampler(1.5))] == [1.0, 1.0, 1.0, 1.5]
+    widths = []
+
+    def recording(draft: Draft, history: list[int]) -> DraftTree:
+        widths.append(draft.candidates.shape)
+        return DraftTree()
+
+    tokens(model, PositionSampler(0.7, seed=3), n=6, drafter=recording)
+    tokens(model, None, n=6, drafter=recording)
+    assert set(widths[:5]) == {(3, 5)} and set(widths[5:]) == {(3, 3)}
+
+
+def test_sampled_top_k_stops_at_the_draft_vocabulary():
+    sa = StreamArgs(num_streams=2, msa_layers=1, top_k=2, sampled_top_k=64,
+                    draft_vocab_size=12)
+    model = tiny_model("llama", seed=5, streams=sa)
+    assert Drafting.resolve(model, True, None, None, None, None, sampled=True).top_k == 12

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
+from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import budget_drafter, generate_step
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
@@ -65,6 +66,45 @@ def test_replay_with_conditioned_streams_matches_generate_step(arch, budget):
     assert tokens == plain
     rp = replay(trace(model, PROMPT, plain, top_k=2), budget_drafter(budget))
     assert rp.accepted == accepted and sum(accepted) > 0
+
+
+@pytest.mark.parametrize("temp, budget, depth, min_prob", [(0.8, 6, 0, 0.0), (0.8, 3, 4, 0.0),
+                                                          (1.3, 6, 0, 0.05)])
+def test_sampled_replay_matches_generate_step(arch, temp, budget, depth, min_prob):
+    """Sampling with a PositionSampler: the trace of plain decoding's sampled answer
+    replays pass for pass what speculative sampling accepts (ranked at the sampler's
+    draft temperature, which above 1 changes the path probabilities min_prob cuts)."""
+    model = tiny_model(arch, seed=3, streams=StreamArgs(num_streams=3, msa_layers=2,
+                                                        next_token_rank=4))
+    sampler = PositionSampler(temp, seed=11)
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, sampler=sampler,
+                                            speculative=False)]
+    tokens, accepted = decoded(model, 40, sampler=sampler, tree_budget=budget, draft_top_k=2,
+                               lookup_depth=depth, min_draft_prob=min_prob)
+    assert tokens == plain
+    tr = trace(model, PROMPT, plain, top_k=2, sampler=sampler)
+    assert tr.tokens == PROMPT + plain  # plain sampling's own draws
+    rp = replay(tr, budget_drafter(budget, depth, min_prob))
+    assert rp.accepted == accepted and sum(accepted) > 0
+
+
+def test_sampled_trace_ranks_at_the_draft_temperature(monkeypatch):
+    """Above temperature 1 decoding ranks the streams at the sampler's temperature, so
+    the path probabilities that min_draft_prob cuts change: the trace ranks the same way
+    (a trace ranked at 1.0 replays this run wrongly)."""
+    import specstream_mlx.tools.tune as tune_module
+
+    model = tiny_model("qwen2", seed=3, streams=StreamArgs(num_streams=3, msa_layers=2,
+                                                           next_token_rank=4))
+    sampler = PositionSampler(2.0, seed=11)
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, sampler=sampler,
+                                            speculative=False)]
+    _, accepted = decoded(model, 40, sampler=sampler, tree_budget=6, draft_top_k=2,
+                          lookup_depth=0, min_draft_prob=0.05)
+    drafter = budget_drafter(6, 0, 0.05)
+    assert replay(trace(model, PROMPT, plain, 2, sampler), drafter).accepted == accepted
+    monkeypatch.setattr(tune_module, "draft_temperature", lambda s: 1.0)
+    assert replay(trace(model, PROMPT, plain, 2, sampler), drafter).accepted != accepted
 
 
 def test_replay_with_max_tokens_matches_a_shorter_run():
@@ -170,6 +210,40 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
     assert (block["tree_budget"], block["lookup_depth"]) == (best["tree_budget"],
                                                             best["lookup_depth"])
     assert all(s["tokens_per_pass"] >= 1.0 for s in report["results"]["all"])
+
+
+def test_cli_tune_sampled_writes_only_the_sampling_fields(tmp_path, capsys):
+    """`tune --temp`: answers sampled here (a distilled greedy completion is not used),
+    the replay at the config's sampled_top_k, and --write stores only the sampling
+    fields, leaving the budget and depths greedy decoding shares."""
+    from tiny_folder import make_tiny_folder
+
+    from specstream_mlx.cli import main
+    from specstream_mlx.jsonl import write_jsonl
+
+    folder = make_tiny_folder(tmp_path / "tiny", streams=StreamArgs(
+        num_streams=3, msa_layers=2, sampled_top_k=4))[0]
+    write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "task": "chat", "prompt": "hi"},
+        {"id": "b", "task": "code", "prompt": "def f(x):", "completion": "return x"}])
+    before = json.loads((folder / "config.json").read_text())["speculative_streaming"]
+    rc = main(["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),
+               "--max-tokens", "10", "--budgets", "2,4", "--lookup-depths", "0",
+               "--min-draft-probs", "0,0.3", "--rows", "1,2,4", "--write", "--temp", "0.9",
+               "--seed", "5", "--json", str(tmp_path / "tune.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "replaying sampling at temperature 0.9 (seed 5), top-k 4" in out
+    assert "wrote sampled_top_k 4, sampled_min_draft_prob" in out
+    report = json.loads((tmp_path / "tune.json").read_text())
+    assert (report["temp"], report["seed"], report["top_k"]) == (0.9, 5, 4)
+    block = json.loads((folder / "config.json").read_text())["speculative_streaming"]
+    assert block["sampled_min_draft_prob"] == report["best"]["min_draft_prob"]
+    assert {k: v for k, v in block.items() if not k.startswith("sampled_")} == {
+        k: v for k, v in before.items() if not k.startswith("sampled_")}
+    assert main(["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),
+                 "--temp", "-1"]) == 2
+    assert "temp must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_tune_bad_prompts(tmp_path, capsys):

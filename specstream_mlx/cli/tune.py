@@ -1,4 +1,5 @@
-"""Choose tree budget, lookup depth and draft floor by replaying greedy decoding on prompts."""
+"""Choose tree budget, lookup depth and draft floor by replaying decoding (greedy, or sampled
+with --temp) on prompts."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", action="store_true",
                         help="store the best setting in the model folder's config.json")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--temp", type=float, default=0.0,
+                        help="replay sampling at this temperature (the model's own sampled "
+                        "answers; --write then stores only sampled_top_k and "
+                        "sampled_min_draft_prob)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="with --temp: prompt i samples with seed + i")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,5 +43,6 @@ def main(args: argparse.Namespace) -> int:
                   limit=args.limit, budgets=args.budgets, lookup_depths=args.lookup_depths,
                   min_draft_probs=args.min_draft_probs, corpus_depths=args.corpus_depths,
                   draft_top_k=args.draft_top_k,
-                  rows=args.rows, write=args.write, json_path=args.json))
+                  rows=args.rows, write=args.write, json_path=args.json, temp=args.temp,
+                  seed=args.seed))
     return 0

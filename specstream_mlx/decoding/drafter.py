@@ -48,18 +48,21 @@ class Drafting:
     @classmethod
     def resolve(cls, model, speculative: bool, tree_budget: int | None,
                 draft_top_k: int | None, lookup_depth: int | None,
-                min_draft_prob: float | None, corpus_depth: int | None = None) -> Drafting:
+                min_draft_prob: float | None, corpus_depth: int | None = None,
+                sampled: bool = False) -> Drafting:
         """corpus_depth None: the stream config's, when the model carries a corpus
-        (model.corpus, set by the loader from the folder's corpus file)."""
+        (model.corpus, set by the loader from the folder's corpus file). `sampled`: the
+        generation samples, so draft_top_k and min_draft_prob default to the config's
+        sampled_top_k and sampled_min_draft_prob."""
         check_settings(tree_budget=tree_budget, draft_top_k=draft_top_k,
                        lookup_depth=lookup_depth, min_draft_prob=min_draft_prob,
                        corpus_depth=corpus_depth)
         sa = model.stream_args
         if not speculative or sa is None:
             return cls(False)
-        top_k = draft_top_k or sa.top_k
         drafts_from = len(model.streams.draft_vocab) if model.has_draft_vocab \
             else model.args.vocab_size
+        top_k = draft_top_k or (min(sa.sampled_top_k, drafts_from) if sampled else sa.top_k)
         if top_k > drafts_from:
             raise InputError(f"draft_top_k ({top_k}) exceeds the {drafts_from} tokens the "
                              "streams draft from")
@@ -69,7 +72,9 @@ class Drafting:
 
         corpus = pick(corpus_depth, sa.corpus_depth) if model_corpus(model) is not None else 0
         return cls(True, pick(tree_budget, sa.tree_budget), top_k,
-                   pick(lookup_depth, sa.lookup_depth), pick(min_draft_prob, sa.min_draft_prob),
+                   pick(lookup_depth, sa.lookup_depth),
+                   pick(min_draft_prob,
+                        sa.sampled_min_draft_prob if sampled else sa.min_draft_prob),
                    corpus)
 
 

@@ -1,4 +1,4 @@
-"""Choosing the drafting settings from data: an exact replay of greedy speculative decoding.
+"""Choosing the drafting settings from data: an exact replay of speculative decoding.
 
 Under greedy decoding a pass accepts the longest tree path that matches the model's own
 continuation, and the streams' candidates at a position depend only on the tokens up to
@@ -7,6 +7,10 @@ teacher-forced pass over a prompt and its greedy answer gives every position's
 candidates, and any drafter setting (tree budget, top-k, min_draft_prob, lookup depth) is
 replayed from them in milliseconds, pass for pass as `generate_step` would run it. The
 measured cost of a pass by rows (pass_curve.pass_cost) turns the replayed passes into time.
+Sampling replays the same way: a PositionSampler draws each position's token from the
+seed and the position alone, so the sampled answer is plain decoding's whatever is
+drafted, and a pass accepts the longest path matching it (the trace then ranks the
+streams at the sampler's draft temperature, as decoding does).
 
 Worked example: answer tokens after the prompt [x y z w], root x. If a pass drafts the
 tree  x -> y -> q  and  x -> z, the path x y matches, q does not: it emits y plus the
@@ -24,9 +28,16 @@ import mlx.core as mx
 import numpy as np
 
 from specstream_mlx.checkpoint import CORPUS_FILE
-from specstream_mlx.decoding.drafter import Draft, Drafter, budget_drafter, model_corpus
+from specstream_mlx.decoding.drafter import (
+    Draft,
+    Drafter,
+    Drafting,
+    budget_drafter,
+    model_corpus,
+)
 from specstream_mlx.decoding.pass_curve import pass_cost
-from specstream_mlx.decoding.step import stream_candidates
+from specstream_mlx.decoding.sampling import PositionSampler
+from specstream_mlx.decoding.step import choose, draft_temperature, stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_output_path, check_rows, check_settings, check_value
@@ -46,10 +57,12 @@ class Trace:
     logprobs: np.ndarray
 
 
-def trace(model, prompt: list[int], answer: list[int], top_k: int) -> Trace:
+def trace(model, prompt: list[int], answer: list[int], top_k: int,
+          sampler: PositionSampler | None = None) -> Trace:
     """One teacher-forced pass over prompt + answer. The answer is cut at the first token
-    that is not the model's own greedy choice (a re-tokenized distilled answer can differ
-    from the ids the model produced), so the trace is exactly greedy decoding."""
+    that is not the model's own choice (greedy, or `sampler`'s draw at that position: a
+    re-tokenized distilled answer can differ from the ids the model produced, and a
+    near-tie can round the other way), so the trace is exactly that decoding."""
     if model.stream_args is None:
         raise InputError("the model has no streams to replay")
     tokens = list(prompt) + list(answer)
@@ -60,10 +73,10 @@ def trace(model, prompt: list[int], answer: list[int], top_k: int) -> Trace:
     # Conditioned streams get the answer's next token (the last row's, unknown, is cut).
     nxt = mx.array([tokens[1:] + [0]], dtype=mx.int32)[:, start - 1 :]
     h, hs = model.upper(h, positions, None, None, rows, next_tokens=nxt)
-    greedy = mx.argmax(model.head(h[0, start - 1 : L - 1]), axis=-1)
-    cand, lp = stream_candidates(model, hs[0], top_k)
-    mx.eval(greedy, cand, lp)
-    agree = np.array(greedy) == np.array(answer)
+    chosen = choose(model.head(h[0, start - 1 : L - 1]), sampler, np.arange(start - 1, L - 1))
+    cand, lp = stream_candidates(model, hs[0], top_k, temp=draft_temperature(sampler))
+    mx.eval(chosen, cand, lp)
+    agree = np.array(chosen) == np.array(answer)
     n = len(answer) if agree.all() else int(np.argmin(agree))
     return Trace(tokens[: start + n], start, np.array(cand)[: n], np.array(lp)[: n])
 
@@ -95,7 +108,8 @@ def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
 
 
 def replay(tr: Trace, drafter: Drafter, max_tokens: int | None = None) -> Replay:
-    """Greedy speculative decoding of `tr` with `drafter`, without running the model.
+    """Speculative decoding of `tr` (greedy or sampled, as traced) with `drafter`, without
+    running the model.
 
     Mirrors generate_step: the prefill emits the first answer token and drafts from the
     last prompt row; each pass feeds root + tree, emits the accepted path and the bonus.
@@ -171,21 +185,25 @@ def grid(budgets: list[int], depths: list[int], min_probs: list[float],
 
 
 def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: int,
-                progress: bool = True) -> list[Trace | None]:
-    """Traces of JSONL records, aligned with them (None: no answer): the 'completion'
-    when present (distilled data), else the model's greedy answer generated here."""
+                progress: bool = True, temp: float = 0.0, seed: int = 0
+                ) -> list[Trace | None]:
+    """Traces of JSONL records, aligned with them (None: no answer): greedy, the
+    'completion' when present (distilled data), else the model's greedy answer generated
+    here; temp > 0, the model's answer sampled here by a PositionSampler seeded seed + i
+    for the i-th record (a distilled completion is greedy, so it is not used)."""
     from specstream_mlx.decoding.step import generate_step
     from specstream_mlx.generate import encode_prompt
 
     traces = []
     for n, rec in enumerate(records, start=1):
         prompt = encode_prompt(tokenizer, rec["prompt"], chat=True)
-        if rec.get("completion"):
+        sampler = PositionSampler(temp, seed=(seed + n - 1) % 2**32) if temp > 0 else None
+        if rec.get("completion") and sampler is None:
             answer = list(tokenizer.encode(rec["completion"], add_special_tokens=False))
         else:
             answer = [e.token for e in generate_step(model, prompt, max_tokens=max_tokens,
-                                                     speculative=False)]
-        tr = trace(model, prompt, answer[:max_tokens], top_k) if answer else None
+                                                     sampler=sampler, speculative=False)]
+        tr = trace(model, prompt, answer[:max_tokens], top_k, sampler) if answer else None
         traces.append(tr if tr is not None and len(tr.tokens) > tr.start else None)
         if progress:
             print(f"\rtraced {n}/{len(records)}", end="", flush=True)
@@ -194,14 +212,22 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
     return traces
 
 
-def write_defaults(model_path: str | Path, setting: Setting, corpus: bool = False) -> None:
+def write_defaults(model_path: str | Path, setting: Setting, corpus: bool = False,
+                   sampled_top_k: int | None = None) -> None:
     """Store the chosen drafting defaults in the folder's speculative_streaming block (the
-    corpus depth only for a folder with a corpus, the only one that replays it)."""
+    corpus depth only for a folder with a corpus, the only one that replays it). With
+    `sampled_top_k` (a replay of sampling) only the sampling fields are stored, that
+    top-k and the setting's floor: budget and depths are shared with greedy decoding."""
     path = Path(model_path) / "config.json"
     config = json.loads(path.read_text())
     block = config.get("speculative_streaming")
     if block is None:
         raise InputError(f"{path} has no speculative_streaming block")
+    if sampled_top_k is not None:
+        block.update(sampled_top_k=sampled_top_k,
+                     sampled_min_draft_prob=setting.min_draft_prob)
+        path.write_text(json.dumps(config, indent=2))
+        return
     block.update(tree_budget=setting.tree_budget, lookup_depth=setting.lookup_depth,
                  min_draft_prob=setting.min_draft_prob)
     if corpus:
@@ -227,11 +253,14 @@ class TuneArgs:
     rows: list[int] | None = None
     write: bool = False
     json_path: str | None = None
+    temp: float = 0.0  # > 0: replay sampling at this temperature
+    seed: int = 0  # the i-th prompt samples with seed (seed + i) mod 2**32
 
 
 def check_tune_args(args: TuneArgs) -> None:
     """Every setting of the grid checked before any replay."""
-    check_settings(max_tokens=args.max_tokens, draft_top_k=args.draft_top_k, limit=args.limit)
+    check_settings(max_tokens=args.max_tokens, draft_top_k=args.draft_top_k, limit=args.limit,
+                   temp=args.temp, seed=args.seed)
     for name, values in (("tree_budget", args.budgets), ("lookup_depth", args.lookup_depths),
                          ("min_draft_prob", args.min_draft_probs),
                          ("corpus_depth", args.corpus_depths)):
@@ -260,7 +289,13 @@ def tune(args: TuneArgs, log=print) -> dict:
     if model.stream_args is None:
         raise InputError(f"{path} has no streams: nothing to tune")
     log(f"[{describe_model(model)}]")
-    top_k = args.draft_top_k or model.stream_args.top_k
+    sampled = args.temp > 0
+    # The top-k decoding would take (the config's sampled_top_k when sampling).
+    top_k = Drafting.resolve(model, True, None, args.draft_top_k, None, None,
+                             sampled=sampled).top_k
+    if sampled:
+        log(f"replaying sampling at temperature {args.temp} (seed {args.seed}), "
+            f"top-k {top_k}")
     budgets = args.budgets or [0, 1, 2, 3, 4, 6, 8]
     depths = args.lookup_depths or [0, 4, 6, 8, 12]
     min_probs = args.min_draft_probs or [0.0, 0.05, 0.1, 0.2]
@@ -274,7 +309,8 @@ def tune(args: TuneArgs, log=print) -> dict:
     plain_ms = pass_cost(model, [1], streams=False)[1]
     log("pass cost (ms) by rows: " + ", ".join(f"{k}: {v:.1f}" for k, v in costs.items())
         + f"; plain pass {plain_ms:.1f}")
-    traces = load_traces(model, tokenizer, records, top_k, args.max_tokens)
+    traces = load_traces(model, tokenizer, records, top_k, args.max_tokens,
+                         temp=args.temp, seed=args.seed)
     by_task: dict[str, list[Trace]] = {}
     for rec, tr in zip(records, traces, strict=True):
         if tr is not None:
@@ -296,9 +332,14 @@ def tune(args: TuneArgs, log=print) -> dict:
                 f"{s.corpus_depth:6d} {s.tokens_per_pass:8.2f} {s.mean_rows:5.1f} "
                 f"{s.predicted_speedup:7.2f}x")
     best = results["all"][0]
-    report = {"model": str(path), "pass_cost_ms": costs, "plain_ms": plain_ms,
+    report = {"model": str(path), "temp": args.temp, "seed": args.seed, "top_k": top_k,
+              "pass_cost_ms": costs, "plain_ms": plain_ms,
               "best": asdict(best), "results": {t: report_rows(v) for t, v in results.items()}}
-    if args.write:
+    if args.write and sampled:
+        write_defaults(path, best, sampled_top_k=top_k)
+        log(f"\nwrote sampled_top_k {top_k}, sampled_min_draft_prob {best.min_draft_prob} "
+            f"to {path / 'config.json'}")
+    elif args.write:
         write_defaults(path, best, corpus is not None)
         depth = f", corpus_depth {best.corpus_depth}" if corpus is not None else ""
         log(f"\nwrote tree_budget {best.tree_budget}, lookup_depth {best.lookup_depth}, "
