@@ -99,6 +99,14 @@ class StreamArgs:
     sampled_top_k: int = 8
     sampled_min_draft_prob: float = 0.0
 
+    # Fields that only set decoding defaults (the rest give the streams' shape).
+    DECODING_DEFAULTS = ("tree_budget", "top_k", "lookup_depth", "min_draft_prob",
+                         "corpus_depth", "sampled_top_k", "sampled_min_draft_prob")
+
+    def shape(self) -> dict:
+        """The fields that shape the streams and their cost, without decoding defaults."""
+        return {k: v for k, v in asdict(self).items() if k not in self.DECODING_DEFAULTS}
+
     @classmethod
     def from_dict(cls, params: dict) -> StreamArgs:
         """Build from a config block, ignoring unknown keys (forward compatibility)."""

@@ -42,6 +42,10 @@ def test_measured_once_then_read_from_the_cache(home, capsys):
     other = tiny_model("llama", 2, StreamArgs(num_streams=2, msa_layers=2))
     assert pass_curve.apply(other) == curve  # same shape and machine: cached
     assert len(calls) == 1
+    tuned = tiny_model("llama", 1, StreamArgs(num_streams=2, msa_layers=2, tree_budget=3,
+                                              min_draft_prob=0.2, sampled_top_k=5))
+    assert pass_curve.apply(tuned) == curve  # other decoding defaults: the same passes
+    assert len(calls) == 1
     bigger = tiny_model("llama", 1, StreamArgs(num_streams=3, msa_layers=2))
     pass_curve.apply(bigger)  # another shape: measured and kept beside the first
     assert len(calls) == 2 and len(json.loads((path / "passes.json").read_text())) == 2

@@ -71,13 +71,15 @@ def pass_cost(model, rows: list[int] | tuple[int, ...], prefix: int = 256, repea
 
 
 def _signature(model) -> str:
-    """The model's shape and precision, as a short hash."""
+    """The model's shape and precision, as a short hash (the streams' shape, not their
+    decoding defaults: a tuned tree budget does not change what a pass costs)."""
     def fields(args):
         return asdict(args) if is_dataclass(args) else repr(args)
 
     dtypes = sorted({str(v.dtype) for _, v in tree_flatten(model.parameters())})
+    sa = getattr(model, "stream_args", None)
     text = json.dumps([fields(getattr(model, "args", None)),
-                       fields(getattr(model, "stream_args", None)), dtypes],
+                       sa.shape() if sa is not None else None, dtypes],
                       sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
