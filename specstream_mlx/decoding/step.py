@@ -154,8 +154,8 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     """One forward pass of `root` + `tree` with the cache's committed tokens as prefix:
     returns the accepted path (node indices, 0 first), the token after it, and (with
     `draft`, top_k > 0 and streams) the streams' candidates at its last node (their
-    log-probabilities at the sampler's temperature, see draft_temperature). The pass's
-    K/V stay pending in the cache: `commit` keeps the path's.
+    log-probabilities at draft_temperature(sampler)). The pass's K/V stay pending in the
+    cache: `commit` keeps the path's.
 
     Main rows blind to their streams (lossless mode) let the stream rows run for the last
     accepted node only, found on the device after the main rows: gamma rows in the top
@@ -240,8 +240,8 @@ def generate_step(
     `drafter` replaces the default budget tree (tests use it to force perfect drafts).
     `adaptive` lets a Controller choose each step's draft from measured costs
     (controller.py), plain steps included; False always drafts the whole budget.
-    When sampling, the streams' probabilities are tempered by the sampler's temperature
-    to rank draft nodes (they then estimate how often the sampled target takes each one).
+    When sampling, draft nodes are ranked at draft_temperature(sampler) and drafting
+    takes the config's sampled_top_k and sampled_min_draft_prob unless given.
     Prompt plus generated tokens never exceed the context. The cache, when given, is
     empty or holds the K/V of prompt[:cache.offset] (reused from an earlier generation:
     only the rest of the prompt is prefilled; see PromptCache); on exit (also when the
