@@ -5,11 +5,15 @@ from __future__ import annotations
 import specstream_mlx  # noqa: F401  first: it preloads OpenBLAS before mlx.core loads
 
 # isort: split
+import os
+import shutil
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
+from specstream_mlx.blas import cache_file
 from specstream_mlx.models import get_classes
 from specstream_mlx.models.config import StreamArgs
 
@@ -43,6 +47,28 @@ TINY_CONFIGS = {
         },
     },
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_home(tmp_path_factory):
+    """Tests measure into copies of this machine's measurement files ($SPECSTREAM_HOME or
+    the user's cache folder), so the tiny models' pass-cost curves and matmul plans never
+    land in the user's, while the real model's measurements are still reused (and its
+    converted folder, linked, not converted again)."""
+    home = tmp_path_factory.mktemp("specstream-home")
+    source = cache_file("blas.json").parent
+    for entry in sorted(source.iterdir()) if source.is_dir() else ():
+        if entry.is_dir():
+            (home / entry.name).symlink_to(entry, target_is_directory=True)
+        elif entry.suffix == ".json":
+            shutil.copy(entry, home / entry.name)
+    old = os.environ.get("SPECSTREAM_HOME")
+    os.environ["SPECSTREAM_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("SPECSTREAM_HOME", None)
+    else:
+        os.environ["SPECSTREAM_HOME"] = old
 
 
 def pytest_addoption(parser):
