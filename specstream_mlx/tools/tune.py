@@ -226,12 +226,11 @@ def write_defaults(model_path: str | Path, setting: Setting, corpus: bool = Fals
     if sampled_top_k is not None:
         block.update(sampled_top_k=sampled_top_k,
                      sampled_min_draft_prob=setting.min_draft_prob)
-        path.write_text(json.dumps(config, indent=2))
-        return
-    block.update(tree_budget=setting.tree_budget, lookup_depth=setting.lookup_depth,
-                 min_draft_prob=setting.min_draft_prob)
-    if corpus:
-        block.update(corpus_depth=setting.corpus_depth)
+    else:
+        block.update(tree_budget=setting.tree_budget, lookup_depth=setting.lookup_depth,
+                     min_draft_prob=setting.min_draft_prob)
+        if corpus:
+            block.update(corpus_depth=setting.corpus_depth)
     path.write_text(json.dumps(config, indent=2))
 
 
