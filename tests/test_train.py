@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +28,7 @@ from specstream_mlx.jsonl import write_jsonl
 from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.training.batch import build_draft_vocab, make_batch, vocab_lookup
 from specstream_mlx.training.data import Example, load_examples
-from specstream_mlx.training.hidden import Sample, frozen_hidden
+from specstream_mlx.training.hidden import Sample, frozen_hidden, hidden_key
 from specstream_mlx.training.train import TrainArgs, evaluate, losses, train
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -718,3 +720,23 @@ def test_cli_train_bad_input(workdir, tmp_path, capsys):
                  "--run-dir", str(tmp_path / "run"), "--mode", "foo"])
     assert code == 2
     assert "error: --mode must be" in capsys.readouterr().err
+
+
+def test_hidden_key_follows_the_base_weights_not_the_folder(tmp_path):
+    """A copy of the base (an earlier run's model folder) keeps the frozen-hidden cache;
+    other weights, another split layer, other tokens or a touched file do not; the streams
+    file does not count (the frozen states are the base's)."""
+    folder = make_tiny_folder(tmp_path / "base")[0]
+    examples = [Example(tokens=[1, 5, 6, 7], completion_start=2)]
+    key = hidden_key(folder, 1, examples)
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))  # copy2 keeps the times
+    assert hidden_key(copy, 1, examples) == key
+    (copy / STREAMS_FILE).write_bytes(b"other streams")
+    assert hidden_key(copy, 1, examples) == key
+    assert hidden_key(copy, 2, examples) != key
+    assert hidden_key(copy, 1, [Example(tokens=[1, 5, 6, 8], completion_start=2)]) != key
+    assert hidden_key(copy, 1, [Example(tokens=[1, 5, 6, 7], completion_start=3)]) != key
+    weights = sorted(f for f in copy.glob("*.safetensors") if f.name != STREAMS_FILE)[0]
+    stamp = weights.stat().st_mtime_ns + 1_000_000_000
+    os.utime(weights, ns=(stamp, stamp))
+    assert hidden_key(copy, 1, examples) != key

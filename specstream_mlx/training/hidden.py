@@ -85,8 +85,12 @@ def cached_hidden(model, examples: list[Example], cache: Path, key: str, log=pri
 
 
 def hidden_key(source: Path, split: int, examples: list[Example]) -> str:
-    """Identity of a frozen-hidden cache: model weights, split layer and token data."""
-    h = hashlib.sha256(f"{source.resolve()}|{split}".encode())
+    """Identity of a frozen-hidden cache: model weights, split layer and token data.
+
+    The weights are known by their files' names, sizes and times, not the folder's path:
+    a copy of the same base (an earlier run's output, warm-started from) reuses the cache.
+    """
+    h = hashlib.sha256(f"{split}".encode())
     for f in sorted(source.glob("*.safetensors")):
         if f.name != STREAMS_FILE:
             st = f.stat()
