@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 
+import mlx.core as mx
 import pytest
 from conftest import tiny_model
 from tiny_folder import CHARS, EOS_ID, make_tiny_folder
@@ -14,13 +15,14 @@ from tiny_folder import CHARS, EOS_ID, make_tiny_folder
 import specstream_mlx.training.data as data_module
 from specstream_mlx import load
 from specstream_mlx.cli import main as cli_main
+from specstream_mlx.decoding.sampling import PositionSampler, sample_rows
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages
 from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.training.data import (
     Example,
-    batch_greedy,
+    batch_generate,
     build_prompt_sets,
     chitchat_prompts,
     distill,
@@ -323,6 +325,41 @@ def test_data_cli_exclude_writes_only_new_prompts(folder, tmp_path):
                                                                       "heldout.jsonl")
 
 
+def test_data_cli_samples_a_prompt_file(folder, tmp_path):
+    """`data --prompts F --temp T`: F's records answered by sampling into OUT/train.jsonl,
+    the records distill itself writes; --temp on built sets samples valid and train with
+    seeds that do not repeat."""
+    records = [{"id": "a", "task": "chat", "prompt": "hi", "completion": "old"},
+               {"id": "b", "task": "code", "prompt": "def f(x):"}]
+    write_jsonl(tmp_path / "p.jsonl", records)
+    common = ["data", "--model", str(folder), "--max-tokens", "6", "--batch-size", "4"]
+    with pytest.warns(UserWarning):
+        assert cli_main([*common, "--prompts", str(tmp_path / "p.jsonl"), "--temp", "1.5",
+                         "--seed", "9", "--out", str(tmp_path / "s")]) == 0
+        want = distill(folder, records, max_tokens=6, temp=1.5, seed=9, progress=False)
+    assert read_jsonl(tmp_path / "s" / "train.jsonl") == want
+    assert not (tmp_path / "s" / "heldout.jsonl").exists()
+    with pytest.warns(UserWarning):
+        assert cli_main([*common, "--chat", "2", "--code", "2", "--valid", "2", "--heldout",
+                         "1", "--temp", "0.8", "--seed", "3", "--out", str(tmp_path / "b")]) == 0
+    seeds = [r["seed"] for f in ("valid", "train") for r in read_jsonl(tmp_path / "b" /
+                                                                       f"{f}.jsonl")]
+    assert seeds == [3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temp", "-1"], "--temp must be a finite number"),
+    (["--temp", "nan"], "--temp must be a finite number"),
+    (["--prompts", "PROMPTS"], "every record needs a 'prompt' text"),
+])
+def test_data_cli_bad_sampling_input(folder, tmp_path, capsys, argv, message):
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "completion": "no prompt"}])
+    argv = [str(tmp_path / "p.jsonl") if a == "PROMPTS" else a for a in argv]
+    assert cli_main(["data", "--model", str(folder), "--out", str(tmp_path / "o"),
+                     *argv]) != 0
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sources, message", [
     (["chitchat", "humaneval", "stdlib", "wikipedia"], "unknown data source 'wikipedia'"),
     (["chitchat", "humaneval", "stdlib", "numpy", "numpy"], "named twice"),
@@ -367,9 +404,12 @@ def test_build_prompt_sets_heldout_texts_not_in_train():
 # --- batched greedy generation --------------------------------------------------------
 
 
-def plain_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+def plain_greedy(model, prompt: list[int], max_tokens: int, eos: set[int],
+                 sampler: PositionSampler | None = None) -> list[int]:
+    """Plain decoding (greedy, or sampled by `sampler`), up to an end token."""
     out = []
-    for event in generate_step(model, prompt, max_tokens=max_tokens, speculative=False):
+    for event in generate_step(model, prompt, max_tokens=max_tokens, speculative=False,
+                               sampler=sampler):
         if event.token in eos:
             break
         out.append(event.token)
@@ -381,34 +421,72 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [20, 21, 22, 23, 24], [60]
 
 @pytest.mark.parametrize("name,streams", [
     ("llama", None), ("qwen3", StreamArgs(num_streams=2, msa_layers=2))])
-def test_batch_greedy_equals_plain_greedy(name, streams):
+def test_batch_generate_equals_plain_greedy(name, streams):
     model = tiny_model(name, seed=1, streams=streams)
     want = [plain_greedy(model, p, 12, set()) for p in PROMPTS]
-    assert batch_greedy(model, PROMPTS, 12, set()) == want
+    assert batch_generate(model, PROMPTS, 12, set()) == want
     assert all(len(w) == 12 for w in want)
     # Stop at an end token that one row produces early: that row stops, the others go on.
     stop = want[1][3]
     eos = {stop, 96}
     cut = [w[: min([w.index(t) for t in eos if t in w], default=len(w))] for w in want]
     assert [plain_greedy(model, p, 12, eos) for p in PROMPTS] == cut
-    assert batch_greedy(model, PROMPTS, 12, eos) == cut
+    assert batch_generate(model, PROMPTS, 12, eos) == cut
     assert len(cut[1]) <= 3
 
 
-def test_batch_greedy_single_prompt_and_one_token():
+def test_batch_generate_single_prompt_and_one_token():
     model = tiny_model("llama", seed=2)
     want = plain_greedy(model, PROMPTS[0], 6, {EOS_ID})
-    assert batch_greedy(model, [PROMPTS[0]], 6, {EOS_ID}) == [want]
-    assert batch_greedy(model, PROMPTS, 1, set()) == [
+    assert batch_generate(model, [PROMPTS[0]], 6, {EOS_ID}) == [want]
+    assert batch_generate(model, PROMPTS, 1, set()) == [
         plain_greedy(model, p, 1, set()) for p in PROMPTS]
 
 
-def test_batch_greedy_padding_does_not_leak():
+def test_batch_generate_padding_does_not_leak():
     """A row's result does not depend on the other rows in its batch."""
     model = tiny_model("qwen2", seed=3)
-    alone = [batch_greedy(model, [p], 10, set())[0] for p in PROMPTS]
-    assert batch_greedy(model, PROMPTS, 10, set()) == alone
-    assert batch_greedy(model, PROMPTS[::-1], 10, set()) == alone[::-1]
+    alone = [batch_generate(model, [p], 10, set())[0] for p in PROMPTS]
+    assert batch_generate(model, PROMPTS, 10, set()) == alone
+    assert batch_generate(model, PROMPTS[::-1], 10, set()) == alone[::-1]
+
+
+def test_sample_rows_draws_each_row_with_its_own_sampler():
+    logits = 3 * mx.random.normal((5, 300), key=mx.random.key(4))
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    samplers = [PositionSampler(0.8, top_k=40, seed=s) for s in (7, 8, 7, 9, 10)]
+    positions = [3, 3, 3, 12, 0]
+    want = [samplers[i](logprobs[i : i + 1], positions[i : i + 1]).item() for i in range(5)]
+    assert sample_rows(logprobs, samplers, positions).tolist() == want
+    # Rows 0 and 2: same seed, same position, different log-probabilities; rows 0 and 1
+    # differ by seed alone: the draws are not one row's noise for all.
+    same = sample_rows(mx.broadcast_to(logprobs[:1], (5, 300)), samplers, [3] * 5).tolist()
+    assert same[0] == same[2] and len(set(same)) > 1
+    with pytest.raises(ValueError, match="alike but for the seed"):
+        sample_rows(logprobs[:2], [PositionSampler(0.8, seed=1), PositionSampler(0.9)],
+                    [0, 1])
+    with pytest.raises(ValueError, match="one sampler per row"):
+        sample_rows(logprobs, samplers[:4], positions[:4])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_batch_generate_samples_as_plain_decoding(name):
+    """Each row of a sampled batch is the answer plain decoding draws with that row's
+    sampler, whatever the padding and the batch; other seeds, other answers."""
+    model = tiny_model(name, seed=5)
+    samplers = [PositionSampler(1.3, seed=100 + i) for i in range(len(PROMPTS))]
+    want = [plain_greedy(model, p, 12, set(), s) for p, s in zip(PROMPTS, samplers,
+                                                                  strict=True)]
+    assert batch_generate(model, PROMPTS, 12, set(), samplers) == want
+    assert batch_generate(model, PROMPTS[::-1], 12, set(), samplers[::-1]) == want[::-1]
+    assert want != [plain_greedy(model, p, 12, set()) for p in PROMPTS]
+    other = [PositionSampler(1.3, seed=200 + i) for i in range(len(PROMPTS))]
+    assert batch_generate(model, PROMPTS, 12, set(), other) != want
+    # An end token sampled early ends that row only.
+    eos = {want[0][2]}
+    cut = [plain_greedy(model, p, 12, eos, s) for p, s in zip(PROMPTS, samplers, strict=True)]
+    assert batch_generate(model, PROMPTS, 12, eos, samplers) == cut
+    assert len(cut[0]) <= 2
 
 
 def test_distill_writes_the_models_own_greedy_answers(folder):
@@ -451,3 +529,41 @@ def test_distill_resume_keeps_finished_records(folder, tmp_path):
     # Everything finished: nothing to load or run.
     assert distill(folder, records, max_tokens=6, out_path=out_path, resume=True,
                    progress=False) == again
+
+
+def test_distill_samples_with_a_seed_per_record(folder, tmp_path):
+    records = [{"id": "a", "task": "chat", "prompt": "hi"},
+               {"id": "b", "task": "code", "prompt": "def f(x):"},
+               {"id": "c", "prompt": "Hello there, how are you?"}]
+    out_path = tmp_path / "sampled.jsonl"
+    with pytest.warns(UserWarning):
+        out = distill(folder, records, max_tokens=10, batch_size=2, progress=False,
+                      temp=1.5, seed=40, out_path=out_path)
+        model, tokenizer = load(folder, precision="float32")
+    assert [r["seed"] for r in out] == [40, 41, 42] and all(r["temp"] == 1.5 for r in out)
+    eos = set(tokenizer.eos_token_ids)
+    for i, (record, result) in enumerate(zip(records, out, strict=True)):
+        ids = encode_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
+        want = plain_greedy(model, ids, 10, eos, PositionSampler(1.5, seed=40 + i))
+        assert result["completion"] == tokenizer.decode(want)
+    with pytest.warns(UserWarning):
+        greedy = distill(folder, out, max_tokens=10, batch_size=2, progress=False)
+    assert greedy != out and all("temp" not in r and "seed" not in r for r in greedy)
+    assert [r["completion"] for r in greedy] != [r["completion"] for r in out]
+    # Resuming a sampled file keeps its records; a greedy or other-seed run redoes them.
+    assert distill(folder, records, max_tokens=10, out_path=out_path, resume=True,
+                   progress=False, temp=1.5, seed=40) == out
+    with pytest.warns(UserWarning):
+        again = distill(folder, records, max_tokens=10, batch_size=3, out_path=out_path,
+                        resume=True, progress=False, temp=1.5, seed=41)
+    assert [r["seed"] for r in again] == [41, 42, 43]
+    for i, (record, result) in enumerate(zip(records, again, strict=True)):
+        ids = encode_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
+        want = plain_greedy(model, ids, 10, eos, PositionSampler(1.5, seed=41 + i))
+        assert result["completion"] == tokenizer.decode(want)
+    assert [r["completion"] for r in again] != [r["completion"] for r in out]
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="temp"):
+            distill(folder, records, temp=bad, progress=False)
+    with pytest.raises(InputError, match="seed"):
+        distill(folder, records, temp=0.7, seed=2**32, progress=False)

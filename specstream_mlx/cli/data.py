@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from specstream_mlx.errors import InputError
@@ -34,6 +35,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated JSONL files (an earlier stage's train and "
                              "valid files) whose prompts are left out: --chat and --code "
                              "then count new prompts; the held-out split does not change")
+    parser.add_argument("--temp", type=float, default=0.0,
+                        help="sample the completions at this temperature instead of greedy "
+                             "(the text a sampled generation drafts on); record i of a "
+                             "file is seeded --seed + i (train after valid)")
+    parser.add_argument("--prompts", default=None,
+                        help="a JSONL file of prompts (an earlier set) to complete into "
+                             "OUT/train.jsonl instead of building prompt sets; the set "
+                             "flags (--chat, --code, --valid, --heldout, --sources, "
+                             "--exclude) do not apply")
     parser.add_argument("--resume", action="store_true",
                         help="keep the completions already written and distill the rest")
     parser.add_argument("--dist-timeout", type=float, default=600.0,
@@ -50,7 +60,21 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_path(out / "train.jsonl", "--out")
+    if not (args.temp >= 0 and math.isfinite(args.temp)):
+        raise InputError(f"--temp must be a finite number >= 0 (0 is greedy), got {args.temp}")
     group = Group(args.dist_timeout)
+    model = resolve_path(args.model)
+    sample = {"temp": args.temp, "seed": args.seed}
+    if args.prompts is not None:
+        records = read_jsonl(args.prompts)
+        if not records or any(not isinstance(r.get("prompt"), str) for r in records):
+            raise InputError(f"--prompts {args.prompts}: every record needs a 'prompt' text")
+        path = out / "train.jsonl"
+        done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                       out_path=path, resume=args.resume, group=group, **sample)
+        if group.main:
+            print(f"wrote {len(done)} records to {path}")
+        return 0
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     exclude = {key for f in args.exclude.split(",") if f.strip()
                for r in read_jsonl(f.strip()) for key in (r.get("id"), r.get("prompt")) if key}
@@ -61,11 +85,11 @@ def main(args: argparse.Namespace) -> int:
     valid, train = sets["train"][:valid_n], sets["train"][valid_n:]
     if group.main:
         write_jsonl(out / "heldout.jsonl", sets["heldout"])
-    model = resolve_path(args.model)
     for name, records in (("valid", valid), ("train", train)):
         path = out / f"{name}.jsonl"
         done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                       out_path=path, resume=args.resume, group=group)
+                       out_path=path, resume=args.resume, group=group, **sample)
+        sample["seed"] = (sample["seed"] + len(records)) % 2**32  # train draws anew
         if group.main:
             print(f"wrote {len(done)} records to {path}")
     if group.main:

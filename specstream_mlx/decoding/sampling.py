@@ -19,7 +19,7 @@ from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import mlx.core as mx
@@ -70,13 +70,34 @@ class PositionSampler:
         g = _gumbels(vocab)(mx.array(keys))
         return g if len(uniq) == len(positions) else g[mx.array(row_of.astype(np.int32))]
 
-    def __call__(self, logprobs: mx.array, positions) -> mx.array:
+    def filtered(self, logprobs: mx.array) -> mx.array:
+        """logprobs (rows, vocab) with the filtered-out tokens at -inf."""
         if 0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.min_p)
         if self.top_k > 0:
             logprobs = apply_top_k(logprobs, self.top_k)
+        return logprobs
+
+    def __call__(self, logprobs: mx.array, positions) -> mx.array:
         # Filtered tokens are -inf: noise cannot lift them.
-        scores = logprobs * (1.0 / self.temp) + self.noise(positions, logprobs.shape[-1])
+        scores = self.filtered(logprobs) * (1.0 / self.temp) + self.noise(
+            positions, logprobs.shape[-1])
         return mx.argmax(scores, axis=-1).astype(mx.int32)
+
+
+def sample_rows(logprobs: mx.array, samplers: list[PositionSampler], positions) -> mx.array:
+    """Row i of logprobs (rows, vocab) drawn by samplers[i] at positions[i] (rows,), in one
+    call: the token samplers[i](logprobs[i : i + 1], positions[i : i + 1]) gives (rows,).
+    For batches of independent generations (self-distillation), each with its own seed;
+    the samplers must agree on everything but the seed."""
+    first = samplers[0]
+    if len(samplers) != logprobs.shape[0] or any(
+            replace(s, seed=first.seed) != first for s in samplers):
+        raise ValueError("sample_rows needs one sampler per row, alike but for the seed")
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    keys = np.stack([[s.seed for s in samplers], positions], axis=-1).astype(np.uint32)
+    scores = first.filtered(logprobs) * (1.0 / first.temp) + _gumbels(logprobs.shape[-1])(
+        mx.array(keys))
+    return mx.argmax(scores, axis=-1).astype(mx.int32)

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import random
 import sysconfig
 from collections.abc import Collection
@@ -285,15 +286,25 @@ def build_prompt_sets(chat: int, code: int, heldout: int, seed: int = 0,
     return {"train": train, "heldout": test}
 
 
-def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
-                 ) -> list[list[int]]:
-    """Greedy continuations of several prompts at once (left-padded, per-row positions).
+def batch_generate(model, prompts: list[list[int]], max_tokens: int, eos: set[int],
+                   samplers: list | None = None) -> list[list[int]]:
+    """Continuations of several prompts at once (left-padded, per-row positions): greedy,
+    or prompt i sampled by samplers[i] (decoding.sampling.PositionSampler, alike but for
+    the seed), the tokens plain decoding of that prompt with that sampler draws.
 
     Returns each prompt's generated ids, up to and excluding an end-of-sequence token.
     """
     import mlx.core as mx
+    import numpy as np
 
     from specstream_mlx.decoding.cache import KVCache
+    from specstream_mlx.decoding.sampling import sample_rows
+
+    def pick(logits, pos):  # logits (B, vocab), pos (B,): each row's own position
+        if samplers is None:
+            return mx.argmax(logits, axis=-1)
+        return sample_rows(logits - mx.logsumexp(logits, axis=-1, keepdims=True), samplers,
+                           pos)
 
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = mx.array([P - len(p) for p in prompts])[:, None]  # (B, 1)
@@ -305,7 +316,8 @@ def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
     cache = KVCache(len(model.layers))
     h, _ = model.upper(model.lower(tokens, positions, mask, cache), positions, mask, cache)
     cache.commit(range(P))
-    next_tok = mx.argmax(model.head(h[:, -1]), axis=-1)
+    lengths = np.array([len(p) for p in prompts])
+    next_tok = pick(model.head(h[:, -1]), lengths - 1)
     out = [[] for _ in prompts]
     alive = set(range(B))
     for step in range(max_tokens):
@@ -322,7 +334,7 @@ def batch_greedy(model, prompts: list[list[int]], max_tokens: int, eos: set[int]
         x = next_tok[:, None].astype(mx.int32)
         h, _ = model.upper(model.lower(x, pos, mask, cache), pos, mask, cache)
         cache.commit([0])
-        next_tok = mx.argmax(model.head(h[:, -1]), axis=-1)
+        next_tok = pick(model.head(h[:, -1]), lengths + step)
     return out
 
 
@@ -339,29 +351,43 @@ def _complete_lines(path: str | Path) -> list[dict]:
 
 def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 192,
             batch_size: int = 16, out_path: str | Path | None = None,
-            progress: bool = True, resume: bool = False, group=None) -> list[dict]:
+            progress: bool = True, resume: bool = False, group=None, temp: float = 0.0,
+            seed: int = 0) -> list[dict]:
     """Completions of each record's prompt by the base model itself (greedy, float32), in
     the order of `records`.
 
     Lossless streams learn to predict what this model says, so its own greedy answers
-    are the right targets. Prompts are batched by similar length; with `out_path`, each
-    finished batch is appended there at once (a long run is usable before it ends) and
-    the finished file holds the records in their given order; `resume` keeps the records
-    already there (same id and prompt) and distills the rest.
+    are the right targets; temp > 0 samples them instead (record i by a PositionSampler
+    seeded seed + i: the answer plain decoding with that sampler gives, whatever the
+    batch), the text a sampled generation drafts on; such records carry "temp" and "seed".
+    Prompts are batched by similar length; with `out_path`, each finished batch is
+    appended there at once (a long run is usable before it ends) and the finished file
+    holds the records in their given order; `resume` keeps the records already there
+    (same id, prompt and sampling) and distills the rest.
 
     group (training.distributed.Group of several processes, under `mlx.launch`): the
     batches, the same whatever the number of processes, are dealt out in turn; each rank
     appends its own to `out_path.rank<r>of<n>`, and rank 0 merges them into `out_path`:
     the same file, record for record, as one process writes. Other ranks return [].
     """
+    from specstream_mlx.decoding.sampling import PositionSampler
     from specstream_mlx.generate import encode_prompt
     from specstream_mlx.loader import load
 
     check_value("max_tokens", max_tokens)
     check_value("batch_size", batch_size)
     check_output_path(out_path, "out_path")
+    if not (temp >= 0 and math.isfinite(temp)):
+        raise InputError(f"temp must be a finite number >= 0 (0 is greedy), got {temp}")
+    if not 0 <= seed < 2**32:
+        raise InputError(f"seed must be in 0 .. 2**32 - 1, got {seed}")
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
-    key = lambda r: (r.get("id"), r["prompt"])  # noqa: E731
+    # A record answered otherwise (greedy vs sampled, another seed) is not resumed.
+    key = lambda r: (r.get("id"), r["prompt"], r.get("temp", 0.0), r.get("seed"))  # noqa: E731
+    seed_of = {i: (seed + i) % 2**32 for i in range(len(records))} if temp > 0 else {}
+    records = [{**{k: v for k, v in r.items() if k not in ("temp", "seed")},
+                **({"temp": temp, "seed": seed_of[i]} if temp > 0 else {})}
+               for i, r in enumerate(records)]
     out = Path(out_path) if out_path is not None else None
     parts = sorted(out.parent.glob(f"{out.name}.rank*of*")) if out is not None else []
     done: dict = {}
@@ -396,7 +422,10 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
         for k, group_ids in enumerate(batches):
             if k % size != rank:
                 continue
-            outs = batch_greedy(model, [ids[i] for i in group_ids], max_tokens, eos)
+            samplers = [PositionSampler(temp, seed=seed_of[i]) for i in group_ids] \
+                if temp > 0 else None
+            outs = batch_generate(model, [ids[i] for i in group_ids], max_tokens, eos,
+                                  samplers)
             batch = [{**records[i], "completion": tokenizer.decode(toks)}
                      for i, toks in zip(group_ids, outs, strict=True)]
             new += batch
