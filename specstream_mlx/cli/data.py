@@ -67,7 +67,9 @@ def main(args: argparse.Namespace) -> int:
     sample = {"temp": args.temp, "seed": args.seed}
     if args.prompts is not None:
         records = read_jsonl(args.prompts)
-        if not records or any(not isinstance(r.get("prompt"), str) for r in records):
+        if not records:
+            raise InputError(f"--prompts {args.prompts} holds no records")
+        if any(not isinstance(r.get("prompt"), str) for r in records):
             raise InputError(f"--prompts {args.prompts}: every record needs a 'prompt' text")
         path = out / "train.jsonl"
         done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,

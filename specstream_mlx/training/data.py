@@ -353,8 +353,8 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
             batch_size: int = 16, out_path: str | Path | None = None,
             progress: bool = True, resume: bool = False, group=None, temp: float = 0.0,
             seed: int = 0) -> list[dict]:
-    """Completions of each record's prompt by the base model itself (greedy, float32), in
-    the order of `records`.
+    """Completions of each record's prompt by the base model itself (greedy, or sampled
+    with temp > 0; float32), in the order of `records`.
 
     Lossless streams learn to predict what this model says, so its own greedy answers
     are the right targets; temp > 0 samples them instead (record i by a PositionSampler
