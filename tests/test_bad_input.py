@@ -284,8 +284,17 @@ def test_tune_flags(folder, prompts, capsys, argv, message):
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--exclude", "nowhere/train.jsonl"], "data file not found: nowhere/train.jsonl"),
+    (["--temp", "-1"], "--temp must be >= 0"),
+    (["--temp", "nan"], "--temp must be a finite number"),
+    (["--prompts", "NO_PROMPT"], "every record needs a 'prompt' text"),
+    (["--prompts", "EMPTY"], "holds no records"),
 ])
 def test_data_flags(folder, tmp_path, capsys, flags, message):
+    (tmp_path / "no_prompt.jsonl").write_text('{"id": "a", "completion": "no prompt"}\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    files = {"NO_PROMPT": str(tmp_path / "no_prompt.jsonl"),
+             "EMPTY": str(tmp_path / "empty.jsonl")}
+    flags = [files.get(f, f) for f in flags]
     line = run_cli(["data", "--model", folder, "--out", str(tmp_path / "d"), *flags], capsys)
     assert message in line
     assert not (tmp_path / "d").exists()  # checked before anything is written

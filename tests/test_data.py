@@ -347,22 +347,6 @@ def test_data_cli_samples_a_prompt_file(folder, tmp_path):
     assert seeds == [3, 4, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--temp", "-1"], "--temp must be a finite number"),
-    (["--temp", "nan"], "--temp must be a finite number"),
-    (["--prompts", "PROMPTS"], "every record needs a 'prompt' text"),
-    (["--prompts", "EMPTY"], "holds no records"),
-])
-def test_data_cli_bad_sampling_input(folder, tmp_path, capsys, argv, message):
-    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "completion": "no prompt"}])
-    (tmp_path / "empty.jsonl").write_text("\n")
-    files = {"PROMPTS": str(tmp_path / "p.jsonl"), "EMPTY": str(tmp_path / "empty.jsonl")}
-    argv = [files.get(a, a) for a in argv]
-    assert cli_main(["data", "--model", str(folder), "--out", str(tmp_path / "o"),
-                     *argv]) != 0
-    assert message in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("sources, message", [
     (["chitchat", "humaneval", "stdlib", "wikipedia"], "unknown data source 'wikipedia'"),
     (["chitchat", "humaneval", "stdlib", "numpy", "numpy"], "named twice"),

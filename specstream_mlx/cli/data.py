@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from specstream_mlx.errors import InputError
@@ -60,8 +59,7 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_path(out / "train.jsonl", "--out")
-    if not (args.temp >= 0 and math.isfinite(args.temp)):
-        raise InputError(f"--temp must be a finite number >= 0 (0 is greedy), got {args.temp}")
+    check_value("temp", args.temp, "--temp")
     group = Group(args.dist_timeout)
     model = resolve_path(args.model)
     sample = {"temp": args.temp, "seed": args.seed}

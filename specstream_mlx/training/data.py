@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import math
 import random
 import sysconfig
 from collections.abc import Collection
@@ -377,8 +376,7 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     check_value("max_tokens", max_tokens)
     check_value("batch_size", batch_size)
     check_output_path(out_path, "out_path")
-    if not (temp >= 0 and math.isfinite(temp)):
-        raise InputError(f"temp must be a finite number >= 0 (0 is greedy), got {temp}")
+    check_value("temp", temp)
     if not 0 <= seed < 2**32:
         raise InputError(f"seed must be in 0 .. 2**32 - 1, got {seed}")
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
