@@ -476,25 +476,34 @@ def test_batch_generate_samples_as_plain_decoding(name):
     assert len(cut[0]) <= 2
 
 
+DISTILL_RECORDS = [{"id": "a", "task": "chat", "prompt": "hi"},
+                   {"id": "b", "task": "code", "prompt": "def f(x):"},
+                   {"id": "c", "prompt": "Hello there, how are you?"}]
+
+
+def assert_plain_answers(model, tokenizer, out: list[dict], max_tokens: int,
+                         samplers: list | None = None) -> None:
+    """Each distilled record's completion is plain decoding's answer to its prompt
+    (greedy, or with that record's sampler)."""
+    eos = set(tokenizer.eos_token_ids)
+    for i, result in enumerate(out):
+        ids = encode_messages(tokenizer, [{"role": "user", "content": result["prompt"]}])
+        want = plain_greedy(model, ids, max_tokens, eos, samplers and samplers[i])
+        assert result["completion"] == tokenizer.decode(want)
+
+
 def test_distill_writes_the_models_own_greedy_answers(folder):
-    records = [{"id": "a", "task": "chat", "prompt": "hi"},
-               {"id": "b", "task": "code", "prompt": "def f(x):"},
-               {"id": "c", "prompt": "Hello there, how are you?"}]
+    records = DISTILL_RECORDS
     with pytest.warns(UserWarning):
         out = distill(folder, records, max_tokens=8, batch_size=2, progress=False)
         model, tokenizer = load(folder, precision="float32")
     assert [{k: v for k, v in r.items() if k != "completion"} for r in out] == records
-    for record, result in zip(records, out, strict=True):
-        ids = encode_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
-        want = plain_greedy(model, ids, 8, set(tokenizer.eos_token_ids))
-        assert result["completion"] == tokenizer.decode(want)
+    assert_plain_answers(model, tokenizer, out, 8)
     json.dumps(out)  # ready for write_jsonl
 
 
 def test_distill_resume_keeps_finished_records(folder, tmp_path):
-    records = [{"id": "a", "task": "chat", "prompt": "hi"},
-               {"id": "b", "task": "code", "prompt": "def f(x):"},
-               {"id": "c", "prompt": "Hello there, how are you?"}]
+    records = DISTILL_RECORDS
     out_path = tmp_path / "train.jsonl"
     with pytest.warns(UserWarning):
         full = distill(folder, records, max_tokens=6, batch_size=2, progress=False,
@@ -519,20 +528,15 @@ def test_distill_resume_keeps_finished_records(folder, tmp_path):
 
 
 def test_distill_samples_with_a_seed_per_record(folder, tmp_path):
-    records = [{"id": "a", "task": "chat", "prompt": "hi"},
-               {"id": "b", "task": "code", "prompt": "def f(x):"},
-               {"id": "c", "prompt": "Hello there, how are you?"}]
+    records = DISTILL_RECORDS
     out_path = tmp_path / "sampled.jsonl"
     with pytest.warns(UserWarning):
         out = distill(folder, records, max_tokens=10, batch_size=2, progress=False,
                       temp=1.5, seed=40, out_path=out_path)
         model, tokenizer = load(folder, precision="float32")
     assert [r["seed"] for r in out] == [40, 41, 42] and all(r["temp"] == 1.5 for r in out)
-    eos = set(tokenizer.eos_token_ids)
-    for i, (record, result) in enumerate(zip(records, out, strict=True)):
-        ids = encode_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
-        want = plain_greedy(model, ids, 10, eos, PositionSampler(1.5, seed=40 + i))
-        assert result["completion"] == tokenizer.decode(want)
+    assert_plain_answers(model, tokenizer, out, 10,
+                         [PositionSampler(1.5, seed=40 + i) for i in range(3)])
     with pytest.warns(UserWarning):
         greedy = distill(folder, out, max_tokens=10, batch_size=2, progress=False)
     assert greedy != out and all("temp" not in r and "seed" not in r for r in greedy)
@@ -544,10 +548,8 @@ def test_distill_samples_with_a_seed_per_record(folder, tmp_path):
         again = distill(folder, records, max_tokens=10, batch_size=3, out_path=out_path,
                         resume=True, progress=False, temp=1.5, seed=41)
     assert [r["seed"] for r in again] == [41, 42, 43]
-    for i, (record, result) in enumerate(zip(records, again, strict=True)):
-        ids = encode_messages(tokenizer, [{"role": "user", "content": record["prompt"]}])
-        want = plain_greedy(model, ids, 10, eos, PositionSampler(1.5, seed=41 + i))
-        assert result["completion"] == tokenizer.decode(want)
+    assert_plain_answers(model, tokenizer, again, 10,
+                         [PositionSampler(1.5, seed=41 + i) for i in range(3)])
     assert [r["completion"] for r in again] != [r["completion"] for r in out]
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(InputError, match="temp"):
