@@ -3,8 +3,10 @@ what generate_step accepts, and the grid search predicts from measured costs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from specstream_mlx.tools.tune import (
     Trace,
     evaluate,
     interpolate_cost,
+    load_traces,
     path_targets,
     replay,
     trace,
@@ -122,6 +125,31 @@ def test_trace_cuts_the_answer_where_it_leaves_greedy_decoding():
     tr = trace(model, PROMPT, wrong, top_k=3)
     assert tr.tokens == PROMPT + plain[:5]
     assert tr.candidates.shape == (5, 3, 3) and tr.logprobs.shape == (5, 3, 3)
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.9])
+def test_generated_answers_end_before_the_end_token(monkeypatch, temp):
+    """An answer tune generates stops where decoding stops: the tokens the model would
+    write past its end token are not replayed (they once were, greedy and sampled)."""
+    model = tiny_model("llama", seed=0, streams=STREAMS)
+    sampler = PositionSampler(temp, seed=7) if temp else None
+    free = [e.token for e in generate_step(model, PROMPT, max_tokens=16, sampler=sampler,
+                                           speculative=False)]
+    # The end token: the first one that turns up late enough and not before.
+    i = next(i for i in range(2, 16) if free[i] not in free[:i])
+    stop, cut = free[i], free[:i]
+    # The package's `generate` function shadows its module's name: patch the module.
+    monkeypatch.setattr(importlib.import_module("specstream_mlx.generate"), "encode_prompt",
+                        lambda *a, **k: PROMPT)
+    tokenizer = SimpleNamespace(eos_token_ids=[stop])
+    [tr] = load_traces(model, tokenizer, [{"prompt": "x"}], 3, 16, progress=False,
+                       temp=temp, seed=7)
+    assert tr.tokens == PROMPT + cut
+    # Without an end token in reach the whole max_tokens answer is replayed.
+    tokenizer.eos_token_ids = [model.args.vocab_size]
+    [tr] = load_traces(model, tokenizer, [{"prompt": "x"}], 3, 16, progress=False,
+                       temp=temp, seed=7)
+    assert tr.tokens == PROMPT + free
 
 
 def test_trace_needs_streams():

@@ -190,10 +190,12 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
     """Traces of JSONL records, aligned with them (None: no answer): greedy, the
     'completion' when present (distilled data), else the model's greedy answer generated
     here; temp > 0, the model's answer sampled here by a PositionSampler seeded seed + i
-    for the i-th record (a distilled completion is greedy, so it is not used)."""
+    for the i-th record (a distilled completion is greedy, so it is not used). An answer
+    generated here ends before its first end token, as a distilled completion does."""
     from specstream_mlx.decoding.step import generate_step
     from specstream_mlx.generate import encode_prompt
 
+    eos = set(tokenizer.eos_token_ids)
     traces = []
     for n, rec in enumerate(records, start=1):
         prompt = encode_prompt(tokenizer, rec["prompt"], chat=True)
@@ -201,8 +203,14 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
         if rec.get("completion") and sampler is None:
             answer = list(tokenizer.encode(rec["completion"], add_special_tokens=False))
         else:
-            answer = [e.token for e in generate_step(model, prompt, max_tokens=max_tokens,
-                                                     sampler=sampler, speculative=False)]
+            # Up to the end token, where decoding stops, as a distilled completion ends:
+            # tokens the model would write past it are no answer of a real generation.
+            answer = []
+            for event in generate_step(model, prompt, max_tokens=max_tokens,
+                                       sampler=sampler, speculative=False):
+                if event.token in eos:
+                    break
+                answer.append(event.token)
         tr = trace(model, prompt, answer[:max_tokens], top_k, sampler) if answer else None
         traces.append(tr if tr is not None and len(tr.tokens) > tr.start else None)
         if progress:
