@@ -77,10 +77,12 @@ class StreamArgs:
                        t+1+j knowing t+1 (as EAGLE's drafter does); 0: streams do not see it
                        (the paper). Needs main rows blind to streams: the stream rows then
                        run after verification (DecoderModel.stream_pass).
-    sampled_top_k, sampled_min_draft_prob: top_k and min_draft_prob when the generation
-                       samples. A sampled target takes the second or third candidate far
-                       more often than a greedy one, so sampling drafts wider by default
-                       (candidates past the draft vocabulary's size are not taken).
+    sampled_tree_budget, sampled_top_k, sampled_min_draft_prob: tree_budget, top_k and
+                       min_draft_prob when the generation samples (sampled_tree_budget
+                       None: tree_budget). A sampled target takes the second or third
+                       candidate far more often than a greedy one, so sampling drafts wider
+                       by default (candidates past the draft vocabulary's size are not
+                       taken).
     """
 
     num_streams: int = 3
@@ -98,10 +100,12 @@ class StreamArgs:
     next_token_rank: int = 0
     sampled_top_k: int = 8
     sampled_min_draft_prob: float = 0.0
+    sampled_tree_budget: int | None = None
 
     # Fields that only set decoding defaults (the rest give the streams' shape).
     DECODING_DEFAULTS = ("tree_budget", "top_k", "lookup_depth", "min_draft_prob",
-                         "corpus_depth", "sampled_top_k", "sampled_min_draft_prob")
+                         "corpus_depth", "sampled_top_k", "sampled_min_draft_prob",
+                         "sampled_tree_budget")
 
     def shape(self) -> dict:
         """The fields that shape the streams and their cost, without decoding defaults."""
@@ -140,6 +144,10 @@ class StreamArgs:
             raise ModelLoadError(
                 f"tree_budget must be >= 0 and top_k >= 1, got {self.tree_budget}, {self.top_k}"
             )
+        if self.sampled_tree_budget is not None and not (
+                type(self.sampled_tree_budget) is int and self.sampled_tree_budget >= 0):
+            raise ModelLoadError("sampled_tree_budget must be null (the tree_budget) or an "
+                                 f"integer >= 0, got {self.sampled_tree_budget!r}")
         if self.sampled_top_k < 1:
             raise ModelLoadError(f"sampled_top_k must be >= 1, got {self.sampled_top_k}")
         for f in fields(self):

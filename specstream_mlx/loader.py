@@ -133,13 +133,20 @@ def describe_precision(model: nn.Module) -> str:
     return str(model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
 
 
+def sampled_budget(sa) -> str:
+    """" (N when sampling)" where the config sets a sampled tree budget of its own."""
+    budget = sa.sampled_tree_budget
+    return "" if budget is None or budget == sa.tree_budget else f" ({budget} when sampling)"
+
+
 def describe_model(model: nn.Module) -> str:
     """One line: architecture, precision and streams, as the CLI shows it."""
     sa = model.stream_args
     streams = (
         f"{sa.num_streams} streams in the top {sa.msa_layers} layers"
         f"{' (seeing the next token)' if sa.conditioned else ''}, tree budget "
-        f"{sa.tree_budget}, top-k {sa.top_k} ({sa.sampled_top_k} when sampling)"
+        f"{sa.tree_budget}{sampled_budget(sa)}, top-k {sa.top_k} ({sa.sampled_top_k} "
+        "when sampling)"
         if sa else "no streams (plain decoding)"
     )
     corpus = model_corpus(model)

@@ -334,6 +334,8 @@ def test_config_block_that_does_not_fit_the_model(streams_folder):
     ("min_draft_prob", 2.0, "min_draft_prob must be in"),
     ("sampled_min_draft_prob", -0.5, "sampled_min_draft_prob must be in"),
     ("sampled_top_k", 0, "sampled_top_k must be >= 1"),
+    ("sampled_tree_budget", -1, "sampled_tree_budget must be null"),
+    ("sampled_tree_budget", 2.5, "sampled_tree_budget must be null"),
     ("draft_vocab_size", 2, "draft_vocab_size must be 0"),  # smaller than top_k (3)
     ("draft_vocab_size", 200, "exceeds the model's vocabulary"),
 ])

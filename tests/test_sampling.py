@@ -12,7 +12,12 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from specstream_mlx.decoding.drafter import Draft, Drafting
 from specstream_mlx.decoding.sampling import PositionSampler
-from specstream_mlx.decoding.step import draft_temperature, generate_step
+from specstream_mlx.decoding.step import (
+    COUPLED_SPREAD,
+    coupled_noise,
+    generate_step,
+    stream_candidates,
+)
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.generate import stream_generate
 from specstream_mlx.models.config import StreamArgs
@@ -34,6 +39,43 @@ def test_noise_depends_on_seed_and_position_only():
     assert not np.array_equal(g[0], g[3])
     assert np.array_equal(np.array(s.noise([9], 20))[0], g[1])
     assert not np.array_equal(np.array(PositionSampler(0.8, seed=8).noise([5], 20))[0], g[0])
+
+
+def test_noise_after_a_device_position_is_the_noise_of_the_next_positions():
+    s = PositionSampler(0.8, seed=7)
+    after = s.noise_after(mx.array(4, dtype=mx.int32), 3, 20)
+    assert np.array_equal(np.array(after), np.array(s.noise([5, 6, 7], 20)))
+
+
+def test_coupled_candidates_rank_by_the_samplers_perturbed_scores():
+    """With the sampler's noise, a stream's candidates are the best of log q / T + noise
+    (its first is the token the target would draw were p = q), log-probabilities those of
+    the softmax of the perturbed scores over COUPLED_SPREAD; the draft vocabulary's
+    columns of the noise are the ones that meet its tokens."""
+    sa = StreamArgs(num_streams=3, msa_layers=2, draft_vocab_size=40)
+    model = tiny_model("llama", seed=8, streams=sa)
+    vocab = model.args.vocab_size
+    model.streams.draft_vocab = mx.array(np.random.default_rng(0).permutation(vocab)[:40]
+                                         .astype(np.int32))
+    hs = mx.random.normal((3, model.args.hidden_size), key=mx.random.key(2))
+    s = PositionSampler(0.7, seed=3)
+    full = s.noise([10, 11, 12], vocab)
+    noise = coupled_noise(model, full)
+    assert np.array_equal(np.array(noise), np.array(full)[:, np.array(model.streams.draft_vocab)])
+    cand, lp = stream_candidates(model, hs, 4, temp=0.7, noise=noise)
+    logq = np.array(model.draft_logits(hs), dtype=np.float64)
+    logq -= np.log(np.exp(logq - logq.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        + logq.max(-1, keepdims=True)
+    scores = (logq / 0.7 + np.array(noise, dtype=np.float64)) / COUPLED_SPREAD
+    best = np.argsort(-scores, axis=-1)[:, :4]
+    vocab_ids = np.array(model.streams.draft_vocab)
+    assert np.array(cand).tolist() == vocab_ids[best].tolist()
+    want = scores - np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1,
+                           keepdims=True)) - scores.max(-1, keepdims=True)
+    np.testing.assert_allclose(np.array(lp), np.take_along_axis(want, best, -1), rtol=1e-4,
+                               atol=1e-4)
+    plain, _ = stream_candidates(model, hs, 4)  # by probability: another order
+    assert np.array(plain).tolist() != np.array(cand).tolist()
 
 
 def test_rows_at_one_position_draw_with_one_noise():
@@ -180,21 +222,22 @@ def test_bad_sampler_settings_raise(options, message):
         PositionSampler(**options)
 
 
-def test_sampling_drafts_wider_from_unsharpened_streams():
-    """A sampled generation takes the config's sampled_top_k candidates per stream and its
-    sampled_min_draft_prob (explicit arguments still win), ranked at the streams' own
-    temperature for temp <= 1 and at the sampler's above; greedy keeps top_k."""
+def test_sampling_drafts_wider_from_its_own_defaults():
+    """A sampled generation takes the config's sampled_tree_budget (when set),
+    sampled_top_k and sampled_min_draft_prob (explicit arguments still win); greedy keeps
+    tree_budget, top_k and min_draft_prob."""
     sa = StreamArgs(num_streams=3, msa_layers=2, tree_budget=6, top_k=3, min_draft_prob=0.2,
-                    sampled_top_k=5, sampled_min_draft_prob=0.05)
+                    sampled_top_k=5, sampled_min_draft_prob=0.05, sampled_tree_budget=12)
     model = tiny_model("llama", seed=5, streams=sa)
     d = Drafting.resolve(model, True, None, None, None, None, sampled=True)
-    assert (d.top_k, d.min_prob) == (5, 0.05)
-    d = Drafting.resolve(model, True, None, 2, None, 0.3, sampled=True)
-    assert (d.top_k, d.min_prob) == (2, 0.3)
+    assert (d.budget, d.top_k, d.min_prob) == (12, 5, 0.05)
+    d = Drafting.resolve(model, True, 4, 2, None, 0.3, sampled=True)
+    assert (d.budget, d.top_k, d.min_prob) == (4, 2, 0.3)
     d = Drafting.resolve(model, True, None, None, None, None)
-    assert (d.top_k, d.min_prob) == (3, 0.2)
-    assert [draft_temperature(s) for s in (None, PositionSampler(0.7), PositionSampler(1.0),
-                                           PositionSampler(1.5))] == [1.0, 1.0, 1.0, 1.5]
+    assert (d.budget, d.top_k, d.min_prob) == (6, 3, 0.2)
+    unset = tiny_model("llama", seed=5, streams=StreamArgs(num_streams=3, msa_layers=2,
+                                                           tree_budget=6))
+    assert Drafting.resolve(unset, True, None, None, None, None, sampled=True).budget == 6
     widths = []
 
     def recording(draft: Draft, history: list[int]) -> DraftTree:

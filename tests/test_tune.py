@@ -91,23 +91,24 @@ def test_sampled_replay_matches_generate_step(arch, temp, budget, depth, min_pro
     assert rp.accepted == accepted and sum(accepted) > 0
 
 
-def test_sampled_trace_ranks_at_the_draft_temperature(monkeypatch):
-    """Above temperature 1 decoding ranks the streams at the sampler's temperature, so
-    the path probabilities that min_draft_prob cuts change: the trace ranks the same way
-    (a trace ranked at 1.0 replays this run wrongly)."""
+def test_sampled_trace_couples_the_streams_as_decoding_does(monkeypatch):
+    """Sampling couples the streams' candidates with the sampler's noise where each depth
+    is drawn: the trace takes the same noise, so it replays the run; without the noise
+    (candidates ranked by probability) it replays another one."""
     import specstream_mlx.tools.tune as tune_module
 
     model = tiny_model("qwen2", seed=3, streams=StreamArgs(num_streams=3, msa_layers=2,
                                                            next_token_rank=4))
-    sampler = PositionSampler(2.0, seed=11)
+    sampler = PositionSampler(0.7, seed=11)
     plain = [e.token for e in generate_step(model, PROMPT, max_tokens=40, sampler=sampler,
                                             speculative=False)]
-    _, accepted = decoded(model, 40, sampler=sampler, tree_budget=6, draft_top_k=2,
-                          lookup_depth=0, min_draft_prob=0.05)
-    drafter = budget_drafter(6, 0, 0.05)
-    assert replay(trace(model, PROMPT, plain, 2, sampler), drafter).accepted == accepted
-    monkeypatch.setattr(tune_module, "draft_temperature", lambda s: 1.0)
-    assert replay(trace(model, PROMPT, plain, 2, sampler), drafter).accepted != accepted
+    _, accepted = decoded(model, 40, sampler=sampler, tree_budget=6, draft_top_k=3,
+                          lookup_depth=0)
+    drafter = budget_drafter(6)
+    assert replay(trace(model, PROMPT, plain, 3, sampler), drafter).accepted == accepted
+    real = tune_module.coupled_noise
+    monkeypatch.setattr(tune_module, "coupled_noise", lambda m, g: real(m, g) * 0.0)
+    assert replay(trace(model, PROMPT, plain, 3, sampler), drafter).accepted != accepted
 
 
 def test_replay_with_max_tokens_matches_a_shorter_run():
@@ -195,6 +196,11 @@ def test_evaluate_predicts_from_costs():
     assert s.tokens_per_pass == pytest.approx(20 / 6)
     assert s.mean_rows == pytest.approx(19 / 5)
     assert s.predicted_speedup == pytest.approx(19 / 5)
+    # per-prompt median: a second prompt replayed in 2 passes plus the prefill
+    short = Trace([1, 2] + answer[:3], 2, cand[:3], np.zeros_like(cand[:3], dtype=np.float32))
+    both = evaluate([tr, short, short], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    assert both.median_tokens_per_pass == pytest.approx(3 / 2)
+    assert both.tokens_per_pass == pytest.approx((20 + 3 + 3) / (6 + 2 + 2))
 
 
 def test_write_defaults(tmp_path):
@@ -243,7 +249,7 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
 def test_cli_tune_sampled_writes_only_the_sampling_fields(tmp_path, capsys):
     """`tune --temp`: answers sampled here (a distilled greedy completion is not used),
     the replay at the config's sampled_top_k, and --write stores only the sampling
-    fields, leaving the budget and depths greedy decoding shares."""
+    fields (budget, top-k, floor), leaving greedy decoding's and the shared depths."""
     from tiny_folder import make_tiny_folder
 
     from specstream_mlx.cli import main
@@ -262,11 +268,12 @@ def test_cli_tune_sampled_writes_only_the_sampling_fields(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "replaying sampling at temperature 0.9 (seed 5), top-k 4" in out
-    assert "wrote sampled_top_k 4, sampled_min_draft_prob" in out
+    assert "wrote sampled_tree_budget " in out and ", sampled_top_k 4, " in out
     report = json.loads((tmp_path / "tune.json").read_text())
     assert (report["temp"], report["seed"], report["top_k"]) == (0.9, 5, 4)
     block = json.loads((folder / "config.json").read_text())["speculative_streaming"]
     assert block["sampled_min_draft_prob"] == report["best"]["min_draft_prob"]
+    assert block["sampled_tree_budget"] == report["best"]["tree_budget"]
     assert {k: v for k, v in block.items() if not k.startswith("sampled_")} == {
         k: v for k, v in before.items() if not k.startswith("sampled_")}
     assert main(["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),

@@ -32,7 +32,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--temp", type=float, default=0.0,
                         help="replay sampling at this temperature (the model's own sampled "
-                        "answers; --write then stores only sampled_top_k and "
+                        "answers; --write then stores only sampled_tree_budget, sampled_top_k and "
                         "sampled_min_draft_prob)")
     parser.add_argument("--seed", type=int, default=0,
                         help="with --temp: prompt i samples with seed + i")

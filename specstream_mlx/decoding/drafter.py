@@ -52,8 +52,9 @@ class Drafting:
                 sampled: bool = False) -> Drafting:
         """corpus_depth None: the stream config's, when the model carries a corpus
         (model.corpus, set by the loader from the folder's corpus file). `sampled`: the
-        generation samples, so draft_top_k and min_draft_prob default to the config's
-        sampled_top_k and sampled_min_draft_prob."""
+        generation samples, so tree_budget, draft_top_k and min_draft_prob default to
+        the config's sampled_tree_budget (when set), sampled_top_k and
+        sampled_min_draft_prob."""
         check_settings(tree_budget=tree_budget, draft_top_k=draft_top_k,
                        lookup_depth=lookup_depth, min_draft_prob=min_draft_prob,
                        corpus_depth=corpus_depth)
@@ -71,7 +72,9 @@ class Drafting:
             return default if value is None else value
 
         corpus = pick(corpus_depth, sa.corpus_depth) if model_corpus(model) is not None else 0
-        return cls(True, pick(tree_budget, sa.tree_budget), top_k,
+        budget = sa.sampled_tree_budget if sampled and sa.sampled_tree_budget is not None \
+            else sa.tree_budget
+        return cls(True, pick(tree_budget, budget), top_k,
                    pick(lookup_depth, sa.lookup_depth),
                    pick(min_draft_prob,
                         sa.sampled_min_draft_prob if sampled else sa.min_draft_prob),

@@ -70,6 +70,14 @@ class PositionSampler:
         g = _gumbels(vocab)(mx.array(keys))
         return g if len(uniq) == len(positions) else g[mx.array(row_of.astype(np.int32))]
 
+    def noise_after(self, row: mx.array, depth: int, vocab: int) -> mx.array:
+        """The noise `noise` gives positions row + 1 .. row + depth, for a position `row`
+        (0-d int32) still on the device: (depth, vocab). What the streams drafting at
+        `row` are coupled with (step.stream_candidates)."""
+        pos = (row + mx.arange(1, depth + 1, dtype=mx.int32)).astype(mx.uint32)
+        keys = mx.stack([mx.full((depth,), self.seed, dtype=mx.uint32), pos], axis=-1)
+        return _gumbels(vocab)(keys)
+
     def filtered(self, logprobs: mx.array) -> mx.array:
         """logprobs (rows, vocab) with the filtered-out tokens at -inf."""
         if 0 < self.top_p < 1.0:

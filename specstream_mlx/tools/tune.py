@@ -9,8 +9,8 @@ replayed from them in milliseconds, pass for pass as `generate_step` would run i
 measured cost of a pass by rows (pass_curve.pass_cost) turns the replayed passes into time.
 Sampling replays the same way: a PositionSampler draws each position's token from the
 seed and the position alone, so the sampled answer is plain decoding's whatever is
-drafted, and a pass accepts the longest path matching it (the trace then ranks the
-streams at the sampler's draft temperature, as decoding does).
+drafted, and a pass accepts the longest path matching it (the trace couples the
+streams' candidates with the sampler's noise, as decoding does: step.stream_candidates).
 
 Worked example: answer tokens after the prompt [x y z w], root x. If a pass drafts the
 tree  x -> y -> q  and  x -> z, the path x y matches, q does not: it emits y plus the
@@ -37,7 +37,11 @@ from specstream_mlx.decoding.drafter import (
 )
 from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.sampling import PositionSampler
-from specstream_mlx.decoding.step import choose, draft_temperature, stream_candidates
+from specstream_mlx.decoding.step import (
+    choose,
+    coupled_noise,
+    stream_candidates,
+)
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_output_path, check_rows, check_settings, check_value
@@ -74,7 +78,15 @@ def trace(model, prompt: list[int], answer: list[int], top_k: int,
     nxt = mx.array([tokens[1:] + [0]], dtype=mx.int32)[:, start - 1 :]
     h, hs = model.upper(h, positions, None, None, rows, next_tokens=nxt)
     chosen = choose(model.head(h[0, start - 1 : L - 1]), sampler, np.arange(start - 1, L - 1))
-    cand, lp = stream_candidates(model, hs[0], top_k, temp=draft_temperature(sampler))
+    if sampler is None:
+        cand, lp = stream_candidates(model, hs[0], top_k)
+    else:  # coupled, as decoding drafts: row i's streams meet the noise at i + 1 .. i + gamma
+        gamma = model.stream_args.num_streams
+        noise = coupled_noise(model, sampler.noise(np.arange(start, L + gamma),
+                                                   model.args.vocab_size))
+        ahead = np.arange(L - start + 1)[:, None] + np.arange(gamma)[None]
+        cand, lp = stream_candidates(model, hs[0], top_k, temp=sampler.temp,
+                                     noise=noise[mx.array(ahead)])
     mx.eval(chosen, cand, lp)
     agree = np.array(chosen) == np.array(answer)
     n = len(answer) if agree.all() else int(np.argmin(agree))
@@ -138,6 +150,7 @@ class Setting:
     min_draft_prob: float
     corpus_depth: int = 0
     tokens_per_pass: float = 0.0
+    median_tokens_per_pass: float = 0.0  # of the prompts' own tokens per pass
     mean_rows: float = 0.0
     predicted_speedup: float = 0.0
 
@@ -159,7 +172,7 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
     predicted speed-up = plain time / speculative time of the same tokens, from the pass
     costs (ms by rows; plain_ms per token)."""
     tokens = passes = timed_tokens = 0
-    rows_total, spec_ms = 0, 0.0
+    rows_total, spec_ms, per_prompt = 0, 0.0, []
     for tr in traces:
         drafter = budget_drafter(setting.tree_budget, setting.lookup_depth,
                                  setting.min_draft_prob, corpus, setting.corpus_depth)
@@ -169,10 +182,12 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
         # time after the first token, which the prefill costs both decoders alike.
         tokens += rp.tokens
         passes += rp.passes + 1
+        per_prompt.append(rp.tokens / (rp.passes + 1))
         timed_tokens += rp.tokens - 1
         rows_total += sum(rp.rows)
         spec_ms += sum(interpolate_cost(costs, n) for n in rp.rows)
     setting.tokens_per_pass = tokens / max(passes, 1)
+    setting.median_tokens_per_pass = float(np.median(per_prompt)) if per_prompt else 0.0
     setting.mean_rows = rows_total / max(passes - len(traces), 1)
     setting.predicted_speedup = timed_tokens * plain_ms / spec_ms if spec_ms else 0.0
     return setting
@@ -224,15 +239,16 @@ def write_defaults(model_path: str | Path, setting: Setting, corpus: bool = Fals
                    sampled_top_k: int | None = None) -> None:
     """Store the chosen drafting defaults in the folder's speculative_streaming block (the
     corpus depth only for a folder with a corpus, the only one that replays it). With
-    `sampled_top_k` (a replay of sampling) only the sampling fields are stored, that
-    top-k and the setting's floor: budget and depths are shared with greedy decoding."""
+    `sampled_top_k` (a replay of sampling) only the sampling fields are stored: that
+    top-k, the setting's budget and floor (the draft depths are shared with greedy
+    decoding)."""
     path = Path(model_path) / "config.json"
     config = json.loads(path.read_text())
     block = config.get("speculative_streaming")
     if block is None:
         raise InputError(f"{path} has no speculative_streaming block")
     if sampled_top_k is not None:
-        block.update(sampled_top_k=sampled_top_k,
+        block.update(sampled_top_k=sampled_top_k, sampled_tree_budget=setting.tree_budget,
                      sampled_min_draft_prob=setting.min_draft_prob)
     else:
         block.update(tree_budget=setting.tree_budget, lookup_depth=setting.lookup_depth,
@@ -333,10 +349,11 @@ def tune(args: TuneArgs, log=print) -> dict:
         results[task] = scored
         log(f"\n{task}: {len(trs)} prompts; best predicted settings")
         log(f"{'budget':>6s} {'lookup':>6s} {'min p':>6s} {'corpus':>6s} {'tok/pass':>8s} "
-            f"{'rows':>5s} {'speed-up':>8s}")
+            f"{'median':>6s} {'rows':>5s} {'speed-up':>8s}")
         for s in scored[:8]:
             log(f"{s.tree_budget:6d} {s.lookup_depth:6d} {s.min_draft_prob:6.2f} "
-                f"{s.corpus_depth:6d} {s.tokens_per_pass:8.2f} {s.mean_rows:5.1f} "
+                f"{s.corpus_depth:6d} {s.tokens_per_pass:8.2f} "
+                f"{s.median_tokens_per_pass:6.2f} {s.mean_rows:5.1f} "
                 f"{s.predicted_speedup:7.2f}x")
     best = results["all"][0]
     report = {"model": str(path), "temp": args.temp, "seed": args.seed, "top_k": top_k,
@@ -344,8 +361,8 @@ def tune(args: TuneArgs, log=print) -> dict:
               "best": asdict(best), "results": {t: report_rows(v) for t, v in results.items()}}
     if args.write and sampled:
         write_defaults(path, best, sampled_top_k=top_k)
-        log(f"\nwrote sampled_top_k {top_k}, sampled_min_draft_prob {best.min_draft_prob} "
-            f"to {path / 'config.json'}")
+        log(f"\nwrote sampled_tree_budget {best.tree_budget}, sampled_top_k {top_k}, "
+            f"sampled_min_draft_prob {best.min_draft_prob} to {path / 'config.json'}")
     elif args.write:
         write_defaults(path, best, corpus is not None)
         depth = f", corpus_depth {best.corpus_depth}" if corpus is not None else ""
