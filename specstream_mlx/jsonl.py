@@ -3,6 +3,7 @@ and single-object config files, each bad file a clear error."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,16 +12,19 @@ from specstream_mlx.errors import InputError
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped); clear errors for bad files."""
+    """Records of a JSONL file, gzip-compressed when its name ends in .gz (blank lines
+    skipped); clear errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" \
+            else path.read_bytes()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     records = []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():

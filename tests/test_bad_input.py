@@ -288,6 +288,8 @@ def test_tune_flags(folder, prompts, capsys, argv, message):
     (["--temp", "nan"], "--temp must be a finite number"),
     (["--prompts", "NO_PROMPT"], "every record needs a 'prompt' text"),
     (["--prompts", "EMPTY"], "holds no records"),
+    (["--record-seeds", "--temp", "0.7"], "--record-seeds samples a --prompts file's"),
+    (["--record-seeds", "--prompts", "NO_PROMPT"], "give --prompts and --temp > 0"),
 ])
 def test_data_flags(folder, tmp_path, capsys, flags, message):
     (tmp_path / "no_prompt.jsonl").write_text('{"id": "a", "completion": "no prompt"}\n')

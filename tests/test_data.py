@@ -90,6 +90,16 @@ def test_read_jsonl_skips_blank_lines(tmp_path):
     assert read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}]
 
 
+def test_read_jsonl_reads_gzip_by_its_suffix(tmp_path):
+    import gzip
+
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress('{"a": "é"}\n\n{"b": 2}\n'.encode()))
+    assert read_jsonl(tmp_path / "d.jsonl.gz") == [{"a": "é"}, {"b": 2}]
+    (tmp_path / "bad.jsonl.gz").write_text('{"a": 1}\n')  # not compressed
+    with pytest.raises(InputError, match="cannot read .*bad.jsonl.gz"):
+        read_jsonl(tmp_path / "bad.jsonl.gz")
+
+
 def test_write_read_round_trip(tmp_path):
     records = [{"prompt": "héllo ☃", "completion": "a\nb", "task": "chat"},
                {"messages": [{"role": "user", "content": "x"}]}, {}]
@@ -551,6 +561,15 @@ def test_distill_samples_with_a_seed_per_record(folder, tmp_path):
     assert_plain_answers(model, tokenizer, again, 10,
                          [PositionSampler(1.5, seed=41 + i) for i in range(3)])
     assert [r["completion"] for r in again] != [r["completion"] for r in out]
+    # record_seeds: the records' own seeds (shuffled, stripped of their answers) give the
+    # same answers back; a record without one takes seed + its index.
+    shuffled = [{k: v for k, v in r.items() if k != "completion"} for r in out[::-1]]
+    shuffled[0].pop("seed")
+    with pytest.warns(UserWarning):
+        redone = distill(folder, shuffled, max_tokens=10, batch_size=2, progress=False,
+                         temp=1.5, seed=7, record_seeds=True)
+    assert redone[1:] == out[::-1][1:]
+    assert redone[0]["seed"] == 7 and redone[0]["completion"] != out[-1]["completion"]
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(InputError, match="temp"):
             distill(folder, records, temp=bad, progress=False)

@@ -38,6 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="sample the completions at this temperature instead of greedy "
                              "(the text a sampled generation drafts on); record i of a "
                              "file is seeded --seed + i (train after valid)")
+    parser.add_argument("--record-seeds", action="store_true",
+                        help="with --temp and --prompts: a record that carries a 'seed' is "
+                             "sampled from it (reproduces an earlier sampled file)")
     parser.add_argument("--prompts", default=None,
                         help="a JSONL file of prompts (an earlier set) to complete into "
                              "OUT/train.jsonl instead of building prompt sets; the set "
@@ -60,6 +63,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_path(out / "train.jsonl", "--out")
     check_value("temp", args.temp, "--temp")
+    if args.record_seeds and (args.prompts is None or not args.temp > 0):
+        raise InputError("--record-seeds samples a --prompts file's records from their own "
+                         "seeds: give --prompts and --temp > 0")
     group = Group(args.dist_timeout)
     model = resolve_path(args.model)
     sample = {"temp": args.temp, "seed": args.seed}
@@ -71,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"--prompts {args.prompts}: every record needs a 'prompt' text")
         path = out / "train.jsonl"
         done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                       out_path=path, resume=args.resume, group=group, **sample)
+                       out_path=path, resume=args.resume, group=group,
+                       record_seeds=args.record_seeds, **sample)
         if group.main:
             print(f"wrote {len(done)} records to {path}")
         return 0

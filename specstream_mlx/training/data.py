@@ -351,7 +351,7 @@ def _complete_lines(path: str | Path) -> list[dict]:
 def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 192,
             batch_size: int = 16, out_path: str | Path | None = None,
             progress: bool = True, resume: bool = False, group=None, temp: float = 0.0,
-            seed: int = 0) -> list[dict]:
+            seed: int = 0, record_seeds: bool = False) -> list[dict]:
     """Completions of each record's prompt by the base model itself (greedy, or sampled
     with temp > 0; float32), in the order of `records`.
 
@@ -359,6 +359,8 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     are the right targets; temp > 0 samples them instead (record i by a PositionSampler
     seeded seed + i: the answer plain decoding with that sampler gives, whatever the
     batch), the text a sampled generation drafts on; such records carry "temp" and "seed".
+    `record_seeds`: a record that carries an integer "seed" is sampled from that one
+    instead (answering a sampled file's records again reproduces them).
     Prompts are batched by similar length; with `out_path`, each finished batch is
     appended there at once (a long run is usable before it ends) and the finished file
     holds the records in their given order; `resume` keeps the records already there
@@ -382,7 +384,9 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
     # A record answered otherwise (greedy vs sampled, another seed) is not resumed.
     key = lambda r: (r.get("id"), r["prompt"], r.get("temp", 0.0), r.get("seed"))  # noqa: E731
-    seed_of = {i: (seed + i) % 2**32 for i in range(len(records))} if temp > 0 else {}
+    seed_of = {i: own if record_seeds and type(own := r.get("seed")) is int
+               and 0 <= own < 2**32 else (seed + i) % 2**32
+               for i, r in enumerate(records)} if temp > 0 else {}
     records = [{**{k: v for k, v in r.items() if k not in ("temp", "seed")},
                 **({"temp": temp, "seed": seed_of[i]} if temp > 0 else {})}
                for i, r in enumerate(records)]
