@@ -133,7 +133,7 @@ def describe_precision(model: nn.Module) -> str:
     return str(model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
 
 
-def sampled_budget(sa) -> str:
+def _sampled_budget(sa: StreamArgs) -> str:
     """" (N when sampling)" where the config sets a sampled tree budget of its own."""
     budget = sa.sampled_tree_budget
     return "" if budget is None or budget == sa.tree_budget else f" ({budget} when sampling)"
@@ -145,7 +145,7 @@ def describe_model(model: nn.Module) -> str:
     streams = (
         f"{sa.num_streams} streams in the top {sa.msa_layers} layers"
         f"{' (seeing the next token)' if sa.conditioned else ''}, tree budget "
-        f"{sa.tree_budget}{sampled_budget(sa)}, top-k {sa.top_k} ({sa.sampled_top_k} "
+        f"{sa.tree_budget}{_sampled_budget(sa)}, top-k {sa.top_k} ({sa.sampled_top_k} "
         "when sampling)"
         if sa else "no streams (plain decoding)"
     )

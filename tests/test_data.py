@@ -570,6 +570,10 @@ def test_distill_samples_with_a_seed_per_record(folder, tmp_path):
                          temp=1.5, seed=7, record_seeds=True)
     assert redone[1:] == out[::-1][1:]
     assert redone[0]["seed"] == 7 and redone[0]["completion"] != out[-1]["completion"]
+    for bad in (-1, 2**32, "5", 1.5):
+        with pytest.raises(InputError, match="record 1 .*seed must be an integer"):
+            distill(folder, [shuffled[0], {**shuffled[1], "seed": bad}], temp=1.5,
+                    record_seeds=True, progress=False)
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(InputError, match="temp"):
             distill(folder, records, temp=bad, progress=False)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, tiny_model
 from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
@@ -391,3 +391,12 @@ def test_shipped_streams_are_installed_into_the_default_folder(tmp_path, monkeyp
     bare, _ = make_tiny_folder(tmp_path / "bare")
     loader.ensure_default_streams(bare)
     assert (bare / STREAMS_FILE).is_file()
+
+
+@pytest.mark.parametrize("sampled, shown", [(None, False), (6, False), (16, True)])
+def test_describe_model_names_a_sampled_budget_of_its_own(sampled, shown):
+    model = tiny_model("llama", streams=StreamArgs(num_streams=2, msa_layers=1,
+                                                   tree_budget=6, sampled_tree_budget=sampled))
+    line = describe_model(model)
+    assert "tree budget 6" in line
+    assert ("(16 when sampling)" in line) == shown

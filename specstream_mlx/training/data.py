@@ -384,9 +384,12 @@ def distill(model_path: str | Path, records: list[dict], *, max_tokens: int = 19
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
     # A record answered otherwise (greedy vs sampled, another seed) is not resumed.
     key = lambda r: (r.get("id"), r["prompt"], r.get("temp", 0.0), r.get("seed"))  # noqa: E731
-    seed_of = {i: own if record_seeds and type(own := r.get("seed")) is int
-               and 0 <= own < 2**32 else (seed + i) % 2**32
+    seed_of = {i: r["seed"] if record_seeds and "seed" in r else (seed + i) % 2**32
                for i, r in enumerate(records)} if temp > 0 else {}
+    for i, own in seed_of.items():
+        if not (type(own) is int and 0 <= own < 2**32):
+            raise InputError(f"record {i} ({records[i].get('id', 'no id')}): its seed must "
+                             f"be an integer in 0 .. 2**32 - 1, got {own!r}")
     records = [{**{k: v for k, v in r.items() if k not in ("temp", "seed")},
                 **({"temp": temp, "seed": seed_of[i]} if temp > 0 else {})}
                for i, r in enumerate(records)]
