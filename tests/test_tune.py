@@ -196,7 +196,7 @@ def test_evaluate_predicts_from_costs():
     assert s.tokens_per_pass == pytest.approx(20 / 6)
     assert s.mean_rows == pytest.approx(19 / 5)
     assert s.predicted_speedup == pytest.approx(19 / 5)
-    # per-prompt median: a second prompt replayed in 2 passes plus the prefill
+    # per-prompt median: a 3-token prompt takes the prefill and one pass (3 / 2)
     short = Trace([1, 2] + answer[:3], 2, cand[:3], np.zeros_like(cand[:3], dtype=np.float32))
     both = evaluate([tr, short, short], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
     assert both.median_tokens_per_pass == pytest.approx(3 / 2)
