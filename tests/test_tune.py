@@ -244,6 +244,9 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
     assert (block["tree_budget"], block["lookup_depth"]) == (best["tree_budget"],
                                                             best["lookup_depth"])
     assert all(s["tokens_per_pass"] >= 1.0 for s in report["results"]["all"])
+    # the calibration of each setting's stream nodes, one ratio per stream depth
+    assert all(len(s["calibration"]) == STREAMS.num_streams for s in report["results"]["all"])
+    assert "accepted / predicted by depth" in out
 
 
 def test_cli_tune_sampled_writes_only_the_sampling_fields(tmp_path, capsys):
@@ -327,3 +330,25 @@ def test_cli_tune_tries_corpus_depths_of_a_folder_with_a_corpus(tmp_path, capsys
     assert tried == {(0, 8), (2, 0), (2, 8)}  # the model's default depth and none
     block = json.loads((folder / "config.json").read_text())["speculative_streaming"]
     assert block["corpus_depth"] == report["best"]["corpus_depth"]
+
+
+def test_replay_counts_the_calibration_by_depth():
+    """Accepted / predicted stream nodes per depth: a chain of top-1 candidates (k = 1),
+    right at depth 1 only, each predicted with probability 0.5."""
+    answer = list(range(20, 40))
+    # Row i's streams: answer[i+1] (right), then two tokens never in the answer.
+    cand = np.array([[[answer[min(i + 1, 19)]], [99], [98]] for i in range(20)])
+    lp = np.full(cand.shape, np.log(0.5), dtype=np.float32)
+    tr = Trace([1, 2] + answer, 2, cand, lp)
+    rp = replay(tr, budget_drafter(3))
+    # 2 tokens a pass from root 0: passes at roots 0, 2, .. 18; the tree is cut to the
+    # tokens left (root 16: depth 2, root 18: nothing drafted)
+    assert rp.rows == [4] * 8 + [3, 1] and rp.accepted == [1] * 9 + [0]
+    assert list(rp.taken) == [0, 9, 0, 0]
+    assert list(rp.predicted) == pytest.approx([0, 9 * 0.5, 9 * 0.25, 8 * 0.125])
+    s = evaluate([tr], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    assert s.calibration == [pytest.approx(2.0), 0.0, 0.0]
+    perfect = np.array([[[answer[min(i + j, 19)]] for j in range(1, 4)] for i in range(20)])
+    s = evaluate([Trace([1, 2] + answer, 2, perfect, np.zeros_like(lp))], Setting(3, 0, 0.0),
+                 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    assert s.calibration == [1.0, 1.0, 1.0]

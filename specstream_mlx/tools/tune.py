@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -102,6 +103,10 @@ class Replay:
     passes: int
     rows: list[int]
     accepted: list[int]
+    # Stream nodes by depth d (index d, 0 unused): the sum of their path probabilities
+    # and how many were accepted; their ratio is what the controller calibrates.
+    predicted: np.ndarray | None = None
+    taken: np.ndarray | None = None
 
 
 def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
@@ -129,16 +134,22 @@ def replay(tr: Trace, drafter: Drafter, max_tokens: int | None = None) -> Replay
     answer = tr.tokens[tr.start :]
     limit = len(answer) if max_tokens is None else min(max_tokens, len(answer))
     rows, accepted = [], []
+    gamma = tr.candidates.shape[1]
+    predicted, taken = np.zeros(gamma + 1), np.zeros(gamma + 1)
     r = 0  # index in `answer` of the root: answer[: r + 1] is emitted, the root not fed
     while r + 1 < limit:
         draft = Draft(tr.candidates[r], tr.logprobs[r])
         # As in generate_step: no deeper than the tokens still allowed after the root.
         tree = drafter(draft, tr.tokens[: tr.start + r + 1]).truncate(limit - r - 2)
         path, _ = tree.accept(path_targets(tree, answer, r))
+        on_path = set(path)
+        for i, lp in enumerate(tree.logprobs, start=1):  # stream nodes come first
+            predicted[tree.depths[i]] += math.exp(lp)
+            taken[tree.depths[i]] += i in on_path
         rows.append(len(tree))
         accepted.append(len(path) - 1)
         r += len(path)
-    return Replay(min(r + 1, limit), len(rows), rows, accepted)
+    return Replay(min(r + 1, limit), len(rows), rows, accepted, predicted, taken)
 
 
 @dataclass
@@ -153,6 +164,9 @@ class Setting:
     median_tokens_per_pass: float = 0.0  # of the prompts' own tokens per pass
     mean_rows: float = 0.0
     predicted_speedup: float = 0.0
+    # Accepted / predicted stream nodes by depth 1, 2, ... (their path probabilities
+    # summed): the controller's calibration (controller.SAMPLED_START when sampling).
+    calibration: list[float] = field(default_factory=list)
 
 
 def interpolate_cost(costs: dict[int, float], rows: float) -> float:
@@ -173,6 +187,7 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
     costs (ms by rows; plain_ms per token)."""
     tokens = passes = timed_tokens = 0
     rows_total, spec_ms, per_prompt = 0, 0.0, []
+    predicted = taken = 0.0
     for tr in traces:
         drafter = budget_drafter(setting.tree_budget, setting.lookup_depth,
                                  setting.min_draft_prob, corpus, setting.corpus_depth)
@@ -186,10 +201,14 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
         timed_tokens += rp.tokens - 1
         rows_total += sum(rp.rows)
         spec_ms += sum(interpolate_cost(costs, n) for n in rp.rows)
+        predicted, taken = predicted + rp.predicted, taken + rp.taken
     setting.tokens_per_pass = tokens / max(passes, 1)
     setting.median_tokens_per_pass = float(np.median(per_prompt)) if per_prompt else 0.0
     setting.mean_rows = rows_total / max(passes - len(traces), 1)
     setting.predicted_speedup = timed_tokens * plain_ms / spec_ms if spec_ms else 0.0
+    if traces:
+        setting.calibration = [round(float(t / p), 4) if p > 0 else 0.0
+                               for t, p in zip(taken[1:], predicted[1:], strict=True)]
     return setting
 
 
@@ -355,6 +374,9 @@ def tune(args: TuneArgs, log=print) -> dict:
                 f"{s.corpus_depth:6d} {s.tokens_per_pass:8.2f} "
                 f"{s.median_tokens_per_pass:6.2f} {s.mean_rows:5.1f} "
                 f"{s.predicted_speedup:7.2f}x")
+        if scored and scored[0].calibration:
+            log("stream nodes of the first row, accepted / predicted by depth: "
+                + " / ".join(f"{c:.2f}" for c in scored[0].calibration))
     best = results["all"][0]
     report = {"model": str(path), "temp": args.temp, "seed": args.seed, "top_k": top_k,
               "pass_cost_ms": costs, "plain_ms": plain_ms,
