@@ -57,13 +57,14 @@ CHAIN_LENGTHS = (1, 2, 4, 8, 16, 32)
 # When sampling, a stream node is taken less often than its path probability says, the
 # more so the deeper it is (the streams' probabilities at depth 2 and 3 are marginals
 # over tokens the draft fixes): replayed at 0.7 on 48 held-out prompts, whole trees of
-# 16 coupled nodes (step.stream_candidates), accepted / predicted per depth was
-# 0.71 / 0.37 / 0.21 on code and 0.57 / 0.28 / 0.15 on chat with the shipped streams
-# (0.79 / 0.44 / 0.28 and 0.72 / 0.40 / 0.25 with run 13's, README). So a sampled
-# generation starts its calibration at these ratios for depths 1, 2, 3+ (worth this
-# many predicted nodes a depth) instead of 1:1; accepted nodes move them within a few
-# steps.
-SAMPLED_START = ((0.66, 0.34, 0.2), 2.0)
+# 16 coupled nodes (step.stream_candidates; `specstream tune --temp 0.7 --budgets 16`
+# prints it as its calibration line), accepted / predicted per depth was
+# 0.78 / 0.44 / 0.27 on code and 0.70 / 0.39 / 0.25 on chat with the shipped streams
+# (run 14's, README; the streams before them: 0.71 / 0.37 / 0.21 and 0.57 / 0.28 / 0.15).
+# So a sampled generation starts its calibration at these ratios (both tasks, weighted
+# by predicted nodes) for depths 1, 2, 3+ (worth this many predicted nodes a depth)
+# instead of 1:1; accepted nodes move them within a few steps.
+SAMPLED_START = ((0.75, 0.43, 0.26), 2.0)
 
 
 @dataclass
