@@ -23,6 +23,8 @@ from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.tools.bench import (
     BenchArgs,
     bench,
+    compare,
+    compare_row,
     draw_chart,
     format_report,
     paired_row,
@@ -311,3 +313,43 @@ def test_cli_bench_repeats(root, folder, capsys):
     assert main(["bench", "--prompts", str(root / "prompts.jsonl"), "--model", str(folder),
                  "--no-mlx-lm", "--repeats", "0"]) == 2
     assert "repeats" in capsys.readouterr().err
+
+
+def test_compare_two_stream_folders(root, folder, tmp_path, capsys):
+    """`bench --compare`: plain, A and B per prompt and round, the same tokens in every
+    arm; per-task and overall summaries; a folder without streams or of another base
+    model is refused."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    code = main(["bench", "--prompts", str(root / "prompts.jsonl"), "--model", str(folder),
+                 "--compare", str(other), "--max-tokens", "6", "--repeats", "2",
+                 "--json", str(tmp_path / "ab.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count(" tok  A x") == 3 and "DIFFERENT" not in out
+    report = json.loads((tmp_path / "ab.json").read_text())
+    assert set(report["per_task"]) == {"chat", "code"} and report["all"]["prompts"] == 3
+    assert report["all"]["identical"] and report["all"]["A_speedup"] > 0
+    for r in report["per_prompt"]:
+        assert r["A_tokens_per_pass"] >= 1.0 and r["B_tokens_per_pass"] >= 1.0
+    plain = make_tiny_folder(tmp_path / "plain")[0]
+    with pytest.raises(InputError, match="no streams"):
+        compare(BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder)), str(plain))
+    qwen = make_tiny_folder(tmp_path / "qwen", name="qwen2", streams=STREAMS)[0]
+    with pytest.raises(InputError, match="same base model"):
+        compare(BenchArgs(prompts=str(root / "prompts.jsonl"), model=str(folder)), str(qwen))
+
+
+def test_compare_row_takes_medians_of_same_round_ratios():
+    toks = [1, 2, 3]
+    runs = {"plain": [run(toks, 10.0, [0, 1, 2]), run(toks, 5.0, [0, 2, 4])],
+            "A": [run(toks, 20.0, [0, 1, 2]), run(toks, 5.0, [0, 1, 2])],    # x2.0, x1.0
+            "B": [run(toks, 30.0, [0, 1, 2]), run(toks, 10.0, [0, 1, 2])]}   # x3.0, x2.0
+    row = compare_row({"id": "p", "task": "code"}, 0, runs)
+    assert row["A_speedup"] == 1.5 and row["B_speedup"] == 2.5
+    assert row["plain_seconds"] == pytest.approx((2 / 10 + 2 / 5) / 2)
+    assert row["A_tokens_per_pass"] == 1.5 and row["identical"]
+    runs["B"][1] = run([1, 2, 4], 10.0, [0, 1, 2])
+    assert not compare_row({}, 3, runs)["identical"]

@@ -6,7 +6,7 @@ import argparse
 
 from specstream_mlx.loader import PRECISIONS
 from specstream_mlx.settings import parse_counts
-from specstream_mlx.tools.bench import BenchArgs, bench
+from specstream_mlx.tools.bench import BenchArgs, bench, compare
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +47,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conversation", type=int, default=0, metavar="TURNS",
                         help="also time the first token of each turn of a TURNS-turn "
                              "conversation, with KV reuse and with a fresh prefill")
+    parser.add_argument("--compare", default=None, metavar="FOLDER",
+                        help="A/B instead: plain, --model's streams (A) and FOLDER's (B, the "
+                             "same base model) in rotating order, --repeats rounds a prompt")
 
 
 def main(args: argparse.Namespace) -> int:
-    bench(BenchArgs(
+    bench_args = BenchArgs(
         prompts=args.prompts, model=args.model, max_tokens=args.max_tokens,
         tree_budget=args.tree_budget, draft_top_k=args.draft_top_k, lookup_depth=args.lookup_depth,
         min_draft_prob=args.min_draft_prob, corpus_depth=args.corpus_depth,
@@ -60,5 +63,9 @@ def main(args: argparse.Namespace) -> int:
         rows=parse_counts(args.rows, "--rows"), window=args.window, json_path=args.json,
         png_path=args.png, conversation=args.conversation,
         temp=args.temp, top_p=args.top_p, seed=args.seed, repeats=args.repeats,
-    ))
+    )
+    if args.compare:
+        compare(bench_args, args.compare)
+    else:
+        bench(bench_args)
     return 0

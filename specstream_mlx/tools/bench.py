@@ -177,6 +177,102 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+ARMS = ("plain", "A", "B")
+
+
+def compare_row(record: dict, index: int, runs: dict[str, list[dict]]) -> dict:
+    """One prompt's A/B report from its rounds of timed runs per arm (ARMS): each arm's
+    speed-up over plain is the median of its rounds' ratios to the plain run of the same
+    round; seconds are medians of (n - 1) / tokens/s; tokens per pass the first run's;
+    `identical` holds when every run of every arm emitted the same tokens."""
+    first = runs["plain"][0]
+    row = {"id": record.get("id", str(index)), "task": record.get("task", "all"),
+           "tokens": first["n"],
+           "identical": all(r["tokens"] == first["tokens"] for a in ARMS for r in runs[a])}
+    for arm in ARMS:
+        rated = [r for r in runs[arm] if r["tps"]]
+        row[f"{arm}_seconds"] = (float(np.median([(r["n"] - 1) / r["tps"] for r in rated]))
+                                 if rated else 0.0)
+    for arm in ARMS[1:]:
+        ratios = [r["tps"] / p["tps"] for r, p in zip(runs[arm], runs["plain"], strict=True)
+                  if p["tps"] and r["tps"]]
+        row[f"{arm}_speedup"] = round(float(np.median(ratios)), 3) if ratios else None
+        row[f"{arm}_tokens_per_pass"] = round(runs[arm][0]["n"] / runs[arm][0]["passes"], 3)
+    return row
+
+
+def summarize_compare(rows: list[dict]) -> dict:
+    """Each arm's aggregate speed-up (total plain time over the arm's, over prompts timed
+    in all arms), worst prompt, and on how many prompts B beat A."""
+    rated = [r for r in rows if r["plain_seconds"] and r["A_seconds"] and r["B_seconds"]]
+    out = {"prompts": len(rows), "identical": all(r["identical"] for r in rows),
+           "B_better": sum((r["B_speedup"] or 0) > (r["A_speedup"] or 0) for r in rated)}
+    plain = sum(r["plain_seconds"] for r in rated)
+    for arm in ARMS[1:]:
+        spent = sum(r[f"{arm}_seconds"] for r in rated)
+        out[f"{arm}_speedup"] = round(plain / spent, 3) if spent else None
+        worst = min(rated, key=lambda r: r[f"{arm}_speedup"] or 0) if rated else None
+        out[f"{arm}_min_speedup"] = worst[f"{arm}_speedup"] if worst else None
+        out[f"{arm}_worst_prompt"] = worst["id"] if worst else None
+    return out
+
+
+def compare(args: BenchArgs, other: str, log=print) -> dict:
+    """A/B of two stream folders on the same base model (`args.model` is A, `other` B):
+    for every prompt and each of `args.repeats` rounds, plain decoding, A and B run in an
+    order that rotates with the prompt and the round, so drift favours no arm. Reports
+    each arm's speed-up over plain per prompt and task, and whether every arm emitted
+    the same tokens (greedy and sampled alike: the position-keyed sampler)."""
+    check_bench_args(args)
+    records = read_jsonl(args.prompts)[: args.limit]
+    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                              for r in records):
+        raise InputError(f"{args.prompts}: need records with a 'prompt' field")
+    paths = [resolve_path(args.model), resolve_path(other)]
+    models = [load(p, precision=args.precision) for p in paths]
+    for p, (m, _) in zip(paths, models, strict=True):
+        if m.stream_args is None:
+            raise InputError(f"{p} has no streams: nothing to compare")
+    if models[0][0].args != models[1][0].args:
+        raise InputError(f"{paths[0]} and {paths[1]} are not the same base model")
+    for name, (m, _) in zip("AB", models, strict=True):
+        log(f"[{name}: {describe_model(m)}]")
+    tokenizer = models[0][1]
+    prompts = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
+    for arm in ARMS:  # warm-up, not reported
+        timed_run(*models[arm == "B"], prompts[0], args, arm != "plain")
+    rows = []
+    for i, (record, ids) in enumerate(zip(records, prompts, strict=True)):
+        runs = {arm: [] for arm in ARMS}
+        for rep in range(args.repeats):
+            k = (i + rep) % len(ARMS)
+            for arm in ARMS[k:] + ARMS[:k]:
+                runs[arm].append(timed_run(*models[arm == "B"], ids, args, arm != "plain",
+                                           args.seed + i))
+        row = compare_row(record, i, runs)
+        rows.append(row)
+        log(f"{row['id'][:28]:28s} {row['tokens']:4d} tok  "
+            + "  ".join(f"{arm} x{row[f'{arm}_speedup'] or 0:.2f} "
+                        f"({row[f'{arm}_tokens_per_pass']:.2f} tok/pass)" for arm in ARMS[1:])
+            + ("  same" if row["identical"] else "  DIFFERENT"))
+    tasks = sorted({r["task"] for r in rows})
+    report = {"A": str(paths[0]), "B": str(paths[1]), "settings": asdict(args),
+              "device": str(mx.default_device()), "blas": blas_info(), "per_prompt": rows,
+              "per_task": {t: summarize_compare([r for r in rows if r["task"] == t])
+                           for t in tasks},
+              "all": summarize_compare(rows)}
+    for task, summary in [*report["per_task"].items(), ("all", report["all"])]:
+        log(f"{task:8s} {summary['prompts']:3d} prompts  A x{summary['A_speedup'] or 0:.3f}  "
+            f"B x{summary['B_speedup'] or 0:.3f}  | worst A x{summary['A_min_speedup'] or 0:.2f} "
+            f"B x{summary['B_min_speedup'] or 0:.2f}  | B faster on {summary['B_better']}  "
+            f"| identical {summary['identical']}")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json_path}")
+    return report
+
+
 def conversation_ttft(model, tokenizer, questions: list[str], max_tokens: int,
                       log=print) -> list[dict]:
     """A conversation of len(questions) user turns, each answered twice, interleaved: with
