@@ -35,6 +35,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` records (all: None) of a prompt file; each must be an object with
+    a 'prompt' text, and there must be at least one."""
+    records = read_jsonl(path)[:limit]
+    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                              for r in records):
+        raise InputError(f"{path}: need records with a 'prompt' field")
+    return records
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     """Write `records` as UTF-8 JSONL (folders created); returns how many."""
     path = Path(path)

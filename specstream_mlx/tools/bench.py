@@ -23,7 +23,7 @@ from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages, encode_prompt, stream_generate
-from specstream_mlx.jsonl import read_jsonl
+from specstream_mlx.jsonl import read_prompts
 from specstream_mlx.loader import describe_model, load, resolve_path, set_precision
 from specstream_mlx.settings import check_output_path, check_rows, check_settings
 
@@ -224,10 +224,7 @@ def compare(args: BenchArgs, other: str, log=print) -> dict:
     each arm's speed-up over plain per prompt and task, and whether every arm emitted
     the same tokens (greedy and sampled alike: the position-keyed sampler)."""
     check_bench_args(args)
-    records = read_jsonl(args.prompts)[: args.limit]
-    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
-                              for r in records):
-        raise InputError(f"{args.prompts}: need records with a 'prompt' field")
+    records = read_prompts(args.prompts, args.limit)
     paths = [resolve_path(args.model), resolve_path(other)]
     models = [load(p, precision=args.precision) for p in paths]
     for p, (m, _) in zip(paths, models, strict=True):
@@ -328,10 +325,7 @@ def check_bench_args(args: BenchArgs) -> None:
 def bench(args: BenchArgs, log=print) -> dict:
     """Run the benchmark; returns the report (also written as JSON when asked)."""
     check_bench_args(args)
-    records = read_jsonl(args.prompts)[: args.limit]
-    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
-                              for r in records):
-        raise InputError(f"{args.prompts}: need records with a 'prompt' field")
+    records = read_prompts(args.prompts, args.limit)
     path = resolve_path(args.model)
     model, tokenizer = load(path, precision=args.precision)
     if model.stream_args is None:
