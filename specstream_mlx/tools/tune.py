@@ -105,8 +105,8 @@ class Replay:
     accepted: list[int]
     # Stream nodes by depth d (index d, 0 unused): the sum of their path probabilities
     # and how many were accepted; their ratio is what the controller calibrates.
-    predicted: np.ndarray | None = None
-    taken: np.ndarray | None = None
+    predicted: np.ndarray
+    taken: np.ndarray
 
 
 def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
@@ -318,14 +318,11 @@ def check_tune_args(args: TuneArgs) -> None:
 def tune(args: TuneArgs, log=print) -> dict:
     """Replay every setting of the grid on the prompts, predict speed-ups from this
     machine's measured pass costs, print the best settings (and store the best)."""
-    from specstream_mlx.jsonl import read_jsonl
+    from specstream_mlx.jsonl import read_prompts
     from specstream_mlx.loader import describe_model, load, resolve_path
 
     check_tune_args(args)
-    records = read_jsonl(args.prompts)[: args.limit]
-    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
-                              for r in records):
-        raise InputError(f"{args.prompts}: need records with a 'prompt' field")
+    records = read_prompts(args.prompts, args.limit)
     path = resolve_path(args.model)
     model, tokenizer = load(path)
     if model.stream_args is None:
