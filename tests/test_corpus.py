@@ -19,7 +19,7 @@ from specstream_mlx.cli import main as cli_main
 from specstream_mlx.decoding import step as step_module
 from specstream_mlx.decoding.controller import Controller, PassCosts, Plan, chain_key
 from specstream_mlx.decoding.corpus import SEPARATOR, CorpusIndex
-from specstream_mlx.decoding.drafter import Drafting, pick_chain, planned_tree
+from specstream_mlx.decoding.drafter import DraftSettings, pick_chain, planned_tree
 from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.decoding.tree import DraftTree
@@ -114,10 +114,10 @@ def test_loader_attaches_the_folders_corpus(tmp_path):
     model, _ = load(folder)
     assert isinstance(model.corpus, CorpusIndex) and len(model.corpus) == 15
     assert "corpus of 0k tokens" in describe_model(model)
-    assert Drafting.resolve(model, True, None, None, None, None).corpus == 8
-    assert Drafting.resolve(model, True, None, None, None, None, 0).corpus == 0
+    assert DraftSettings.resolve(model, True, None, None, None, None).corpus == 8
+    assert DraftSettings.resolve(model, True, None, None, None, None, 0).corpus == 0
     with pytest.raises(InputError, match="corpus_depth"):
-        Drafting.resolve(model, True, None, None, None, None, -1)
+        DraftSettings.resolve(model, True, None, None, None, None, -1)
     np.save(folder / CORPUS_FILE, np.array([1000]))
     with pytest.raises(ModelLoadError, match="corpus"):
         load(folder)
@@ -147,7 +147,7 @@ def test_controller_keeps_corpus_statistics_apart():
 def test_planned_tree_takes_the_chain_the_controller_expects_more_from():
     index = CorpusIndex(np.array([1, 2, 3, 4, 5, 6, SEPARATOR] * 4))
     history = [9, 1, 2, 3]  # no context match for "3"; the corpus matches 3 tokens
-    d = Drafting(True, budget=0, top_k=1, lookup=8, corpus=4)
+    d = DraftSettings(True, budget=0, top_k=1, lookup=8, corpus=4)
     c = Controller(PassCosts(), 3)
     _, plan, match = planned_tree(c, None, history, NgramIndex(), d, index)
     assert match == ("corpus", 3)

@@ -15,7 +15,7 @@ from conftest import TINY_CONFIGS, reference_model, tiny_model
 from mlx.utils import tree_flatten
 
 from specstream_mlx.decoding.cache import KVCache
-from specstream_mlx.decoding.drafter import Draft, budget_drafter
+from specstream_mlx.decoding.drafter import StreamProposal, budget_drafter
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import (
     generate_step,
@@ -85,7 +85,7 @@ def perfect_drafter(
     A wrong branch also carries the true next-next token, which must not be accepted.
     """
 
-    def drafter(draft: Draft, history: list[int]) -> DraftTree:
+    def drafter(draft: StreamProposal, history: list[int]) -> DraftTree:
         assert draft.candidates.shape == draft.logprobs.shape
         truth = reference[len(history) : len(history) + depth]
         tokens, parents, parent = [], [], 0
@@ -206,7 +206,7 @@ def drive(model, prompt: list[int], drafter, steps: int, top_k: int = 3):
         assert model.stream_args.conditioned
         hs = root_streams(model, cache, h_last, mx.array(root))
     cand, lp = stream_candidates(model, hs, top_k)
-    draft = Draft(np.array(cand), np.array(lp))
+    draft = StreamProposal(np.array(cand), np.array(lp))
     history = prompt + [root]
     accepted = 0
     for _ in range(steps):

@@ -86,9 +86,9 @@ def test_with_chain_shares_existing_nodes():
 def test_budget_drafter_adds_the_context_chain():
     import numpy as np
 
-    from specstream_mlx.decoding.step import Draft, budget_drafter
+    from specstream_mlx.decoding.step import StreamProposal, budget_drafter
 
-    draft = Draft(np.array([[10, 11], [20, 21]]), np.array([[-0.1, -2.0], [-0.2, -3.0]]))
+    draft = StreamProposal(np.array([[10, 11], [20, 21]]), np.array([[-0.1, -2.0], [-0.2, -3.0]]))
     history = [5, 6, 10, 20, 30, 40, 50, 7, 5, 6]  # "5 6" occurred, followed by 10 20 30
     tree = budget_drafter(2, lookup_depth=4)(draft, history)
     assert tree.tokens == [10, 20, 30, 40] and tree.parents == [0, 1, 2, 3]

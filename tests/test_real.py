@@ -12,7 +12,7 @@ import pytest
 
 from specstream_mlx import generate, load
 from specstream_mlx.convert.embedded import ensure_embedded_model
-from specstream_mlx.decoding.drafter import Draft
+from specstream_mlx.decoding.drafter import StreamProposal
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.decoding.tree import DraftTree
@@ -123,7 +123,7 @@ def test_perfect_drafts_on_real_text(smollm):
     plain = [e.token for e in generate_step(model, prompt, max_tokens=64, speculative=False)]
     gamma = model.stream_args.num_streams
 
-    def oracle(draft: Draft, history: list[int]) -> DraftTree:
+    def oracle(draft: StreamProposal, history: list[int]) -> DraftTree:
         done = len(history) - len(prompt)
         truth = plain[done : done + gamma]
         tokens, parents = [], []

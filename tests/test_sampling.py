@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from specstream_mlx.decoding.drafter import Draft, Drafting
+from specstream_mlx.decoding.drafter import DraftSettings, StreamProposal
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import (
     COUPLED_SPREAD,
@@ -140,7 +140,7 @@ def test_a_perfect_drafter_is_accepted_when_sampling():
     sampler = PositionSampler(1.0, seed=99)
     expected = tokens(model, sampler, n=30, speculative=False)
 
-    def oracle(draft: Draft, history: list[int]) -> DraftTree:
+    def oracle(draft: StreamProposal, history: list[int]) -> DraftTree:
         done = len(history) - len(PROMPT)
         chain = expected[done: done + 4]
         return DraftTree(chain, list(range(len(chain))))
@@ -162,7 +162,7 @@ def test_partly_right_trees_draw_what_plain_decoding_draws(seed):
     rng = np.random.default_rng(seed)
     V = model.args.vocab_size
 
-    def noisy_oracle(draft: Draft, history: list[int]) -> DraftTree:
+    def noisy_oracle(draft: StreamProposal, history: list[int]) -> DraftTree:
         done = len(history) - len(PROMPT)
         toks, parents, node = [], [], 0
         for want in expected[done: done + 4]:
@@ -229,18 +229,18 @@ def test_sampling_drafts_wider_from_its_own_defaults():
     sa = StreamArgs(num_streams=3, msa_layers=2, tree_budget=6, top_k=3, min_draft_prob=0.2,
                     sampled_top_k=5, sampled_min_draft_prob=0.05, sampled_tree_budget=12)
     model = tiny_model("llama", seed=5, streams=sa)
-    d = Drafting.resolve(model, True, None, None, None, None, sampled=True)
+    d = DraftSettings.resolve(model, True, None, None, None, None, sampled=True)
     assert (d.budget, d.top_k, d.min_prob) == (12, 5, 0.05)
-    d = Drafting.resolve(model, True, 4, 2, None, 0.3, sampled=True)
+    d = DraftSettings.resolve(model, True, 4, 2, None, 0.3, sampled=True)
     assert (d.budget, d.top_k, d.min_prob) == (4, 2, 0.3)
-    d = Drafting.resolve(model, True, None, None, None, None)
+    d = DraftSettings.resolve(model, True, None, None, None, None)
     assert (d.budget, d.top_k, d.min_prob) == (6, 3, 0.2)
     unset = tiny_model("llama", seed=5, streams=StreamArgs(num_streams=3, msa_layers=2,
                                                            tree_budget=6))
-    assert Drafting.resolve(unset, True, None, None, None, None, sampled=True).budget == 6
+    assert DraftSettings.resolve(unset, True, None, None, None, None, sampled=True).budget == 6
     widths = []
 
-    def recording(draft: Draft, history: list[int]) -> DraftTree:
+    def recording(draft: StreamProposal, history: list[int]) -> DraftTree:
         widths.append(draft.candidates.shape)
         return DraftTree()
 
@@ -253,4 +253,4 @@ def test_sampled_top_k_stops_at_the_draft_vocabulary():
     sa = StreamArgs(num_streams=2, msa_layers=1, top_k=2, sampled_top_k=64,
                     draft_vocab_size=12)
     model = tiny_model("llama", seed=5, streams=sa)
-    assert Drafting.resolve(model, True, None, None, None, None, sampled=True).top_k == 12
+    assert DraftSettings.resolve(model, True, None, None, None, None, sampled=True).top_k == 12

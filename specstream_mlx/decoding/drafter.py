@@ -1,7 +1,7 @@
 """From the streams' candidates to the next draft tree: the drafting settings of a
-generation (Drafting), the streams' proposal at the last accepted position (Draft), the
-default budget drafter, and the controller's planned tree (stream nodes plus a context
-draft)."""
+generation (DraftSettings), the streams' proposal at the last accepted position
+(StreamProposal), the default budget tree builder, and the controller's planned tree (stream
+nodes plus a context draft)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from specstream_mlx.settings import check_settings
 
 
 @dataclass
-class Draft:
+class StreamProposal:
     """The streams' proposal at the last accepted position.
 
     candidates: (gamma, k) token ids, best first; logprobs: (gamma, k).
@@ -30,11 +30,11 @@ class Draft:
 
 
 # Builds the next tree from a draft and the tokens so far (prompt + generated).
-Drafter = Callable[[Draft, list[int]], DraftTree]
+TreeBuilder = Callable[[StreamProposal, list[int]], DraftTree]
 
 
 @dataclass(frozen=True)
-class Drafting:
+class DraftSettings:
     """How one generation drafts, resolved once from the caller's values and the model's
     stream config: `enabled` False is plain decoding (no streams, or speculative off)."""
 
@@ -49,7 +49,7 @@ class Drafting:
     def resolve(cls, model, speculative: bool, tree_budget: int | None,
                 draft_top_k: int | None, lookup_depth: int | None,
                 min_draft_prob: float | None, corpus_depth: int | None = None,
-                sampled: bool = False) -> Drafting:
+                sampled: bool = False) -> DraftSettings:
         """corpus_depth None: the stream config's, when the model carries a corpus
         (model.corpus, set by the loader from the folder's corpus file). `sampled`: the
         generation samples, so tree_budget, draft_top_k and min_draft_prob default to
@@ -108,7 +108,7 @@ def pick_chain(history: list[int], index: NgramIndex | None, lookup: int,
 
 
 def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0,
-                   corpus: CorpusIndex | None = None, corpus_depth: int = 0) -> Drafter:
+                   corpus: CorpusIndex | None = None, corpus_depth: int = 0) -> TreeBuilder:
     """The default drafter: the `budget` most probable nodes of the candidate tree (those
     with a path probability of at least `min_prob`), plus (lookup_depth > 0) a context
     draft of up to lookup_depth tokens copied from where the current n-gram last occurred
@@ -116,7 +116,7 @@ def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0,
     tokens where the corpus matches a longer n-gram (pick_chain)."""
     index = NgramIndex() if lookup_depth > 0 else None
 
-    def draft_tree(draft: Draft, history: list[int]) -> DraftTree:
+    def draft_tree(draft: StreamProposal, history: list[int]) -> DraftTree:
         tree = DraftTree.from_candidates(draft.candidates, draft.logprobs, budget, min_prob)
         chain, _ = pick_chain(history, index, lookup_depth, corpus, corpus_depth)
         return tree.with_chain(chain) if chain else tree
@@ -124,8 +124,8 @@ def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0,
     return draft_tree
 
 
-def planned_tree(controller: Controller, draft: Draft | None, history: list[int],
-                 index: NgramIndex | None, d: Drafting, corpus: CorpusIndex | None = None
+def planned_tree(controller: Controller, draft: StreamProposal | None, history: list[int],
+                 index: NgramIndex | None, d: DraftSettings, corpus: CorpusIndex | None = None
                  ) -> tuple[DraftTree, Plan, int | tuple[str, int]]:
     """The controller's choice among the streams' best nodes (at most d.budget, above
     d.min_prob) and the context or corpus draft (at most d.lookup or d.corpus tokens,

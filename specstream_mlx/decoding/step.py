@@ -18,9 +18,9 @@ import numpy as np
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.controller import Controller, costs_for
 from specstream_mlx.decoding.drafter import (
-    Draft,
-    Drafter,
-    Drafting,
+    DraftSettings,
+    StreamProposal,
+    TreeBuilder,
     budget_drafter,
     model_corpus,
     planned_tree,
@@ -42,7 +42,7 @@ class StepResult:
 
     tokens: list[int]
     num_drafted: int
-    draft: Draft | None
+    draft: StreamProposal | None
     path: list[int]
 
 
@@ -179,7 +179,7 @@ def root_streams(model, cache: KVCache, h_last: mx.array, root: mx.array) -> mx.
 
 def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler | None,
            top_k: int, draft: bool = True, draft_head: mx.array | None = None
-           ) -> tuple[list[int], int, Draft | None]:
+           ) -> tuple[list[int], int, StreamProposal | None]:
     """One forward pass of `root` + `tree` with the cache's committed tokens as prefix:
     returns the accepted path (node indices, 0 first), the token after it, and (with
     `draft`, top_k > 0 and streams) the streams' candidates at its last node
@@ -225,7 +225,7 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
                                            positions[last]))
     mx.eval(*outputs)  # the step's one read-back
     path, bonus = tree.accept(targets.tolist())
-    new_draft = Draft(np.array(outputs[1]), np.array(outputs[2])) if streams else None
+    new_draft = StreamProposal(np.array(outputs[1]), np.array(outputs[2])) if streams else None
     return path, bonus, new_draft
 
 
@@ -254,7 +254,7 @@ def generate_step(
     lookup_depth: int | None = None,
     min_draft_prob: float | None = None,
     prefill_chunk: int = 512,
-    drafter: Drafter | None = None,
+    drafter: TreeBuilder | None = None,
     cache: KVCache | None = None,
     adaptive: bool = True,
     corpus_depth: int | None = None,
@@ -263,7 +263,7 @@ def generate_step(
 
     sampler None is greedy; a PositionSampler samples, and the tokens then equal plain
     decoding's with the same sampler, whatever is drafted. tree_budget, draft_top_k,
-    lookup_depth and min_draft_prob default to the model's stream config (see Drafting,
+    lookup_depth and min_draft_prob default to the model's stream config (see DraftSettings,
     budget_drafter); so does corpus_depth, the length of drafts retrieved from the
     model's corpus (corpus.py) when the loader attached one (0 turns them off).
     `drafter` replaces the default budget tree (tests use it to force perfect drafts).
@@ -280,7 +280,7 @@ def generate_step(
     """
     prompt = check_token_ids(prompt, model.args.vocab_size)
     check_settings(max_tokens=max_tokens)
-    d = Drafting.resolve(model, speculative, tree_budget, draft_top_k, lookup_depth,
+    d = DraftSettings.resolve(model, speculative, tree_budget, draft_top_k, lookup_depth,
                          min_draft_prob, corpus_depth, sampled=sampler is not None)
     corpus = model_corpus(model) if d.corpus else None
     context = model.args.max_position_embeddings
@@ -315,7 +315,7 @@ def generate_step(
             cand, lp = sampler_candidates(model, hs, top_k, draft_head, sampler,
                                           mx.array(len(prompt) - 1, dtype=mx.int32))
             mx.eval(root, cand, lp)
-            draft = Draft(np.array(cand), np.array(lp))
+            draft = StreamProposal(np.array(cand), np.array(lp))
         root, passes = root.item(), 1
         yielded += 1
         history.append(root)

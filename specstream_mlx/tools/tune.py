@@ -30,9 +30,9 @@ import numpy as np
 
 from specstream_mlx.checkpoint import CORPUS_FILE
 from specstream_mlx.decoding.drafter import (
-    Draft,
-    Drafter,
-    Drafting,
+    DraftSettings,
+    StreamProposal,
+    TreeBuilder,
     budget_drafter,
     model_corpus,
 )
@@ -124,7 +124,7 @@ def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
     return targets
 
 
-def replay(tr: Trace, drafter: Drafter, max_tokens: int | None = None) -> Replay:
+def replay(tr: Trace, drafter: TreeBuilder, max_tokens: int | None = None) -> Replay:
     """Speculative decoding of `tr` (greedy or sampled, as traced) with `drafter`, without
     running the model.
 
@@ -138,7 +138,7 @@ def replay(tr: Trace, drafter: Drafter, max_tokens: int | None = None) -> Replay
     predicted, taken = np.zeros(gamma + 1), np.zeros(gamma + 1)
     r = 0  # index in `answer` of the root: answer[: r + 1] is emitted, the root not fed
     while r + 1 < limit:
-        draft = Draft(tr.candidates[r], tr.logprobs[r])
+        draft = StreamProposal(tr.candidates[r], tr.logprobs[r])
         # As in generate_step: no deeper than the tokens still allowed after the root.
         tree = drafter(draft, tr.tokens[: tr.start + r + 1]).truncate(limit - r - 2)
         path, _ = tree.accept(path_targets(tree, answer, r))
@@ -330,7 +330,7 @@ def tune(args: TuneArgs, log=print) -> dict:
     log(f"[{describe_model(model)}]")
     sampled = args.temp > 0
     # The top-k decoding would take (the config's sampled_top_k when sampling).
-    top_k = Drafting.resolve(model, True, None, args.draft_top_k, None, None,
+    top_k = DraftSettings.resolve(model, True, None, args.draft_top_k, None, None,
                              sampled=sampled).top_k
     if sampled:
         log(f"replaying sampling at temperature {args.temp} (seed {args.seed}), "
