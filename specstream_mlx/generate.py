@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from specstream_mlx.decoding.cache import KVCache
-from specstream_mlx.decoding.drafter import Drafter
+from specstream_mlx.decoding.drafter import TreeBuilder
 from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import generate_step
@@ -22,8 +22,11 @@ from specstream_mlx.settings import check_settings, check_text, check_token_ids
 class GenerationResponse:
     """One generated token and the running statistics of the generation.
 
-    text: the new text piece; token: its id; from_draft: True when the token was a
-    drafted token accepted by verification, False for the token a pass commits itself.
+    text: the text this token releases; token: its id; from_draft: True when the token
+    was a drafted token accepted by verification, False for the token a pass commits
+    itself. With stop strings, text that could still begin one is held back until it
+    cannot (so `text` may be empty, or include earlier tokens' text), and a stop string
+    is never part of it: the pieces always add up to the whole response.
     """
 
     text: str
@@ -64,6 +67,17 @@ def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string:
+    the text that a later token could still turn into a stop, so not to be shown yet."""
+    longest = max(map(len, stops), default=0)
+    for start in range(max(0, len(text) - longest + 1), len(text)):
+        tail = text[start:]
+        if any(s.startswith(tail) for s in stops):
+            return len(text) - start
+    return 0
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -82,7 +96,7 @@ def stream_generate(
     corpus_depth: int | None = None,
     chat: bool = True,
     stop: list[str] | None = None,
-    drafter: Drafter | None = None,
+    drafter: TreeBuilder | None = None,
     cache: KVCache | None = None,
     adaptive: bool = True,
     prompt_cache: PromptCache | None = None,
@@ -94,13 +108,16 @@ def stream_generate(
     the tokens follow the model's sampling distribution exactly, and after
     mx.random.seed(s) speculative and plain decoding draw the same tokens (up to float
     rounding, see sampling.py).
-    Drafting: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
+    DraftSettings: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
     stream), `lookup_depth` (context draft length), `min_draft_prob` (floor on a
     stream node's path probability) and `corpus_depth` (corpus draft length, when the
     model folder has a corpus) default to the model's stream config. `adaptive`
     (default) lets the controller pick each step's draft from measured costs, plain steps
     included; False drafts the whole budget.
-    Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`.
+    Generation ends at an end-of-sequence token, a `stop` string, or `max_tokens`. The
+    text ends before the earliest occurrence of a stop string (which is not part of it);
+    text that could still become a stop is held back, and the last response flushes it.
+    Empty stop strings are ignored.
     `prompt_cache` (a PromptCache of this model) reuses the K/V of an earlier generation
     whose tokens this prompt extends (a conversation's previous turn): only the new
     tokens are prefilled, and the output is the same as with a fresh prefill.
@@ -109,12 +126,13 @@ def stream_generate(
                    top_k=top_k)
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
         raise InputError("stop must be a list of strings")
+    stops = [s for s in stop or () if s]  # "" would match everywhere: ignored
     ids = encode_prompt(tokenizer, prompt, chat)
     sampler = PositionSampler.drawn(temp, top_p, min_p, top_k) if temp > 0 else None
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()
-    text, drafted, n = "", 0, 0
+    held, drafted, n = "", 0, 0  # held: text not yet yielded, as it may begin a stop
     tic = time.perf_counter()
     reused, generated = 0, []
     if prompt_cache is not None:
@@ -149,12 +167,22 @@ def stream_generate(
             if event.token not in eos:
                 detok.add_token(event.token)
             piece = detok.last_segment  # reading it consumes it
-            if stop and finish is None and any(s in text + piece for s in stop):
-                finish = "stop"
             if finish:
                 detok.finalize()
                 piece += detok.last_segment
-            text += piece
+            if stops:
+                # A stop completed by this piece starts within held + piece: held is the
+                # longest tail of the text so far that begins a stop, so scanning this
+                # window (under max(len(stop)) + len(piece)) finds every new occurrence.
+                window = held + piece
+                hits = [i for i in (window.find(s) for s in stops) if i >= 0]
+                if hits:
+                    piece, held, finish = window[: min(hits)], "", "stop"
+                elif finish:
+                    piece, held = window, ""
+                else:
+                    cut = len(window) - held_back(window, stops)
+                    piece, held = window[:cut], window[cut:]
             elapsed = time.perf_counter() - gen_tic
             yield GenerationResponse(
                 text=piece,

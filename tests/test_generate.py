@@ -11,7 +11,7 @@ from tiny_folder import EOS_ID, make_tiny_folder
 from specstream_mlx import GenerationResponse, generate, load, stream_generate
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
-from specstream_mlx.generate import format_stats
+from specstream_mlx.generate import format_stats, held_back
 from specstream_mlx.models.config import StreamArgs
 
 STREAMS = StreamArgs(num_streams=3, msa_layers=2)
@@ -149,16 +149,113 @@ def test_stop_string_ends_generation(loaded):
     stop = full[12:14]
     end = full.index(stop) + len(stop)
     responses = run(loaded, "hi", max_tokens=40, stop=[stop, "never-seen"])
-    text = text_of(responses)
     assert responses[-1].finish_reason == "stop"
-    assert len(responses) < len(free)
-    assert full.startswith(text) and stop in text and len(text) >= end
-    assert stop not in text_of(responses[:-1])  # it ends at the first occurrence
+    assert len(responses) == end < len(free)  # one char a token: it ends where stop does
+    assert text_of(responses) == full[: full.index(stop)]  # the stop itself is not shown
 
 
-def test_stop_string_that_never_occurs(loaded):
-    responses = run(loaded, "hi", max_tokens=12, stop=["~~~"])
+def cut_at_first_stop(pieces: list[str], stops: list[str]) -> tuple[str, int | None]:
+    """The reference: the text up to the first token whose text so far holds a stop, cut
+    before the earliest stop in it, and that token's count (None: no stop was hit)."""
+    text = ""
+    for n, piece in enumerate(pieces, 1):
+        text += piece
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return text[: min(hits)], n
+    return text, None
+
+
+def stop_cases(full: str) -> dict[str, list[str]]:
+    """Stop lists chosen from a greedy text `full` (one character a token here)."""
+    recur = next(j for j in range(1, len(full) - 3) if full[j] in full[:j])
+    return {
+        "spans tokens": [full[5:9]],
+        # Its first character came earlier: held back there, then released.
+        "false start": [full[recur : recur + 3]],
+        "one a prefix of another": [full[8:12], full[8:10]],
+        "the other a prefix": [full[8:10], full[8:12]],
+        # The inner one completes first, so it ends the text though the outer began sooner.
+        "overlapping": [full[10:16], full[12:14]],
+        "overlapping, outer first": [full[10:14], full[12:16]],
+        "empty ignored": ["", full[5:9]],
+        "never hit": ["~~~", full[3:5] + "~"],
+    }
+
+
+CASE_NAMES = list(stop_cases("abcd" * 8))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_stop_pieces_add_up_to_the_text_cut_before_the_stop(loaded, case):
+    """Whatever the stops, the pieces never show text a stop later cuts: they add up to
+    generate()'s text and to the plain text cut before the first stop."""
+    model, tokenizer = loaded
+    free = run(loaded, "hi", max_tokens=40)
+    pieces = [r.text for r in free]
+    stops = stop_cases("".join(pieces))[case]
+    want, hit = cut_at_first_stop(pieces, stops)
+    responses = run(loaded, "hi", max_tokens=40, stop=stops)
+    text = text_of(responses)
+    assert text == want == generate(model, tokenizer, "hi", max_tokens=40, stop=stops)
+    assert not any(s and s in text for s in stops)
+    # One response a token, as without stops, ending with the token that completed it.
+    assert [r.token for r in responses] == [r.token for r in free[: hit or len(free)]]
+    assert [r.generation_tokens for r in responses] == list(range(1, len(responses) + 1))
+    assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
+    assert responses[-1].finish_reason == ("stop" if hit else "length")
+    if case != "never hit":
+        assert hit
+
+
+def test_text_that_may_begin_a_stop_waits_and_the_last_response_flushes_it(loaded):
+    """The output ends with the start of a stop that never completes: those characters are
+    held back, then come with the final ("length") response."""
+    free = run(loaded, "hi", max_tokens=20)
+    full = text_of(free)
+    responses = run(loaded, "hi", max_tokens=20, stop=[full[-3:] + "~"])
+    assert text_of(responses) == full and responses[-1].finish_reason == "length"
+    assert len(text_of(responses[:-1])) <= len(full) - 3  # not shown before the end
+    assert responses[-1].text.endswith(full[-3:])
+    assert [r.token for r in responses] == [r.token for r in free]
+
+
+def test_stops_ending_in_one_multi_character_token(loaded):
+    """A token of several characters completes two stops at once: the earlier one wins,
+    and a stop can end inside the token."""
+    model, tokenizer = loaded
+    for prompt in PROMPTS:
+        free = run(loaded, prompt, max_tokens=40)
+        k = next((i for i, r in enumerate(free) if i and len(r.text) >= 4), None)
+        if k is not None:
+            break
+    else:
+        pytest.skip("no multi-character token in the greedy outputs")
+    pieces = [r.text for r in free]
+    before, piece = pieces[k - 1][-1], pieces[k]
+    for stops in ([piece[-2:], before + piece[0]], [piece[1:3]], [piece[:2], piece[:3]]):
+        want, hit = cut_at_first_stop(pieces, stops)
+        responses = run(loaded, prompt, max_tokens=40, stop=stops)
+        assert text_of(responses) == want == generate(model, tokenizer, prompt,
+                                                      max_tokens=40, stop=stops)
+        assert hit and len(responses) == hit and responses[-1].finish_reason == "stop"
+
+
+def test_held_back_is_the_longest_tail_that_begins_a_stop():
+    assert held_back("xxab", ["abc"]) == 2
+    assert held_back("xxab", ["bz", "abc"]) == 2  # the longest, whichever stop
+    assert held_back("xxab", ["b!", "q"]) == 1
+    assert held_back("xxab", ["zz"]) == 0
+    assert held_back("aaa", ["aab"]) == 2
+    assert held_back("", ["abc"]) == 0 and held_back("abc", []) == 0
+
+
+@pytest.mark.parametrize("stop", [["~~~"], [""]], ids=["never occurs", "empty"])
+def test_stop_string_that_never_matches(loaded, stop):
+    """A stop that never occurs, or an empty one (ignored), leaves the text whole."""
+    responses = run(loaded, "hi", max_tokens=12, stop=stop)
     assert len(responses) == 12 and responses[-1].finish_reason == "length"
+    assert text_of(responses) == text_of(run(loaded, "hi", max_tokens=12))
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -62,11 +62,15 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
-def api_answer(loaded, messages=None, prompt=None, max_tokens=12) -> str:
+def api_pieces(loaded, messages=None, prompt=None, max_tokens=12) -> list[str]:
     model, tok = loaded
     ids = encode_messages(tok, messages) if messages is not None else list(tok.encode(prompt))
-    return "".join(r.text for r in stream_generate(model, tok, ids, max_tokens=max_tokens,
-                                                   chat=False))
+    return [r.text for r in stream_generate(model, tok, ids, max_tokens=max_tokens,
+                                            chat=False)]
+
+
+def api_answer(loaded, messages=None, prompt=None, max_tokens=12) -> str:
+    return "".join(api_pieces(loaded, messages, prompt, max_tokens))
 
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
@@ -112,6 +116,64 @@ def test_stop_strings_are_cut(loaded, client):
                                        stop=[stop])
     assert r.choices[0].message.content == full[: full.find(stop)]
     assert r.choices[0].finish_reason == "stop"
+
+
+def cut_at_first_stop(pieces: list[str], stops: list[str]) -> tuple[str, int | None]:
+    """The reference: the text up to the first token whose text so far holds a stop, cut
+    before the earliest stop in it, and that token's count (None: no stop was hit)."""
+    text = ""
+    for n, piece in enumerate(pieces, 1):
+        text += piece
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return text[: min(hits)], n
+    return text, None
+
+
+STOP_CASES = ["spans tokens", "false start", "one a prefix of another", "overlapping",
+              "four stops", "never hit, its start at the end"]
+
+
+def stops_for(case: str, full: str) -> list[str]:
+    """A stop list chosen from the greedy answer `full` (one character a token)."""
+    if case == "false start":  # its first character came earlier: held, then released
+        recur = next((j for j in range(1, len(full) - 3) if full[j] in full[:j]), None)
+        if recur is None:
+            pytest.skip("no repeated character in the answer")
+        return [full[recur : recur + 3]]
+    return {
+        "spans tokens": [full[3:6]],
+        "one a prefix of another": [full[8:11], full[8:10]],
+        "overlapping": [full[6:12], full[8:10]],  # the inner one completes first
+        "four stops": [full[10:13], full[4:6], "", full[4:7]],
+        "never hit, its start at the end": [full[-2:] + "~"],  # no "~" in the vocabulary
+    }[case]
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+@pytest.mark.parametrize("case", STOP_CASES)
+def test_streamed_text_equals_the_whole_response_for_every_stop(loaded, client, chat, case):
+    """A stream never shows text that a stop string later cuts: its pieces add up to the
+    whole response, which ends before the first stop (the Python API's answer cut)."""
+    source = {"messages": MESSAGES} if chat else {"prompt": "abc abc abc"}
+    pieces = api_pieces(loaded, **source, max_tokens=20)
+    stops = stops_for(case, "".join(pieces))
+    want, hit = cut_at_first_stop(pieces, stops)
+    create = client.chat.completions.create if chat else client.completions.create
+    kwargs = {"model": "tiny", "max_tokens": 20, "stop": stops,
+              **({"messages": MESSAGES} if chat else {"prompt": "abc abc abc"})}
+    whole = create(**kwargs).choices[0]
+    streamed, finish, usage = "", None, None
+    for chunk in create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            streamed += (c.delta.content or "") if chat else c.text
+            finish = c.finish_reason or finish
+    assert streamed == (whole.message.content if chat else whole.text) == want
+    assert finish == whole.finish_reason == ("stop" if hit else "length")
+    assert usage.completion_tokens == (hit or 20)
+    if case != "never hit, its start at the end":
+        assert hit
 
 
 def test_models_health_metrics(server, client):

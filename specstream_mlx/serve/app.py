@@ -203,13 +203,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                            kind="rate_limit_error", headers={"Retry-After": "2"})
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        stops = settings["stop"] or []
+        # stream_generate holds back text that may begin a stop string and never yields
+        # a stop, so both answers are just its pieces: streamed == whole, stop or not.
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventSourceResponse(
-                stream_events(job, events, rid, created, chat, stops, include_usage, tic),
-                ping=15)
-        return await whole_response(request, job, events, rid, created, chat, stops, tic)
+                stream_events(job, events, rid, created, chat, include_usage, tic), ping=15)
+        return await whole_response(request, job, events, rid, created, chat, tic)
 
     def record(last: GenerationResponse | None, first_at: float | None, tic: float,
                passes: dict) -> None:
@@ -236,11 +236,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 "prompt_cached_tokens": last.prompt_cached_tokens,
                 "tokens_per_second": round(last.generation_tps, 2)}
 
-    def cut_stop(text: str, stops: list[str]) -> str:
-        hits = [text.find(s) for s in stops if s and s in text]
-        return text[: min(hits)] if hits else text
-
-    async def whole_response(request, job, events, rid, created, chat, stops, tic):
+    async def whole_response(request, job, events, rid, created, chat, tic):
         text, last, first_at, passes = "", None, None, {}
         try:
             while True:
@@ -264,7 +260,6 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         finally:
             job.cancelled.set()
         record(last, first_at, tic, passes)
-        text = cut_stop(text, stops)
         finish = (last.finish_reason if last else None) or "stop"
         n_prompt = len(job.ids)
         if chat:
@@ -276,9 +271,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 "created": created, "model": config.model_name, "choices": [choice],
                 "usage": usage(last, n_prompt), "specstream": extra(last)}
 
-    async def stream_events(job, events, rid, created, chat, stops, include_usage, tic):
+    async def stream_events(job, events, rid, created, chat, include_usage, tic):
         kind = "chat.completion.chunk" if chat else "text_completion"
-        last, first_at, passes, sent = None, None, {}, ""
+        last, first_at, passes = None, None, {}
 
         def chunk(piece: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
@@ -308,9 +303,6 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 passes[event.passes] = passes.get(event.passes, 0) + event.from_draft
                 last = event
                 piece = event.text
-                if event.finish_reason and stops:
-                    piece = cut_stop(sent + piece, stops)[len(sent):]
-                sent += piece
                 if piece or event.finish_reason:
                     yield {"data": chunk(piece, event.finish_reason)}
             if include_usage:
