@@ -25,14 +25,15 @@ only when its weights change (`dtype`, `quantize`, a fused adapter); without `qu
 the result then stays float.
 
 Speculative-streaming tensors of a checkpoint fine-tuned elsewhere (hidden =
-hidden_size, gamma = number of streams, r = pruning-adapter rank), found in any weight
-file or in `streams.safetensors`:
+hidden_size, gamma = number of streams), found in any weight file or in
+`streams.safetensors`:
 
     name in the checkpoint                               shape            stored as
     speculative_streaming.stream_embeddings              (gamma, hidden)  streams.embeddings
-    speculative_streaming.pruning_adapter.down.weight    (r, hidden)      streams.pruning_down
-    speculative_streaming.pruning_adapter.up.weight      (hidden, r)      streams.pruning_up
-    streams.<name> (specstream's own names, convert/streams.py)           streams.<name>
+    streams.<name> (specstream's own names, checkpoint.py)                streams.<name>
+
+The paper's early-exit (pruning) adapter, `speculative_streaming.pruning_adapter.*` or
+`streams.pruning_*`, is left out: decoding does not use it (convert/stream_tensors.py).
 
 N_s comes from the `speculative_streaming` block of config.json
 (`{"num_streams": 3, "msa_layers": 4}`; other StreamArgs keys are kept) or from

@@ -10,24 +10,28 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE
+from specstream_mlx.checkpoint import CONFIG_KEY, RETIRED_TENSORS, STREAMS_FILE
 from specstream_mlx.errors import ConversionError, ModelLoadError
 from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.models.streams import Streams
 
 STREAM_ALIASES = {
     "speculative_streaming.stream_embeddings": "embeddings",
-    "speculative_streaming.pruning_adapter.down.weight": "pruning_down",
-    "speculative_streaming.pruning_adapter.up.weight": "pruning_up",
 }
+# The paper's early-exit (pruning) adapter, under its PyTorch names or ours: decoding never
+# uses it, so conversion leaves it out.
+DROPPED = RETIRED_TENSORS | {"speculative_streaming.pruning_adapter.down.weight",
+                             "speculative_streaming.pruning_adapter.up.weight"}
 
 def split_stream_tensors(
     weights: dict[str, mx.array], in_file: dict[str, mx.array], source: Path
 ) -> tuple[dict[str, mx.array], dict[str, tuple[str, mx.array]]]:
     """(base weights, stream tensors) of a checkpoint's `weights` and the tensors of its
     streams.safetensors (`in_file`). Stream tensors map their specstream name without
-    `streams.` to (name in the checkpoint, array)."""
+    `streams.` to (name in the checkpoint, array); DROPPED tensors are in neither."""
     file = source / STREAMS_FILE
+    weights = {name: v for name, v in weights.items() if name not in DROPPED}
+    in_file = {name: v for name, v in in_file.items() if name not in DROPPED}
     base = {name: v for name, v in weights.items() if stream_key(name) is None}
     streams: dict[str, tuple[str, mx.array]] = {}
     for name, value in [*weights.items(), *in_file.items()]:
@@ -69,7 +73,7 @@ def plan_streams(
                 "the checkpoint already has speculative streams; drop --init-streams"
             )
         gamma, n_s = init_streams
-        return _validated(StreamArgs(num_streams=gamma, msa_layers=n_s), model), {}
+        return _validated({"num_streams": gamma, "msa_layers": n_s}, model), {}
     if not found:
         if block is not None:
             raise ConversionError(
@@ -99,18 +103,19 @@ def plan_streams(
         )
     for key, tensor, axis in (
         ("num_streams", "embeddings", 0),
-        ("pruning_rank", "pruning_down", 0),
         ("adapter_rank", "adapters.0.q_proj_a", 0),
         ("next_token_rank", "next_token_down", 0),
     ):
         if key not in params:
             params[key] = found[tensor][1].shape[axis] if tensor in found else 0
-    stream_args = _validated(StreamArgs.from_dict(params), model)
+    stream_args = _validated(params, model)
     return stream_args, _checked_stream_tensors(model, stream_args, found)
 
 
-def _validated(stream_args: StreamArgs, model: nn.Module) -> StreamArgs:
+def _validated(params: dict, model: nn.Module) -> StreamArgs:
+    """StreamArgs of a config block, checked against `model` (as ConversionError)."""
     try:
+        stream_args = StreamArgs.from_dict(params)
         stream_args.validate(len(model.layers))
     except ModelLoadError as e:
         raise ConversionError(f"streams: {e}") from None

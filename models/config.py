@@ -53,10 +53,8 @@ class StreamArgs:
 
     num_streams:       gamma, the streams predicting tokens t+2 .. t+gamma+1.
     msa_layers:        N_s, the top layers that carry stream rows (multi-stream attention).
-    main_sees_streams: ENLSP variant: main row t also attends to its own stream rows.
-                       False (paper v1) keeps the main stream exactly the base model.
-    pruning_rank:      rank of the early-exit (pruning) adapter on the hidden state
-                       entering the stream layers.
+                       Main rows never attend to stream rows (the paper's v1), so the main
+                       stream is exactly the base model.
     adapter_rank:      rank of stream-only LoRA adapters in the stream layers (0: none).
     adapter_scale:     scale applied to the stream-only adapters' output.
     tree_budget:       default number of draft nodes per pass (the root is extra).
@@ -75,8 +73,8 @@ class StreamArgs:
                        stream's choice after the streams' row, known once the pass has
                        verified) added where streams start, so stream j predicts token
                        t+1+j knowing t+1 (as EAGLE's drafter does); 0: streams do not see it
-                       (the paper). Needs main rows blind to streams: the stream rows then
-                       run after verification (DecoderModel.stream_pass).
+                       (the paper). The stream rows then run after verification
+                       (DecoderModel.stream_pass).
     sampled_tree_budget, sampled_top_k, sampled_min_draft_prob: tree_budget, top_k and
                        min_draft_prob when the generation samples (sampled_tree_budget
                        None: tree_budget). A sampled target takes the second or third
@@ -87,8 +85,6 @@ class StreamArgs:
 
     num_streams: int = 3
     msa_layers: int = 4
-    main_sees_streams: bool = False
-    pruning_rank: int = 8
     adapter_rank: int = 0
     adapter_scale: float = 1.0
     tree_budget: int = 6
@@ -113,7 +109,11 @@ class StreamArgs:
 
     @classmethod
     def from_dict(cls, params: dict) -> StreamArgs:
-        """Build from a config block, ignoring unknown keys (forward compatibility)."""
+        """Build from a config block, ignoring unknown keys (forward compatibility; older
+        blocks also carry `pruning_rank` and `main_sees_streams: false`)."""
+        if params.get("main_sees_streams"):  # the masks keep main rows blind to streams
+            raise ModelLoadError("main_sees_streams true (main rows attending to their own "
+                                 "stream rows) is no longer supported: retrain these streams")
         known = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in params.items() if k in known})
 
@@ -153,9 +153,6 @@ class StreamArgs:
         for f in fields(self):
             if f.name.endswith("rank") and getattr(self, f.name) < 0:
                 raise ModelLoadError(f"{f.name} must be >= 0")
-        if self.next_token_rank and self.main_sees_streams:
-            raise ModelLoadError("next_token_rank needs main_sees_streams false: main rows "
-                                 "that see their streams cannot wait for their own output")
 
     @property
     def conditioned(self) -> bool:

@@ -116,12 +116,7 @@ class DecoderModel(nn.Module):
             rows = self.pass_rows(positions, sdpa_mask(tree_mask, prefix, L), cache, L)
         else:
             g = self.stream_args.num_streams
-            mask = msa_mask(
-                prefix_mask(tree_mask, prefix, L),
-                stream_rows,
-                g,
-                self.stream_args.main_sees_streams,
-            )
+            mask = msa_mask(prefix_mask(tree_mask, prefix, L), stream_rows, g)
             stream_pos = positions[stream_rows][:, None] + mx.arange(1, g + 1)
             pos = mx.concatenate([positions, stream_pos.reshape(-1)])
             rows = self.pass_rows(pos, mask, cache, L)
@@ -153,7 +148,7 @@ class DecoderModel(nn.Module):
                     pending: int, embedding_scale: float = 1.0,
                     next_tokens: mx.array | None = None) -> mx.array:
         """Stream rows of S main rows, run after their main rows went through the MSA layers
-        (which left their K/V in `cache`): valid when main rows do not see their streams.
+        (which left their K/V in `cache`): valid since main rows never see stream rows.
 
         h: (B, S, hidden) the main rows' hidden states entering the first MSA layer;
         positions: (S,) int32 their positions; seen: (S, offset + pending) bool, what each
@@ -163,11 +158,8 @@ class DecoderModel(nn.Module):
         each main row chose (verified, sampled or the data's), for conditioned streams.
         Returns (B, S, gamma, hidden), final-normed.
         """
-        sa = self.stream_args
-        if sa.main_sees_streams:
-            raise ValueError("stream_pass needs main rows that do not see their streams")
         B, S, H = h.shape
-        g = sa.num_streams
+        g = self.stream_args.num_streams
         pos = (positions[..., None] + mx.arange(1, g + 1)).astype(mx.int32)
         pos = pos.reshape(*positions.shape[:-1], -1)
         if seen.ndim == 3 or S * g > GROUPED_ROWS:  # skip the (S*g)^2 stream-stream block
@@ -214,11 +206,6 @@ class DecoderModel(nn.Module):
         else:
             w = head.weight[ids]
         return w.astype(self.model.norm.weight.dtype)
-
-    def early_exit_logits(self, h: mx.array) -> mx.array:
-        """Pruning estimate from the hidden state entering the MSA layers, over the draft
-        vocabulary: (..., V_d) (or (..., vocab) without one)."""
-        return self.draft_logits(self.model.norm(self.streams.early_exit(h)))
 
     def __call__(self, tokens, positions=None, tree_mask=None, cache=None, stream_rows=None,
                  next_tokens=None):

@@ -8,10 +8,11 @@ Row layout of one pass (B = batch, L = main rows, S = rows carrying streams, g =
 
 Stream row (s, j) belongs to main row a = stream_rows[s] and stream j (1..g). It sits at
 position positions[a] + j, attends to what main row a sees (prefix, a's ancestors, a)
-and to stream rows (s, 1..j). Only main-row keys/values enter the cache.
+and to stream rows (s, 1..j). Main rows never attend to stream rows, so they compute
+exactly the base model. Only main-row keys/values enter the cache.
 
 Worked example: L = 2 main rows (a chain 0 -> 1), P = 1 cached token, stream_rows = [1],
-g = 2, main rows blind to streams. Columns: p0 | m0 m1 | s1.1 s1.2
+g = 2. Columns: p0 | m0 m1 | s1.1 s1.2
 
     m0    1 | 1 0 | 0 0
     m1    1 | 1 1 | 0 0
@@ -50,9 +51,7 @@ def stream_mask(main_mask: mx.array, stream_rows: mx.array, num_streams: int) ->
     return mx.concatenate([main_mask[owner], stream_stream], axis=1)
 
 
-def msa_mask(
-    main_mask: mx.array, stream_rows: mx.array, num_streams: int, main_sees_streams: bool
-) -> mx.array:
+def msa_mask(main_mask: mx.array, stream_rows: mx.array, num_streams: int) -> mx.array:
     """Mask of an MSA layer (see the module docstring for a worked example).
 
     main_mask:   (L, P + L) bool, the lower layers' mask.
@@ -61,11 +60,7 @@ def msa_mask(
     """
     L = main_mask.shape[0]
     S, g = stream_rows.shape[0], num_streams
-    if main_sees_streams:
-        main_stream = mx.arange(L)[:, None] == mx.repeat(stream_rows, g)[None, :]
-    else:
-        main_stream = mx.zeros((L, S * g), dtype=mx.bool_)
-    top = mx.concatenate([main_mask, main_stream], axis=1)
+    top = mx.concatenate([main_mask, mx.zeros((L, S * g), dtype=mx.bool_)], axis=1)
     return mx.concatenate([top, stream_mask(main_mask, stream_rows, g)], axis=0)
 
 

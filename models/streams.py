@@ -1,5 +1,5 @@
-"""The speculative-streaming parameters: stream embeddings, the early-exit (pruning)
-adapter, the draft vocabulary, and stream-only low-rank adapters of the MSA layers."""
+"""The speculative-streaming parameters: stream embeddings, the draft vocabulary, the
+next-token projection, and stream-only low-rank adapters of the MSA layers."""
 
 from __future__ import annotations
 
@@ -40,11 +40,10 @@ class StreamAdapter(nn.Module):
 
 
 class Streams(nn.Module):
-    """The speculative-streaming parameters: gamma*hidden + 2*rank*hidden numbers.
+    """The speculative-streaming parameters: the stream embeddings (gamma*hidden numbers)
+    and the optional parts below.
 
     embeddings: (gamma, hidden) stream-identifier embeddings P[j], added where streams start.
-    pruning_down / pruning_up: rank-r residual adapter o(h) = h + up(down(h)) on the hidden
-    state entering the stream layers; LMHead(o(h)) estimates the next token early.
     draft_vocab: (V_d,) int32 token ids the streams draft from (with draft_vocab_size > 0).
     next_token_down / next_token_up: rank-r projection of the next token's (normalised)
     embedding, added to every stream row of a node (next_token_rank > 0); up starts at
@@ -55,9 +54,6 @@ class Streams(nn.Module):
         super().__init__()
         hidden = model_args.hidden_size
         self.embeddings = mx.random.normal((args.num_streams, hidden)) * 0.02
-        if args.pruning_rank > 0:
-            self.pruning_down = mx.random.normal((args.pruning_rank, hidden)) * hidden**-0.5
-            self.pruning_up = mx.zeros((hidden, args.pruning_rank))
         if args.draft_vocab_size > 0:  # replaced by the trained/loaded ids
             self.draft_vocab = mx.arange(args.draft_vocab_size, dtype=mx.int32)
         if args.next_token_rank > 0:
@@ -71,12 +67,6 @@ class Streams(nn.Module):
     def adapter(self, i: int):
         """The stream-only adapter of MSA layer i, or None."""
         return self.adapters[i] if "adapters" in self else None
-
-    def early_exit(self, h: mx.array) -> mx.array:
-        """h: (..., hidden) -> (..., hidden), the pruning adapter's estimate input."""
-        if "pruning_down" not in self:
-            return h
-        return h + (h @ self.pruning_down.T) @ self.pruning_up.T
 
     def add_next_token(self, rank: int, hidden: int) -> None:
         """A fresh next-token projection of `rank` (zero `up`: it adds nothing yet)."""

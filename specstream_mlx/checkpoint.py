@@ -1,15 +1,18 @@
 """Stream tensors on disk: `streams.safetensors` beside an MLX model folder, described by
 the `speculative_streaming` block of its config.json.
 
-Tensor names (all float32, hidden = the model's hidden_size):
+Tensor names (float32 unless noted; hidden = the model's hidden_size):
     streams.embeddings    (num_streams, hidden)   stream-identifier embeddings P[j]
-    streams.pruning_down  (pruning_rank, hidden)  early-exit adapter, down projection
-    streams.pruning_up    (hidden, pruning_rank)  early-exit adapter, up projection
+    streams.draft_vocab   (draft_vocab_size,) int32  token ids the streams draft from
     streams.adapters.{i}.{proj}_a  (adapter_rank, in)   stream-only LoRA of MSA layer i
     streams.adapters.{i}.{proj}_b  (out, adapter_rank)  (layer N - N_s + i), proj one of
         q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; applied to stream rows only
     streams.next_token_down (next_token_rank, hidden)  projection of the next token's
     streams.next_token_up   (hidden, next_token_rank)  embedding (conditioned streams)
+
+Older files also hold `streams.pruning_down` / `streams.pruning_up` (an early-exit adapter
+that decoding never used), their config blocks `pruning_rank` and `main_sees_streams:
+false`: reading ignores them (RETIRED_TENSORS, StreamArgs.from_dict).
 
 An optional `corpus.npy` beside them holds the datastore of corpus drafts
 (decoding/corpus.py): one int32 array (N,) of token ids, documents separated by -1.
@@ -32,6 +35,8 @@ STREAMS_FILE = "streams.safetensors"
 CONFIG_KEY = "speculative_streaming"
 CORPUS_FILE = "corpus.npy"
 CORPUS_SEPARATOR = -1
+# The early-exit (pruning) adapter of older streams files: decoding never used it, so skip it.
+RETIRED_TENSORS = frozenset({"streams.pruning_down", "streams.pruning_up"})
 
 
 def save_corpus(documents: list[list[int]], path: str | Path) -> Path:

@@ -20,6 +20,7 @@ from specstream_mlx.blas import blas_info
 from specstream_mlx.checkpoint import (
     CONFIG_KEY,
     CORPUS_FILE,
+    RETIRED_TENSORS,
     STREAMS_FILE,
     read_corpus,
     resolve_source,
@@ -178,9 +179,9 @@ def load_streams(model: nn.Module, path: Path, config: dict) -> None:
         tensors = mx.load(str(file))
     except Exception as e:
         raise ModelLoadError(f"cannot read {file}: {e}") from e
-    expected = dict(tree_flatten(model.streams.parameters()))
-    for name, value in expected.items():
-        key = f"streams.{name}"
+    tensors = {k: v for k, v in tensors.items() if k not in RETIRED_TENSORS}
+    expected = {f"streams.{k}": v for k, v in tree_flatten(model.streams.parameters())}
+    for key, value in expected.items():
         if key not in tensors:
             raise ModelLoadError(f"{file}: missing tensor {key!r}")
         if tensors[key].shape != value.shape:
@@ -188,6 +189,9 @@ def load_streams(model: nn.Module, path: Path, config: dict) -> None:
                 f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
                 f"the model needs {tuple(value.shape)}"
             )
+    if extra := sorted(set(tensors) - set(expected)):
+        raise ModelLoadError(f"{file}: tensor {extra[0]!r} is not part of the streams that "
+                             f"config.json describes ({CONFIG_KEY!r} block)")
     ids = tensors.get("streams.draft_vocab")
     if ids is not None and (mx.issubdtype(ids.dtype, mx.floating) or ids.size == 0
                             or ids.min().item() < 0

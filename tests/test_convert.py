@@ -262,6 +262,8 @@ def test_stream_only_adapter_needs_top_layers(tmp_path):
 
 
 def stream_tensors(hidden: int = 64, gamma: int = 3, rank: int = 8) -> dict[str, np.ndarray]:
+    """A PyTorch export's stream tensors, with the paper's early-exit (pruning) adapter,
+    which conversion leaves out."""
     rng = np.random.default_rng(7)
     return {
         "speculative_streaming.stream_embeddings": rng.standard_normal((gamma, hidden)),
@@ -274,25 +276,39 @@ def stream_tensors(hidden: int = 64, gamma: int = 3, rank: int = 8) -> dict[str,
 def test_imported_stream_tensors(tmp_path, via):
     extra = {k: v.astype(np.float32) for k, v in stream_tensors().items()}
     config = tiny_config("qwen3")
-    if via == "config":
-        config["speculative_streaming"] = {"num_streams": 3, "msa_layers": 2, "top_k": 2}
+    if via == "config":  # with the keys of an older block, which are ignored
+        config["speculative_streaming"] = {"num_streams": 3, "msa_layers": 2, "top_k": 2,
+                                           "pruning_rank": 8, "main_sees_streams": False}
     src, _ = write_hf_checkpoint(tmp_path / "hf", config=config, extra=extra)
     options = ConvertOptions(msa_layers=2 if via == "flag" else None)
     out = convert(src, tmp_path / "out", options)
 
     model = ours(out)
     assert (model.stream_args.num_streams, model.stream_args.msa_layers) == (3, 2)
-    assert model.stream_args.pruning_rank == 8
     assert model.stream_args.top_k == (2 if via == "config" else 3)
     assert np.array_equal(np.array(model.streams.embeddings),
                           extra["speculative_streaming.stream_embeddings"])
-    assert np.array_equal(np.array(model.streams.pruning_up),
-                          extra["speculative_streaming.pruning_adapter.up.weight"])
-    assert "speculative_streaming.stream_embeddings" not in mx.load(str(out / "model.safetensors"))
+    # The pruning adapter is left out: of the streams file, its config block, the weights.
+    assert list(mx.load(str(out / "streams.safetensors"))) == ["streams.embeddings"]
+    block = json.loads((out / "config.json").read_text())["speculative_streaming"]
+    assert not {"pruning_rank", "main_sees_streams"} & set(block)
+    assert not any(n.startswith("speculative_streaming")
+                   for n in mx.load(str(out / "model.safetensors")))
     # A second conversion (here to 8 bits) carries the streams over unchanged.
     again = convert(out, tmp_path / "again", ConvertOptions(quantize=QuantPolicy(bits=8)))
     stream_file = "streams.safetensors"
     assert (again / stream_file).read_bytes() == (out / stream_file).read_bytes()
+
+
+def test_streams_whose_main_rows_see_them_are_refused(tmp_path):
+    extra = {k: v.astype(np.float32) for k, v in stream_tensors().items()}
+    config = {**tiny_config("llama"),
+              "speculative_streaming": {"msa_layers": 2, "main_sees_streams": True}}
+    src, _ = write_hf_checkpoint(tmp_path / "hf", config=config, extra=extra)
+    with pytest.raises(ConversionError, match=r"^streams: main_sees_streams true .* no longer "
+                                              r"supported: retrain these streams$"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_stream_tensors_need_their_layer_count(tmp_path):
@@ -573,7 +589,7 @@ def test_streams_do_not_change_the_saved_base_weights(tmp_path):
     names = set(mx.load(str(out / "model.safetensors")))
     assert names == set(weights) and not any(n.startswith("streams") for n in names)
     flat = dict(tree_flatten(ours(out).streams.parameters()))
-    assert flat["embeddings"].shape == (3, 64) and flat["pruning_down"].shape == (8, 64)
+    assert list(flat) == ["embeddings"] and flat["embeddings"].shape == (3, 64)
 
 
 def test_readme_worked_example(tmp_path):
@@ -591,11 +607,10 @@ def test_readme_worked_example(tmp_path):
     out = convert(src, tmp_path / "finetune-mlx", options)
 
     block = json.loads((out / "config.json").read_text())["speculative_streaming"]
-    assert (block["num_streams"], block["msa_layers"], block["pruning_rank"]) == (3, 2, 8)
+    assert (block["num_streams"], block["msa_layers"]) == (3, 2) and "pruning_rank" not in block
     assert (block["adapter_rank"], block["adapter_scale"]) == (4, 2.0)
     streams = mx.load(str(out / "streams.safetensors"))
-    assert np.array_equal(np.array(streams["streams.pruning_down"]),
-                          trained["speculative_streaming.pruning_adapter.down.weight"])
+    assert not any("pruning" in name for name in streams)  # the early-exit adapter is dropped
     a, _ = pairs["model.layers.2.self_attn.q_proj"]
     assert np.array_equal(np.array(streams["streams.adapters.0.q_proj_a"]), a)
     model = ours(out)

@@ -27,7 +27,7 @@ from specstream_mlx.decoding.step import (
     verify,
 )
 from specstream_mlx.decoding.tree import DraftTree
-from specstream_mlx.errors import InputError, ModelLoadError
+from specstream_mlx.errors import InputError
 from specstream_mlx.models.config import StreamArgs
 
 PROMPT = [3, 17, 42, 8, 91, 5]
@@ -282,11 +282,6 @@ def test_next_token_conditioning_changes_drafts_and_starts_neutral():
     _, c = model(tokens, stream_rows=rows, next_tokens=mx.array([[5, 9]]))
     _, d = base(tokens, stream_rows=rows)
     np.testing.assert_allclose(np.array(c), np.array(d), rtol=1e-5, atol=1e-5)
-
-
-def test_next_token_rank_needs_blind_main_rows():
-    with pytest.raises(ModelLoadError, match="next_token_rank needs main_sees_streams"):
-        StreamArgs(next_token_rank=4, main_sees_streams=True).validate(4)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -586,20 +581,6 @@ def test_context_limit_same_length_as_plain():
     expected = plain(model, prompt, 100)
     drafter = perfect_drafter(prompt + expected + [0] * 4, 97, depth=1, wrong=0)
     assert tokens_of(generate_step(model, prompt, max_tokens=100, drafter=drafter)) == expected
-
-
-# --- ENLSP variant ----------------------------------------------------------------------------
-
-
-def test_main_sees_streams_prefill_matches_full_pass():
-    """With main_sees_streams (every main row attends to its own stream rows), the first
-    token's logits after prefill equal a full pass in which every row carries streams."""
-    sa = StreamArgs(num_streams=3, msa_layers=2, main_sees_streams=True)
-    model = tiny_model("llama", seed=0, streams=sa)
-    cache = KVCache(len(model.layers))
-    logits, _, _ = prefill(model, cache, PROMPT, 512, True)
-    full, _ = model(mx.array([PROMPT]), stream_rows=mx.arange(len(PROMPT)))
-    np.testing.assert_allclose(np.array(logits), np.array(full[0, -1]), atol=1e-4)
 
 
 # --- draft vocabulary -----------------------------------------------------------------------

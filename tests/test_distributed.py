@@ -28,7 +28,7 @@ from specstream_mlx.training.train import TrainArgs, train
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 SETTINGS = ["--num-streams", "2", "--msa-layers", "2", "--adapter-rank", "4",
-            "--pruning-rank", "4", "--lr", "1e-2", "--warmup", "2", "--epochs", "2",
+            "--lr", "1e-2", "--warmup", "2", "--epochs", "2",
             "--batch-size", "6", "--max-length", "96", "--steps-per-report", "3",
             "--steps-per-eval", "100", "--steps-per-checkpoint", "100"]
 

@@ -4,6 +4,7 @@ ModelLoadError, naming the problem, for every way a folder can be broken."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import mlx.core as mx
@@ -14,14 +15,14 @@ from conftest import TINY_CONFIGS, tiny_model
 from mlx.utils import tree_flatten
 from tiny_folder import make_tiny_folder
 
-from specstream_mlx import load
+from specstream_mlx import load, stream_generate
 from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE, init_streams, save_streams
 from specstream_mlx.errors import ModelLoadError
 from specstream_mlx.loader import describe_model
 from specstream_mlx.models import ARCHITECTURES, get_classes, is_quantized
 from specstream_mlx.models.config import StreamArgs
 
-STREAMS = StreamArgs(num_streams=3, msa_layers=2, pruning_rank=4)
+STREAMS = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=2)
 PROMPT = mx.array([[1, 40, 75, 76, 3, 87, 75, 72, 2]])
 
 
@@ -78,7 +79,7 @@ def test_streams_round_trip(streams_folder):
     assert model.stream_args == STREAMS
     saved = dict(tree_flatten(original.streams.parameters()))
     loaded = dict(tree_flatten(model.streams.parameters()))
-    assert sorted(saved) == sorted(loaded) == ["embeddings", "pruning_down", "pruning_up"]
+    assert sorted(saved) == sorted(loaded) and len(saved) == 1 + 2 * 2 * 7  # P, 2 layers' A, B
     for name, value in saved.items():
         np.testing.assert_array_equal(np.array(loaded[name]), np.array(value), err_msg=name)
 
@@ -291,9 +292,64 @@ def test_streams_saved_from_a_model_of_another_hidden_size(tmp_path):
 def test_streams_file_missing_a_tensor(streams_folder):
     folder, _ = streams_folder
     tensors = mx.load(str(folder / STREAMS_FILE))
-    del tensors["streams.pruning_up"]
+    del tensors["streams.adapters.1.q_proj_b"]
     mx.save_safetensors(str(folder / STREAMS_FILE), tensors)
-    with pytest.raises(ModelLoadError, match=r"missing tensor 'streams\.pruning_up'"):
+    with pytest.raises(ModelLoadError, match=r"missing tensor 'streams\.adapters\.1\.q_proj_b'"):
+        load(folder)
+
+
+def test_streams_file_with_a_tensor_the_config_block_does_not_describe(streams_folder):
+    """A tensor the streams do not have (here: next-token conditioning the block lost) is
+    refused rather than silently dropped."""
+    folder, _ = streams_folder
+    tensors = mx.load(str(folder / STREAMS_FILE))
+    tensors["streams.next_token_up"] = mx.zeros((64, 4))
+    mx.save_safetensors(str(folder / STREAMS_FILE), tensors)
+    with pytest.raises(ModelLoadError, match=r"tensor 'streams\.next_token_up' is not part of"):
+        load(folder)
+
+
+def test_older_streams_with_the_pruning_adapter_load_and_decode_the_same(streams_folder,
+                                                                         tmp_path):
+    """A folder written before the early-exit (pruning) adapter was dropped: its tensors
+    and its block's `pruning_rank` / `main_sees_streams: false` are ignored; the streams
+    and the speculative decoding are exactly those of the same folder without them."""
+    folder, _ = streams_folder
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    tensors = mx.load(str(old / STREAMS_FILE))
+    tensors["streams.pruning_down"] = mx.random.normal((8, 64))
+    tensors["streams.pruning_up"] = mx.random.normal((64, 8))
+    mx.save_safetensors(str(old / STREAMS_FILE), tensors, metadata={"format": "mlx"})
+    config = read_json(old / "config.json")
+    block = config[CONFIG_KEY]
+    config[CONFIG_KEY] = {"num_streams": block.pop("num_streams"),
+                          "msa_layers": block.pop("msa_layers"),
+                          "main_sees_streams": False, "pruning_rank": 8, **block}
+    write_json(old / "config.json", config)
+
+    (new_model, tokenizer), (old_model, _) = load(folder), load(old)
+    assert old_model.stream_args == new_model.stream_args
+    assert "pruning_down" not in old_model.streams
+    new_params = dict(tree_flatten(new_model.streams.parameters()))
+    old_params = dict(tree_flatten(old_model.streams.parameters()))
+    assert sorted(old_params) == sorted(new_params)
+    for name, value in new_params.items():
+        np.testing.assert_array_equal(np.array(old_params[name]), np.array(value))
+
+    def decode(model):
+        return [(r.token, r.from_draft) for r in stream_generate(
+            model, tokenizer, "a tree", max_tokens=24, adaptive=False, tree_budget=4)]
+    assert decode(old_model) == decode(new_model)
+
+
+def test_streams_whose_main_rows_see_them_are_refused_in_one_line(streams_folder):
+    folder, _ = streams_folder
+    config = read_json(folder / "config.json")
+    config[CONFIG_KEY]["main_sees_streams"] = True
+    write_json(folder / "config.json", config)
+    with pytest.raises(ModelLoadError, match=r"^main_sees_streams true .* no longer supported: "
+                                             r"retrain these streams$"):
         load(folder)
 
 

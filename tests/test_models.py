@@ -73,34 +73,16 @@ def test_streams_are_lossless(arch):
     assert mx.abs(stream_logits[:, :, 0] - stream_logits[:, :, 1]).max().item() > 1e-2
 
 
-def test_main_sees_streams_changes_main_logits(arch):
-    """main_sees_streams=True (ENLSP) makes main rows attend to their stream rows: main
-    logits move away from the base model, but only when stream rows are present."""
-    sa = StreamArgs(num_streams=3, msa_layers=2, main_sees_streams=True)
-    base = tiny_model(arch, seed=3)
-    model = tiny_model(arch, seed=3, streams=sa)
-    x = mx.array(TOKENS)
-    expected, _ = base(x)
-    close(model(x)[0], expected, 1e-5)
-    logits, _ = model(x, stream_rows=mx.arange(x.shape[1]))
-    assert mx.abs(logits - expected).max().item() > 1e-2
-    # the layers below the streams are untouched
-    blind = tiny_model(arch, seed=3, streams=STREAMS)
-    positions = mx.arange(x.shape[1], dtype=mx.int32)
-    close(model.lower(x, positions), blind.lower(x, positions), 1e-5)
-
-
-def reference_msa(ref, split: int, embeddings: mx.array, tokens: list[int], sees: bool):
+def reference_msa(ref, split: int, embeddings: mx.array, tokens: list[int]):
     """MSA from the spec, on mlx-lm's layers: the last token's g stream rows are appended
     after the main rows (so they sit at positions t+1..t+g) once layer `split` is reached;
-    stream rows are causal, and with `sees` the last main row also attends to them.
+    stream rows are causal, and main rows never attend to them.
 
     Returns main logits (L, V) and stream logits (g, V).
     """
     L, g = len(tokens), embeddings.shape[0]
     R = L + g
     mask = np.tril(np.ones((R, R), dtype=bool))
-    mask[L - 1, L:] = sees
     h = ref.model.embed_tokens(mx.array([tokens]))
     for layer in ref.model.layers[:split]:
         h = layer(h, "causal", None)
@@ -113,20 +95,17 @@ def reference_msa(ref, split: int, embeddings: mx.array, tokens: list[int], sees
 
 
 @pytest.mark.parametrize("msa_layers", [1, 2, 4])
-@pytest.mark.parametrize("sees", [False, True], ids=["v1", "enlsp"])
-def test_streams_match_spec_reference(arch, msa_layers, sees):
+def test_streams_match_spec_reference(arch, msa_layers):
     """Main and stream logits with streams on the last row equal an independent MSA built
     on mlx-lm's layers: stream j at position t+j, seeing the prefix and streams 1..j."""
-    sa = StreamArgs(num_streams=3, msa_layers=msa_layers, main_sees_streams=sees)
+    sa = StreamArgs(num_streams=3, msa_layers=msa_layers)
     model = tiny_model(arch, seed=7, streams=sa)
     ref = reference_model(arch, model)
     tokens = TOKENS[1][:9]
     logits, stream_logits = model(
         mx.array([tokens]), stream_rows=mx.array([len(tokens) - 1], dtype=mx.int32)
     )
-    want_main, want_streams = reference_msa(
-        ref, model.split, model.streams.embeddings, tokens, sees
-    )
+    want_main, want_streams = reference_msa(ref, model.split, model.streams.embeddings, tokens)
     close(logits[0], want_main)
     close(stream_logits[0, 0], want_streams)
 
@@ -199,7 +178,7 @@ def test_tree_mask_equals_paths(arch, with_streams):
 def test_msa_mask_docstring_example():
     """msa_mask reproduces the worked example in models/masks.py exactly."""
     chain = mx.array([[True, False], [True, True]])
-    mask = msa_mask(prefix_mask(chain, 1, 2), mx.array([1], dtype=mx.int32), 2, False)
+    mask = msa_mask(prefix_mask(chain, 1, 2), mx.array([1], dtype=mx.int32), 2)
     expected = [
         [1, 1, 0, 0, 0],
         [1, 1, 1, 0, 0],
@@ -210,15 +189,16 @@ def test_msa_mask_docstring_example():
     assert np.array(mask).astype(int).tolist() == expected
 
 
-def test_msa_mask_main_sees_own_streams():
-    """With main_sees_streams, a main row also sees its own stream rows and no others."""
+def test_msa_mask_keeps_main_rows_blind_to_streams():
+    """Main rows see no stream row; stream rows see their own main row's view and the
+    earlier stream rows of that row only."""
     causal = prefix_mask(None, 0, 3)
-    mask = np.array(msa_mask(causal, mx.array([0, 2], dtype=mx.int32), 2, True)).astype(int)
+    mask = np.array(msa_mask(causal, mx.array([0, 2], dtype=mx.int32), 2)).astype(int)
     # columns: m0 m1 m2 | s0.1 s0.2 s2.1 s2.2
     assert mask[:3].tolist() == [
-        [1, 0, 0, 1, 1, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 1, 1],
+        [1, 1, 1, 0, 0, 0, 0],
     ]
     assert mask[3:, 3:].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     assert mask[3:, :3].tolist() == [[1, 0, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]

@@ -59,7 +59,7 @@ def workdir(tmp_path_factory):
 def small_args(root, folder, run: str, **overrides) -> TrainArgs:
     settings = dict(data=str(root / "train.jsonl"), valid=str(root / "valid.jsonl"),
                     model=str(folder), run_dir=str(root / run), num_streams=2, msa_layers=2,
-                    adapter_rank=4, pruning_rank=4, lr=1e-2, warmup=2, epochs=4,
+                    adapter_rank=4, lr=1e-2, warmup=2, epochs=4,
                     batch_size=8, max_length=96, steps_per_report=4, steps_per_eval=8,
                     steps_per_checkpoint=100)
     return TrainArgs(**{**settings, **overrides})
@@ -142,7 +142,7 @@ def test_make_batch_per_sample_rows_cover_each_completion_only():
     assert batch.stream_index.tolist() == [(b * S + s) * 2 + j - 1 for b, s, j, _ in want]
     assert batch.stream_target.tolist() == [y for *_, y in want]
     # Same main rows, same targets in the same order as the shared layout.
-    for name in ("main_index", "main_target", "prune_index", "prune_target", "stream_target"):
+    for name in ("main_index", "main_target", "stream_target"):
         assert getattr(batch, name).tolist() == getattr(shared, name).tolist(), name
     assert batch.stream_id.tolist() == shared.stream_id.tolist()
 
@@ -173,8 +173,6 @@ def test_make_batch_maps_targets_into_the_draft_vocab_and_counts_misses():
     batch = make_batch([s], gamma=2, lookup=lookup)
     # main rows t = 2..6 predict 10, 11, 12, 13, 14 (all kept: main uses the full head)
     assert batch.main_target.tolist() == [10, 11, 12, 13, 14]
-    # pruning keeps in-vocab next tokens only: 11 (t=3) and 13 (t=5) -> indices 3, 4
-    assert batch.prune_index.tolist() == [3, 5] and batch.prune_target.tolist() == [3, 4]
     # stream j at t targets t+1+j: (2,1)->11 (2,2)->12x (3,1)->12x (3,2)->13 (4,1)->13
     # (4,2)->14x (5,1)->14x (x: outside, missed); row (t - first) * gamma + j - 1, first 2
     assert batch.stream_index.tolist() == [0, 3, 4]
@@ -185,75 +183,62 @@ def test_make_batch_maps_targets_into_the_draft_vocab_and_counts_misses():
 
 def test_losses_over_a_draft_vocab_match_a_restricted_reference():
     model = tiny_model("llama", seed=6, streams=StreamArgs(num_streams=2, msa_layers=2,
-                                                           pruning_rank=4, draft_vocab_size=30))
+                                                           draft_vocab_size=30))
     ids = np.arange(3, 97, 3)[:30].astype(np.int32)
     model.streams.draft_vocab = mx.array(ids)
-    model.streams.pruning_up = mx.random.normal(model.streams.pruning_up.shape) * 0.1
     rng = np.random.default_rng(2)
     examples = [Example(rng.integers(3, 97, n).tolist(), start) for n, start in [(14, 4), (9, 3)]]
     samples = frozen_hidden(model, examples)
     lookup = vocab_lookup(ids, 97)
-    _, (_, per_stream, prune_ce, hits) = losses(
-        model, make_batch(samples, 2, lookup), 0.0, 1.0, 1.0)
-    stream, prune, hit = [[], []], [], [[], []]
+    _, (_, per_stream, hits) = losses(model, make_batch(samples, 2, lookup), 0.0, 1.0)
+    stream, hit = [[], []], [[], []]
     for ex in examples:
         tok, n = ex.tokens, len(ex.tokens)
         _, hs = model.upper(model.lower(mx.array([tok]), mx.arange(n)), mx.arange(n),
                             stream_rows=mx.arange(n, dtype=mx.int32))
         logits = np.array(model.head(hs))[..., ids]  # full head, restricted afterwards
-        early = np.array(model.head(model.model.norm(model.streams.early_exit(
-            model.lower(mx.array([tok]), mx.arange(n))))))[..., ids]
         lse = lambda x: np.log(np.exp(x - x.max()).sum()) + x.max()  # noqa: E731
         for t in range(ex.completion_start - 1, n - 1):
-            if lookup[tok[t + 1]] >= 0:
-                prune.append(lse(early[0, t]) - early[0, t, lookup[tok[t + 1]]])
             for j in (1, 2):
                 if t + 1 + j < n and lookup[tok[t + 1 + j]] >= 0:
                     row, y = logits[0, t, j - 1], lookup[tok[t + 1 + j]]
                     stream[j - 1].append(lse(row) - row[y])
                     hit[j - 1].append(int(np.argmax(row) == y))
-    assert all(stream) and prune  # the example hits the vocabulary
+    assert all(stream)  # the example hits the vocabulary
     np.testing.assert_allclose(np.array(per_stream), [np.mean(x) for x in stream], rtol=1e-4)
-    np.testing.assert_allclose(prune_ce.item(), np.mean(prune), rtol=1e-4)
     assert sum(np.array(hits).tolist()) == sum(map(sum, hit))
 
 
 def test_losses_match_a_per_example_reference():
-    streams = StreamArgs(num_streams=2, msa_layers=2, adapter_rank=3, pruning_rank=4)
+    streams = StreamArgs(num_streams=2, msa_layers=2, adapter_rank=3)
     model = tiny_model("qwen2", seed=4, streams=streams)
-    # Non-zero stream adapters and pruning adapter, so every part takes part.
-    live_adapters(model)
-    model.streams.pruning_up = mx.random.normal(model.streams.pruning_up.shape) * 0.1
+    live_adapters(model)  # non-zero stream adapters, so every part takes part
     rng = np.random.default_rng(0)
     examples = [Example(rng.integers(3, 97, n).tolist(), start)
                 for n, start in [(12, 5), (7, 2), (20, 15)]]
     samples = frozen_hidden(model, examples)
-    loss, (main_ce, per_stream, prune_ce, hits) = losses(
-        model, make_batch(samples, 2), 1.0, 0.5, 0.25)
+    loss, (main_ce, per_stream, hits) = losses(model, make_batch(samples, 2), 1.0, 0.5)
 
     def ce(logits, target):
         return float(mx.logsumexp(logits) - logits[target])
 
-    main, stream, prune, hit = [], [[], []], [], [[], []]
+    main, stream, hit = [], [[], []], [[], []]
     for ex in examples:
         tok, n = ex.tokens, len(ex.tokens)
         logits, slogits = model(mx.array([tok]), stream_rows=mx.arange(n, dtype=mx.int32))
-        early = model.early_exit_logits(model.lower(mx.array([tok]), mx.arange(n)))
         for t in range(ex.completion_start - 1, n - 1):
             main.append(ce(logits[0, t], tok[t + 1]))
-            prune.append(ce(early[0, t], tok[t + 1]))
             for j in (1, 2):
                 if t + 1 + j < n:
                     stream[j - 1].append(ce(slogits[0, t, j - 1], tok[t + 1 + j]))
                     hit[j - 1].append(mx.argmax(slogits[0, t, j - 1]).item() == tok[t + 1 + j])
     np.testing.assert_allclose(main_ce.item(), np.mean(main), rtol=1e-4)
     np.testing.assert_allclose(np.array(per_stream), [np.mean(s) for s in stream], rtol=1e-4)
-    np.testing.assert_allclose(prune_ce.item(), np.mean(prune), rtol=1e-4)
-    want = np.mean(main) + 0.5 * sum(np.mean(s) for s in stream) + 0.25 * np.mean(prune)
+    want = np.mean(main) + 0.5 * sum(np.mean(s) for s in stream)
     np.testing.assert_allclose(loss.item(), want, rtol=1e-4)
     assert sum(np.array(hits).tolist()) == sum(map(sum, hit))
     # Main weight 0 (lossless default) drops the main term.
-    loss0, _ = losses(model, make_batch(samples, 2), 0.0, 0.5, 0.25)
+    loss0, _ = losses(model, make_batch(samples, 2), 0.0, 0.5)
     np.testing.assert_allclose(loss0.item(), want - np.mean(main), rtol=1e-4)
 
 
@@ -279,7 +264,7 @@ def test_soft_targets_match_a_per_example_reference(per_sample):
                            for e in examples])
     np.testing.assert_array_equal(lookup[flat[src + 1]], np.array(batch.stream_target))
     w = 0.7
-    _, (_, per_stream, _, _) = losses(model, batch, 0.0, 1.0, 0.0, True, soft_targets=w)
+    _, (_, per_stream, _) = losses(model, batch, 0.0, 1.0, True, soft_targets=w)
     stream = [[], []]
     lse = lambda x: np.log(np.exp(x - x.max()).sum()) + x.max()  # noqa: E731
     for ex in examples:
@@ -297,7 +282,7 @@ def test_soft_targets_match_a_per_example_reference(per_sample):
                     stream[j - 1].append((1 - w) * hard - w * (p * logq).sum())
     np.testing.assert_allclose(np.array(per_stream), [np.mean(x) for x in stream], rtol=1e-4)
     with pytest.raises(ValueError, match="soft targets"):
-        losses(model, make_batch(samples, 2, lookup), 1.0, 1.0, 0.0, False, soft_targets=w)
+        losses(model, make_batch(samples, 2, lookup), 1.0, 1.0, False, soft_targets=w)
 
 
 def test_soft_targets_settings_are_checked(workdir):
@@ -335,7 +320,7 @@ def assert_frozen_path_equals_the_full_pass(arch: str, seed: int, full_batch,
     `full_batch(model)`."""
     import mlx.nn as nn
 
-    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3, pruning_rank=4,
+    streams = StreamArgs(num_streams=3, msa_layers=2, adapter_rank=3,
                          next_token_rank=next_token_rank)
     model = tiny_model(arch, seed=seed, streams=streams)
     live_adapters(model)
@@ -343,8 +328,8 @@ def assert_frozen_path_equals_the_full_pass(arch: str, seed: int, full_batch,
     model.streams.unfreeze()
     results = []
     for frozen, batch in ((False, full_batch(model)), (True, frozen_batch(model))):
-        fn = nn.value_and_grad(model, lambda m, b, f=frozen: losses(m, b, 0.0, 0.3, 0.2, f))
-        (loss, (_, per_stream, _, hits)), grads = fn(model, batch)
+        fn = nn.value_and_grad(model, lambda m, b, f=frozen: losses(m, b, 0.0, 0.3, f))
+        (loss, (_, per_stream, hits)), grads = fn(model, batch)
         results.append((loss, per_stream, hits, dict(tree_flatten(grads))))
     (l0, s0, h0, g0), (l1, s1, h1, g1) = results
     np.testing.assert_allclose(l1.item(), l0.item(), rtol=1e-5)
@@ -403,7 +388,7 @@ def test_per_sample_rows_need_the_frozen_main_path():
     model = tiny_model("llama", seed=8, streams=StreamArgs(num_streams=2, msa_layers=2))
     samples = frozen_hidden(model, [Example(list(range(3, 15)), 5)])
     with pytest.raises(ValueError, match="frozen-main"):
-        losses(model, make_batch(samples, 2, per_sample=True), 1.0, 0.3, 0.2, True)
+        losses(model, make_batch(samples, 2, per_sample=True), 1.0, 0.3, True)
 
 
 @pytest.mark.parametrize("batch_tokens", [4096, 20, 1])
@@ -441,7 +426,6 @@ def untrained(root, args: TrainArgs) -> dict:
     with pytest.warns(UserWarning):
         model, tokenizer = load(args.model, precision="float32")
     init_streams(model, StreamArgs(num_streams=args.num_streams, msa_layers=args.msa_layers,
-                                   pruning_rank=args.pruning_rank,
                                    adapter_rank=args.adapter_rank), seed=args.seed)
     valid = frozen_hidden(model, load_examples(args.valid, tokenizer, args.max_length))
     return evaluate(model, valid, args)
@@ -472,7 +456,8 @@ def test_lossless_output_keeps_the_base_model_exact(workdir, lossless_run):
     stream_block = config.pop("speculative_streaming")
     assert config == json.loads((folder / "config.json").read_text())
     assert stream_block["num_streams"] == 2 and stream_block["msa_layers"] == 2
-    assert stream_block["adapter_rank"] == 4 and not stream_block["main_sees_streams"]
+    assert stream_block["adapter_rank"] == 4
+    assert not {"pruning_rank", "main_sees_streams"} & set(stream_block)  # removed fields
 
     model, tokenizer = load(out)
     assert model.stream_args.num_streams == 2
@@ -653,6 +638,20 @@ def test_resume_continues_at_the_saved_step(workdir):
     ckpt = root / "resumed" / "checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 3
     assert not (root / "resumed" / "model").exists()
+    # As a run saved while training had an early-exit (pruning) adapter: its tensors,
+    # their optimizer moments and its settings are there too, and resuming ignores them.
+    old = {"streams.pruning_down": mx.ones((4, 64)), "streams.pruning_up": mx.ones((64, 4))}
+    trainable = mx.load(str(ckpt / "trainable.safetensors"))
+    mx.save_safetensors(str(ckpt / "trainable.safetensors"), {**trainable, **old})
+    moments = mx.load(str(ckpt / "optimizer.safetensors"))
+    suffixes = [k.removeprefix("streams.embeddings") for k in moments
+                if k.startswith("streams.embeddings.")]
+    assert suffixes  # AdamW's moments
+    mx.save_safetensors(str(ckpt / "optimizer.safetensors"),
+                        {**moments, **{k + s: v for k, v in old.items() for s in suffixes}})
+    state = json.loads((ckpt / "state.json").read_text())
+    state["args"].update(pruning_rank=4, pruning_weight=0.1)
+    (ckpt / "state.json").write_text(json.dumps(state))
 
     args.resume = True
     _, logs = run_train(args)

@@ -132,15 +132,6 @@ def last_accepted(tokens, targets, parents, mask, depths) -> mx.array:
     return mx.argmax(mx.where(path_ok, depths, -1))
 
 
-def rows_needing_streams(model, n: int, draft: bool) -> mx.array | None:
-    """Main rows of an n-row pass that carry stream rows: all of them when main rows see
-    their streams (the model's output depends on them), else all when drafting."""
-    sa = model.stream_args
-    if sa is None or not (draft or sa.main_sees_streams):
-        return None
-    return mx.arange(n, dtype=mx.int32)
-
-
 def conditioned(model) -> bool:
     """The model's streams take the next token (their stream rows run after it is known)."""
     return model.stream_args is not None and model.stream_args.conditioned
@@ -158,8 +149,8 @@ def prefill(model, cache: KVCache, prompt: list[int], chunk: int, draft: bool):
         last = start + chunk >= len(prompt)
         positions = mx.arange(cache.offset, cache.offset + len(piece), dtype=mx.int32)
         h_low = model.lower(mx.array([piece], dtype=mx.int32), positions, None, cache)
-        rows = rows_needing_streams(model, len(piece), False)
-        if rows is None and last and draft and not conditioned(model):
+        rows = None
+        if last and draft and not conditioned(model):
             rows = mx.array([len(piece) - 1], dtype=mx.int32)  # only the last row drafts
         h, hs = model.upper(h_low, positions, None, cache, rows)
         cache.commit(range(len(piece)))
@@ -186,8 +177,8 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     (`sampler_candidates`: coupled when sampling). The pass's K/V stay pending in the
     cache: `commit` keeps the path's.
 
-    Main rows blind to their streams (lossless mode) let the stream rows run for the last
-    accepted node only, found on the device after the main rows: gamma rows in the top
+    Main rows never see stream rows, so the stream rows can run for the last accepted
+    node only, found on the device after the main rows: gamma rows in the top
     N_s layers instead of gamma per tree node. A one-row pass (nothing drafted) knows
     that node beforehand, so its stream rows ride along in the main pass (SmolLM2 on the
     CPU, interleaved medians of 37: a drafting step 63.8 -> 61.2 ms, plain 52.7: the top
@@ -197,14 +188,13 @@ def verify(model, cache: KVCache, root: int, tree: DraftTree, sampler: Sampler |
     """
     n = len(tree)
     streams = draft and model.stream_args is not None and top_k > 0
-    deferred = streams and not model.stream_args.main_sees_streams and (
-        n > 1 or conditioned(model))
+    deferred = streams and (n > 1 or conditioned(model))
     tokens = mx.array([root] + tree.tokens, dtype=mx.int32)
     where = cache.offset + tree.depths  # (n,) host positions
     positions = mx.array(where)
     mask = mx.array(tree.mask) if n > 1 else None
     h_low = model.lower(tokens[None], positions, mask, cache)
-    rows = None if deferred else rows_needing_streams(model, n, streams)
+    rows = mx.zeros((1,), dtype=mx.int32) if streams and not deferred else None  # n == 1
     h, hs = model.upper(h_low, positions, mask, cache, rows)
     targets = choose(model.head(h[0]), sampler, where)
     outputs = [targets]

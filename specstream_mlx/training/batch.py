@@ -1,5 +1,5 @@
 """Training batches: the draft vocabulary, padded batches with the gather indices of every
-loss (main, stream j, pruning), and batches of similar length in random order."""
+loss (main, stream j), and batches of similar length in random order."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class Batch:
     stream_rows: the main rows that carry streams, (S,) shared by the batch (every row
     from the earliest completion on), or (B, S) each sample's own completion rows (the
     per-sample layout: padding and prompt rows carry no stream rows).
-    Stream and pruning targets are indices into the draft vocabulary; targets outside it
+    Stream targets are indices into the draft vocabulary; targets outside it
     cannot be drafted, so they are left out of the loss and counted in `stream_missed`.
     """
 
@@ -51,8 +51,6 @@ class Batch:
     stream_rows: mx.array
     main_index: mx.array  # (M,) flat (b, t) rows predicting their next token
     main_target: mx.array  # (M,) token ids
-    prune_index: mx.array  # (P,) the main rows whose next token is in the draft vocab
-    prune_target: mx.array  # (P,) draft-vocabulary indices
     stream_index: mx.array  # (K,) flat (b, s, j) stream rows with a draftable target
     stream_target: mx.array  # (K,) draft-vocabulary indices
     stream_source: mx.array  # (K,) flat (b, t + j) main row whose next token each targets
@@ -86,17 +84,13 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
         first = max(0, min(s.start for s in samples) - 1)
         rows = np.arange(first, T - 1)
         S = len(rows)
-    main_idx, main_tgt, pr_idx, pr_tgt, st_idx, st_tgt, st_id = [], [], [], [], [], [], []
-    st_src = []
+    main_idx, main_tgt, st_idx, st_tgt, st_id, st_src = [], [], [], [], [], []
     missed = np.zeros(gamma, dtype=np.int64)
     for b, s in enumerate(samples):
         n = len(s.tokens)
         for t in range(max(0, s.start - 1), n - 1):
             main_idx.append(b * T + t)
             main_tgt.append(s.tokens[t + 1])
-            if lookup[s.tokens[t + 1]] >= 0:
-                pr_idx.append(b * T + t)
-                pr_tgt.append(lookup[s.tokens[t + 1]])
         for si, t in enumerate(own[b] if per_sample else rows):
             if t < s.start - 1 or t + 1 >= n:
                 continue
@@ -119,7 +113,7 @@ def make_batch(samples: list[Sample], gamma: int, lookup: np.ndarray | None = No
         nxt[b, ok] = np.asarray(s.tokens)[at[b][ok] + 1]
     as_int = lambda x: mx.array(np.array(x, dtype=np.int32))  # noqa: E731
     return Batch(hidden, mx.arange(T, dtype=mx.int32), as_int(rows), as_int(main_idx),
-                 as_int(main_tgt), as_int(pr_idx), as_int(pr_tgt), as_int(st_idx),
+                 as_int(main_tgt), as_int(st_idx),
                  as_int(st_tgt), as_int(st_src), np.array(st_id, dtype=np.int64), missed,
                  sum(len(s.tokens) - s.start for s in samples), mx.array(nxt))
 

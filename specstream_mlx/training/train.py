@@ -2,14 +2,13 @@
 
 Loss: L = a0 * CE(main[t], y[t+1]) + sum_j a_j * CE(stream_j[t], y[t+1+j]) on completion
 tokens (with --soft-targets w, stream j's CE is (1 - w) times that plus w times the
-cross-entropy to the base model's own next-token distribution at t + j, its soft target),
-plus the pruning adapter's next-token loss on the hidden state entering the
-stream layers (its parameters are separate, so the sum trains both at once).
+cross-entropy to the base model's own next-token distribution at t + j, its soft target).
 
 Lossless mode (default): the base model is frozen; trained are the stream embeddings,
-stream-only adapters in the top N_s layers and the pruning adapter; main rows are the
-base model exactly. Task mode adds LoRA adapters shared by main and stream rows in the
-top N_s layers (main loss weight 1); they are fused into the weights at the end.
+stream-only adapters in the top N_s layers (and the next-token projection, when the
+streams see the next token); main rows are the base model exactly. Task mode adds LoRA
+adapters shared by main and stream rows in the top N_s layers (main loss weight 1); they
+are fused into the weights at the end.
 Everything below the stream layers is frozen in both modes, so the hidden states
 entering layer N - N_s are computed once and training runs the top layers only.
 """
@@ -63,11 +62,9 @@ class TrainArgs:
     msa_layers: int = 4
     adapter_rank: int = 16
     adapter_scale: float = 1.0
-    pruning_rank: int = 8
     main_weight: float | None = None  # default: 0 lossless, 1 task
     stream_weight: float = 0.1
     soft_targets: float = 0.0  # share of the stream loss on the base model's distribution
-    pruning_weight: float = 0.1
     lr: float = 5e-4
     warmup: int = 20
     epochs: float = 1.0
@@ -90,13 +87,12 @@ class TrainArgs:
         """InputError naming the first bad setting (as its flag)."""
         if self.mode not in ("lossless", "task"):
             raise InputError(f"--mode must be 'lossless' or 'task', got {self.mode!r}")
-        ints = {"num_streams": 1, "msa_layers": 1, "adapter_rank": 0, "pruning_rank": 0,
+        ints = {"num_streams": 1, "msa_layers": 1, "adapter_rank": 0,
                 "warmup": 0, "batch_size": 1, "max_length": 2, "seed": 0,
                 "steps_per_report": 1, "steps_per_eval": 1, "steps_per_checkpoint": 1,
                 "max_valid": 0, "tree_budget": 0, "top_k": 1, "draft_vocab": 0,
                 "next_token_rank": 0}
-        reals = {"adapter_scale": 0.0, "stream_weight": 0.0, "pruning_weight": 0.0,
-                 "soft_targets": 0.0,
+        reals = {"adapter_scale": 0.0, "stream_weight": 0.0, "soft_targets": 0.0,
                  "main_weight": 0.0, "dist_timeout": 1.0}
         for name, low in {**ints, **reals}.items():
             value = getattr(self, name)
@@ -134,9 +130,9 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
                   embedding_scale: float = 1.0, next_tokens: mx.array | None = None
                   ) -> tuple[mx.array, mx.array]:
     """The stream rows of `model.upper(h, positions, None, None, stream_rows)`, computed the
-    cheap way when main rows are blind to streams (lossless mode): the main rows run once
-    without streams, leaving their K/V in a cache, then only the stream rows run,
-    attending to those K/V (as in a decode pass over a prefix).
+    cheap way (main rows never see stream rows): the main rows run once without streams,
+    leaving their K/V in a cache, then only the stream rows run, attending to those K/V
+    (as in a decode pass over a prefix).
 
     h: (B, L, hidden) entering the first MSA layer; positions: (L,) int32 (causal main
     rows); stream_rows: (S,) int32, or (B, S) each sample's own rows. Returns the main
@@ -157,21 +153,21 @@ def upper_streams(model, h: mx.array, positions: mx.array, stream_rows: mx.array
 
 
 def loss_counts(batch: Batch, gamma: int) -> np.ndarray:
-    """Targets of each loss term: (gamma + 2,) stream j, main, pruning."""
+    """Targets of each loss term: (gamma + 1,) stream j, main."""
     return np.concatenate([np.bincount(batch.stream_id, minlength=gamma),
-                           [batch.main_index.size, batch.prune_index.size]]).astype(np.float32)
+                           [batch.main_index.size]]).astype(np.float32)
 
 
 def losses(model, batch: Batch, main_weight: float, stream_weight: float,
-           pruning_weight: float, frozen_main: bool = False, embedding_scale: float = 1.0,
+           frozen_main: bool = False, embedding_scale: float = 1.0,
            counts: np.ndarray | mx.array | None = None, soft_targets: float = 0.0):
-    """Total loss and per-part values: (loss, (main CE, stream CE per j, pruning CE,
-    stream top-1 hits per target)).
+    """Total loss and per-part values: (loss, (main CE, stream CE per j (gamma,), stream
+    top-1 hits per target (K,))).
 
     frozen_main (lossless mode, no main loss): the main rows cannot change, so they run
     forward once and only the stream rows carry gradients (upper_streams).
     embedding_scale: the stream embeddings' scale (see DecoderModel.upper).
-    counts: what each term's sum is divided by, (gamma + 2,) as `loss_counts`; default
+    counts: what each term's sum is divided by, (gamma + 1,) as `loss_counts`; default
     this batch's own counts (means). Data parallelism passes the global batch's counts
     over the number of ranks, so the ranks' mean loss is the global batch's.
     soft_targets w (frozen main only): each stream target's CE is (1 - w) x the CE to the
@@ -208,14 +204,8 @@ def losses(model, batch: Batch, main_weight: float, stream_weight: float,
         main_logits = model.head(mx.take(hm.reshape(-1, H), batch.main_index, axis=0))
         main_ce = nn.losses.cross_entropy(main_logits, batch.main_target).sum() / div[gamma]
         loss = loss + main_weight * main_ce
-    prune_ce = mx.array(0.0)
-    if pruning_weight and "pruning_down" in model.streams and batch.prune_index.size:
-        lower = mx.take(batch.hidden.reshape(-1, H), batch.prune_index, axis=0)
-        prune_ce = nn.losses.cross_entropy(model.early_exit_logits(lower),
-                                           batch.prune_target).sum() / div[gamma + 1]
-        loss = loss + pruning_weight * prune_ce
     hits = mx.argmax(stream_logits, axis=-1) == batch.stream_target
-    return loss, (main_ce, per_stream, prune_ce, hits)
+    return loss, (main_ce, per_stream, hits)
 
 
 def evaluate(model, samples: list[Sample], args: TrainArgs,
@@ -227,8 +217,8 @@ def evaluate(model, samples: list[Sample], args: TrainArgs,
     for group in batches(samples, args.batch_size, random.Random(0), args.frozen_main):
         batch = make_batch(group, gamma, lookup, args.frozen_main)
         counts += batch.stream_missed
-        loss, (_, _, _, hit) = losses(model, batch, *args.weights(), args.pruning_weight,
-                                      args.frozen_main, embedding_scale)
+        loss, (_, _, hit) = losses(model, batch, *args.weights(), args.frozen_main,
+                                   embedding_scale)
         mx.eval(loss, hit)
         hit = np.array(hit)
         for j in range(gamma):
@@ -275,7 +265,6 @@ def check_warm_start(model, source: Path, args: TrainArgs) -> None:
         raise InputError(f"--warm-start: {source} has no streams to start from")
     full = not 0 < args.draft_vocab < model.args.vocab_size
     want = {"num_streams": args.num_streams, "msa_layers": args.msa_layers,
-            "pruning_rank": args.pruning_rank,
             "adapter_rank": args.adapter_rank if args.mode == "lossless" else 0,
             "draft_vocab_size": 0 if full else args.draft_vocab}
     if loaded.next_token_rank and args.next_token_rank:
@@ -431,7 +420,6 @@ def train(args: TrainArgs, log=print) -> dict:
             if 0 < args.draft_vocab < vocab_size else None
         stream_args = StreamArgs(
             num_streams=args.num_streams, msa_layers=args.msa_layers,
-            pruning_rank=args.pruning_rank,
             adapter_rank=args.adapter_rank if args.mode == "lossless" else 0,
             adapter_scale=args.adapter_scale, tree_budget=args.tree_budget, top_k=args.top_k,
             draft_vocab_size=0 if draft_vocab is None else len(draft_vocab),
@@ -500,11 +488,10 @@ def train(args: TrainArgs, log=print) -> dict:
         with group.deadline("sharing rank 0's parameters"):
             mx.eval(model.trainable_parameters(), optimizer.state)
     loss_and_grad = nn.value_and_grad(model, lambda m, b, c: losses(
-        m, b, *args.weights(), args.pruning_weight, args.frozen_main, scale, c,
-        args.soft_targets))
+        m, b, *args.weights(), args.frozen_main, scale, c, args.soft_targets))
     gamma = args.num_streams
     zeros = tree_map(mx.zeros_like, model.trainable_parameters())
-    metrics, window_tic, window = {}, time.perf_counter(), np.zeros(3 * gamma + 3)
+    metrics, window_tic, window = {}, time.perf_counter(), np.zeros(3 * gamma + 2)
     if args.warm_start and first == 0 and group.main and valid_set:
         # Where the loaded streams stand on this validation set, before any update.
         log(f"step 0 validation: {evaluate(model, valid_set, args, lookup, scale)}")
@@ -515,18 +502,18 @@ def train(args: TrainArgs, log=print) -> dict:
             batch = make_batch(share, gamma, lookup, args.frozen_main)
             local = loss_counts(batch, gamma)
         else:  # a global batch smaller than the group: nothing for this rank
-            batch, local = None, np.zeros(gamma + 2, dtype=np.float32)
+            batch, local = None, np.zeros(gamma + 1, dtype=np.float32)
         counts = group.all_sum(mx.array(local)) / size  # each rank's share of the global
         if batch is not None:
-            (loss, (_, per_stream, prune_ce, hit)), grads = loss_and_grad(model, batch, counts)
+            (loss, (_, per_stream, hit)), grads = loss_and_grad(model, batch, counts)
             one_hot = mx.array(np.eye(gamma, dtype=np.float32)[batch.stream_id])
-            stats = mx.concatenate([
-                mx.stack([loss, prune_ce]), per_stream, (hit[:, None] * one_hot).sum(0),
+            stats = mx.concatenate([  # loss, stream CE, hits and targets per stream, tokens
+                loss[None], per_stream, (hit[:, None] * one_hot).sum(0),
                 mx.array(local[:gamma] + batch.stream_missed, dtype=mx.float32),
                 mx.array([batch.tokens], dtype=mx.float32)])
             own_tokens += batch.tokens
         else:
-            grads, stats = zeros, mx.zeros(3 * gamma + 3)
+            grads, stats = zeros, mx.zeros(3 * gamma + 2)
         grads = group.average_gradients(grads)
         optimizer.update(model, grads)
         stats = group.all_sum(stats)
@@ -540,14 +527,14 @@ def train(args: TrainArgs, log=print) -> dict:
             elapsed = time.perf_counter() - window_tic
             # Each rank's loss is its sum over the global count / size: the mean over
             # ranks and steps is the global batches' mean loss.
-            loss, prune = window[0] / size / steps, window[1] / size / steps
-            per = window[2 : 2 + gamma] / size / steps
-            hits, seen = window[2 + gamma : 2 + 2 * gamma], window[2 + 2 * gamma : 2 + 3 * gamma]
+            loss = window[0] / size / steps
+            per = window[1 : 1 + gamma] / size / steps
+            hits, seen = window[1 + gamma : 1 + 2 * gamma], window[1 + 2 * gamma : 1 + 3 * gamma]
             top1 = " ".join(f"{h / max(c, 1):.3f}" for h, c in zip(hits, seen, strict=True))
             streams = " ".join(f"{x:.3f}" for x in per)
             rates = group.gather_floats([own_tokens, elapsed])  # every rank's own
             line = (f"step {done}/{total} loss {loss:.4f} stream CE [{streams}] "
-                    f"top-1 [{top1}] prune CE {prune:.3f} "
+                    f"top-1 [{top1}] "
                     f"lr {optimizer.learning_rate.item():.2e} "
                     f"{window[-1] / elapsed:.0f} tokens/s")
             if size > 1:
