@@ -12,8 +12,9 @@ and writes `experiments/prompts/NAME.jsonl` (records with id, task, prompt; no a
            h[:6] + h[16:22], the first 6 HumanEval and first 6 chitchat held-out prompts.
   held96   `work/held96.jsonl` (the second training stage's held-out split, 16 per
            source). README, fourth-stage bullet: build_prompt_sets(524, 724, 16, 0,
-           six + ["evals"])["heldout"] with task = the source (the id's prefix, lower
-           case): humaneval, chitchat, numpy, sympy, networkx, evals, in that order.
+           six + ["evals"])["heldout"], tasks code / chat as the sources label them (the
+           source is the id's prefix): humaneval, chitchat, numpy, sympy, networkx,
+           evals, in that order.
   held48   `work/held48.jsonl`: "its first 8 per source" (README, issue 15 bullets), i.e.
            held96's first 8 of each 16-prompt source block, in held96's order (tune
            --temp seeds record i with --seed + i, so the order is part of the recipe).
@@ -142,11 +143,14 @@ def build(roots: dict[str, Path]) -> dict[str, list[dict]]:
     h = build_prompt_sets(724, 1324, 16)["heldout"]
     held12 = h[:6] + h[16:22]
     s2 = build_prompt_sets(524, 724, 16, 0, SIX + ["evals"])
-    held96 = [dict(r, task=r["id"].split("/")[0].lower()) for r in s2["heldout"]]
-    if held96[:32] != [dict(r, task=r["id"].split("/")[0].lower()) for r in h]:
+    # Tasks as the sources label them (code / chat: the tables `specstream tune` prints);
+    # the source is the id's prefix.
+    held96 = s2["heldout"]
+    if held96[:32] != h:
         raise SystemExit("the default held-out split changed between the two calls")
     held48 = [r for k in range(0, 96, 16) for r in held96[k:k + 8]]
-    evals6 = [r for r in held96 if r["task"] == "evals"][:6]  # inferred, see docstring
+    evals6 = [dict(r, task="evals") for r in held96
+              if r["id"].startswith("evals/")][:6]  # inferred, see docstring
     return {"held12": held12, "ab18": held12 + evals6, "long2": LONG2,
             "held96": held96, "held48": held48, "indep48": indep48(roots["chatterbot_corpus"])}
 
