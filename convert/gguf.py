@@ -4,39 +4,62 @@
 - `config.json`: Hugging Face keys (plus mlx-lm's `quantization` block when quantized);
 - `model.safetensors`: Hugging Face tensor names, quantized tensors kept packed;
 - `tokenizer.json`, `tokenizer_config.json` (with the chat template) and
-  `generation_config.json`, rebuilt from the tokenizer stored in the GGUF metadata.
-`mlx_lm.utils.load("out/")` loads the result as it is.
+  `generation_config.json` (its `eos_token_id` lists every end-of-generation token),
+  rebuilt from the tokenizer stored in the GGUF metadata (convert/gguf_tokenizer.py).
+`mlx_lm.utils.load("out/")` and `specstream_mlx.load("out/")` load the result as it is.
+
+Architectures (`general.architecture`, see FAMILIES): `llama` (Llama 2/3, Mistral 7B's
+layout, SmolLM), `qwen2` (Qwen2 / Qwen2.5: biases on q, k, v) and `qwen3` (dense: q/k
+RMS norms per head). Everything that can refuse a file is checked first, from the
+header alone (metadata and the table of tensors, no tensor data), in one line: the
+architecture, the tokenizer and its pre-tokenizer, the tensor types, every metadata
+key, the tensor names and shapes, and that the file holds all the data it announces.
 
 What a GGUF file needs undone:
 - tensor names: `blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight`, ...;
-- the rows of `q_proj` and `k_proj`: llama.cpp reorders each head's rows from Hugging
-  Face's "two rotary halves" layout to interleaved pairs (see `unpermute_rows`);
+- the rows of `q_proj` and `k_proj` of `llama` files: llama.cpp's converter (its
+  LlamaModel) reorders each head's rows from Hugging Face's "two rotary halves"
+  layout to interleaved pairs (see `unpermute_rows`); its Qwen2 and Qwen3 converters
+  write them as they are;
+- a tied head: a file without `output.weight` uses the embedding (tie_word_embeddings);
+- Llama 3.1+ rotary scaling, stored as the `rope_freqs` tensor of per-pair factors,
+  back to the `llama3` rope_scaling block (see `llama3_rope_scaling`);
 - quantization: MLX reads Q4_0, Q4_1 and Q8_0 tensors as affine triples
   (`weight` uint32, `scales`, `biases`; group size 32), which are exactly mlx-lm's
-  quantized layout, so they stay packed. F32, F16 and BF16 load as float; MLX expands
-  Q2_K and Q6_K to float16 (kept, with a warning: the folder grows). MLX cannot read
-  most other types, and its Q4_K reader (mlx 0.32) gives every second 32-weight
-  sub-block the scale and min of the one before it; files with such types (K-quants,
-  Q5_0, IQ*, ...) are read with llama.cpp's own `gguf` package (the optional extra
-  `specstream-mlx[gguf]`), every quantized tensor dequantized to float16, or rejected
-  when it is not installed. Re-quantize with `specstream convert -q`.
-Only `general.architecture == "llama"` (Llama, Mistral, SmolLM) and the byte-level BPE
-tokenizer (`tokenizer.ggml.model == "gpt2"`) are handled for now.
+  quantized layout, so files holding only those (and F32/F16/BF16) stay packed. MLX
+  expands Q2_K and Q6_K next to them to float16 (kept, with a warning). MLX cannot
+  read most other types, and its Q4_K reader (mlx 0.32) gives every second 32-weight
+  sub-block the scale and min of the one before it; a file with any such type
+  (K-quants, Q5_0, IQ*, ...) is read with llama.cpp's own `gguf` package (the optional
+  extra `specstream-mlx[gguf]`): every quantized tensor is dequantized by its
+  reference code to float32, which holds the dequantized values exactly (float16
+  does not: an f16 scale times a 5-bit integer needs 16 bits of mantissa). Cast with
+  `specstream convert --dtype`, re-quantize with `-q`.
 """
 
 from __future__ import annotations
 
 import collections
-import os
+import math
 import re
 import struct
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
-from specstream_mlx.convert.gguf_tokenizer import _REQUIRED, build_tokenizer, meta, save_tokenizer
+from specstream_mlx.convert.gguf_tokenizer import (
+    _REQUIRED,
+    build_tokenizer,
+    check_tokenizer,
+    end_of_generation_ids,
+    meta,
+    save_tokenizer,
+)
 from specstream_mlx.convert.output import check_target
 from specstream_mlx.convert.output import install as _install
 from specstream_mlx.convert.output import staging_folder as _staging_folder
@@ -52,12 +75,39 @@ GGML_TYPES = {
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
     30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
 }
+# (weights per block, bytes per block) of the types MLX reads; the gguf package knows the rest.
+BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
+          "Q8_0": (32, 34), "Q2_K": (256, 84), "Q6_K": (256, 210)}
 # fmt: on
 PACKED_TYPES = {"Q4_0", "Q4_1", "Q8_0"}  # read as affine (weight, scales, biases)
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 DEQUANTIZED_TYPES = {"Q2_K", "Q6_K"}  # MLX expands these to float16 (checked correct)
 MLX_READABLE_TYPES = PACKED_TYPES | FLOAT_TYPES | DEQUANTIZED_TYPES
 GGUF_EXTRA_HINT = "pip install 'specstream-mlx[gguf]'"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the tensors and metadata of one `general.architecture` map onto Hugging Face.
+
+    model_type, hf_class: config.json's `model_type` and `architectures`;
+    permuted_qk: llama.cpp's converter reordered the q/k rows (see unpermute_rows);
+    layer_tensors: per-layer GGUF tensors beyond the Llama set, e.g. "attn_q.bias".
+    """
+
+    model_type: str
+    hf_class: str
+    permuted_qk: bool
+    layer_tensors: tuple[str, ...] = ()
+
+
+FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", permuted_qk=True),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", permuted_qk=False,
+                    layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", permuted_qk=False,
+                    layer_tensors=("attn_q_norm.weight", "attn_k_norm.weight")),
+}
 
 # GGUF tensor names -> Hugging Face module names.
 GLOBAL_NAMES = {
@@ -70,96 +120,279 @@ LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-SUFFIXES = ("weight", "scales", "biases")
+LLAMA_LAYER_TENSORS = tuple(f"{name}.weight" for name in (
+    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+    "attn_norm", "ffn_norm"))
+SUFFIXES = ("weight", "bias", "scales", "biases")  # scales, biases: MLX's packed triples
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+: per-pair rotary factors (no HF tensor)
 
 
-
-def convert_gguf(gguf_path: str | Path, mlx_path: str | Path, *, force: bool = False) -> Path:
-    """Convert a Llama-architecture GGUF file into an MLX model folder.
+def convert_gguf(
+    gguf_path: str | Path, mlx_path: str | Path, *, force: bool = False, dtype: str = "float32"
+) -> Path:
+    """Convert a llama, qwen2 or qwen3 GGUF file into an MLX model folder.
 
     Args:
         gguf_path: the `.gguf` file.
         mlx_path: the folder to create; its parent is created when missing.
         force: replace an existing `mlx_path` (only once the new folder is complete).
+        dtype: float type of the tensors dequantized with the gguf package
+            (float32, float16 or bfloat16; float32 keeps them exact).
 
     Returns:
         `mlx_path` as a Path.
 
     Raises:
         ConversionError: missing, truncated or non-GGUF file; unsupported architecture,
-            tensor type or tokenizer; `mlx_path` exists and `force` is False.
+            tokenizer, pre-tokenizer, tensor type or rope scaling; a missing, unknown or
+            misshapen tensor; `mlx_path` exists and `force` is False. All are raised
+            before any tensor data is read, from the header, but for a `rope_freqs`
+            tensor that is not Llama 3 scaling (read, a few hundred bytes, after them).
 
     Everything is written to a hidden sibling folder renamed into place at the end, so
     an interrupted conversion never leaves a half-written `mlx_path`.
     """
     gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ConversionError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     check_target(mlx_path, force)
-    header = read_header(gguf_path)
+    gguf_file = read_gguf(gguf_path, lambda m: check_metadata(m, gguf_path, complete=False))
+    family = check_metadata(gguf_file.metadata, gguf_path)
+    header = read_header(gguf_path, gguf_file)
+    config = hf_config(gguf_file, family, gguf_path)
+    check_tensors(header, config, family, gguf_path)
+    check_data(gguf_file, gguf_path)
+    if ROPE_FREQS in gguf_file.tensors:  # a few hundred bytes, read after every check
+        config["rope_scaling"] = llama3_rope_scaling(
+            read_tensor(gguf_file, ROPE_FREQS, np.float32), config, gguf_path)
+    tokenizer = build_tokenizer(gguf_file.metadata, gguf_path)
+
     if all(kind in MLX_READABLE_TYPES for kind, _ in header.values()):
-        tensors, metadata = _load(gguf_path)
+        tensors = _load(gguf_path)
     else:
-        tensors, metadata = load_with_gguf_package(gguf_path)
-    architecture = metadata.get("general.architecture")
-    if architecture != "llama":
-        raise ConversionError(
-            f"{gguf_path}: architecture {architecture!r} is not supported (only 'llama')"
-        )
-    config = llama_config(metadata, tensors, gguf_path)
-    weights = hf_weights(tensors, config, gguf_path)
+        tensors = load_with_gguf_package(gguf_file, getattr(mx, dtype))
+    tensors.pop(ROPE_FREQS, None)
+    weights = hf_weights(tensors, config, family, gguf_path)
     quantization = quantization_config(weights, header, gguf_path)
     if quantization is not None:
         config["quantization"] = config["quantization_config"] = quantization
-    tokenizer = build_tokenizer(metadata, gguf_path)
 
     with _staging_folder(mlx_path) as staging:
         _write_json(staging / "config.json", config)
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         save_tokenizer(tokenizer, staging)
+        eos = end_of_generation_ids(gguf_file.metadata, gguf_path)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+        if len(eos) > 1:
+            generation["eos_token_id"] = eos
         _write_json(staging / "generation_config.json", generation)
         _install(staging, mlx_path, force)
     return mlx_path
 
 
-# --- reading ---------------------------------------------------------------------------
+# --- reading the header -------------------------------------------------------------------
 
 
-def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (ggml type name, shape in row-major order) from the GGUF header.
+@dataclass
+class TensorInfo:
+    """One entry of the GGUF tensor table: ggml type name and id, row-major shape (as
+    Hugging Face and MLX write it: GGUF lists dims fastest first), absolute byte offset
+    of its data, and its byte size (None for a type whose block size is not known)."""
 
-    MLX's reader names neither the tensor nor the type it fails on, and silently drops
-    some types (TQ1_0, TQ2_0), so the types are checked here first.
+    kind: str
+    type_id: int
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int | None
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's metadata (Python values) and tensor table, read without its data."""
+
+    path: Path
+    size: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+
+class _Reader:
+    """Little-endian GGUF header fields, read from the start of a file a chunk at a time."""
+
+    SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+               10: "<Q", 11: "<q", 12: "<d"}
+    ARRAYS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+              10: "<u8", 11: "<i8", 12: "<f8"}
+    STRING, ARRAY = 8, 9
+    CHUNK = 1 << 22
+
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.buf, self.pos = f, path, b"", 0
+
+    def need(self, n: int) -> None:
+        if self.pos + n > len(self.buf):
+            more = self.f.read(max(n + self.pos - len(self.buf), self.CHUNK))
+            self.buf = self.buf[self.pos:] + more
+            self.pos = 0
+            if n > len(self.buf):
+                raise ConversionError(f"{self.path}: file ends inside the GGUF header (truncated?)")
+
+    def unpack(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        self.need(size)
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return values
+
+    def peek_count(self) -> int:
+        """The item count of the array value about to be read (nothing is consumed)."""
+        self.need(12)
+        return struct.unpack_from("<Q", self.buf, self.pos + 4)[0]
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        self.need(n)
+        self.pos += n
+        return self.buf[self.pos - n:self.pos].decode("utf-8")
+
+    def value(self, kind: int) -> Any:
+        if kind in self.SCALARS:
+            return self.unpack(self.SCALARS[kind])[0]
+        if kind == self.STRING:
+            return self.string()
+        if kind != self.ARRAY:
+            raise ConversionError(f"{self.path}: unknown GGUF metadata type {kind}")
+        item_kind, count = self.unpack("<IQ")
+        if item_kind in self.ARRAYS:
+            dtype = np.dtype(self.ARRAYS[item_kind])
+            self.need(dtype.itemsize * count)
+            values = np.frombuffer(self.buf, dtype, count, self.pos)
+            self.pos += dtype.itemsize * count
+            return values.tolist()
+        if item_kind == self.STRING:
+            return self.strings(count)
+        return [self.value(item_kind) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """`count` strings; the vocabulary's 150k tokens and merges pass through here, so
+        the loop stays tight."""
+        out, unpack = [], struct.unpack_from
+        for _ in range(count):
+            if self.pos + 8 > len(self.buf):
+                self.need(8)
+            (n,) = unpack("<Q", self.buf, self.pos)
+            start = self.pos + 8
+            if start + n > len(self.buf):
+                self.pos += 8
+                self.need(n)
+                start = self.pos
+            out.append(self.buf[start:start + n].decode("utf-8"))
+            self.pos = start + n
+        return out
+
+
+def read_gguf(path: Path, early_check: Callable[[dict[str, Any]], None] | None = None
+              ) -> GGUFFile:
+    """The metadata and tensor table of a GGUF file (v2 or v3), without any tensor data.
+
+    early_check(metadata) runs once on the keys read before the first large array (the
+    vocabulary: most of the header, and 1 s of parsing for 150k tokens), or at the end
+    of the metadata: llama.cpp writes `general.*`, the architecture's keys and the
+    tokenizer's kind before it, so a file we refuse is refused in milliseconds.
+    Raises ConversionError naming the file when it is missing, not GGUF, or ends
+    inside its header.
     """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            reader = _HeaderReader(f, path)
-            if f.read(4) != b"GGUF":
+            reader = _Reader(f, path)
+            reader.need(4)
+            if reader.buf[:4] != b"GGUF":
                 raise ConversionError(f"{path} is not a GGUF file (no 'GGUF' magic)")
+            reader.pos = 4
             (version,) = reader.unpack("<I")
             if version < 2:
                 raise ConversionError(f"{path}: GGUF version {version} is too old; reconvert it")
+            if version > 0xFFFF:
+                raise ConversionError(f"{path}: big-endian GGUF files are not supported")
             n_tensors, n_kv = reader.unpack("<QQ")
+            gguf_file = GGUFFile(path, size)
             for _ in range(n_kv):
-                reader.string()
-                reader.skip_value(reader.unpack("<I")[0])
-            header = {}
+                key = reader.string()
+                (kind,) = reader.unpack("<I")
+                if early_check is not None and kind == reader.ARRAY and reader.peek_count() > 4096:
+                    early_check(gguf_file.metadata)
+                    early_check = None
+                gguf_file.metadata[key] = reader.value(kind)
+            if early_check is not None:
+                early_check(gguf_file.metadata)
+            table = []
             for _ in range(n_tensors):
                 name = reader.string()
                 (n_dims,) = reader.unpack("<I")
                 dims = reader.unpack(f"<{n_dims}Q")
-                type_id, _offset = reader.unpack("<IQ")
-                header[name] = (GGML_TYPES.get(type_id, f"type {type_id}"), tuple(reversed(dims)))
+                type_id, offset = reader.unpack("<IQ")
+                table.append((name, dims, type_id, offset))
+            header_end = f.tell() - len(reader.buf) + reader.pos
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
-    except (OSError, struct.error, UnicodeDecodeError) as e:
+    except (OSError, struct.error, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, ConversionError):
+            raise
         raise ConversionError(f"{path}: cannot read the GGUF header ({e})") from None
 
+    alignment = gguf_file.metadata.get("general.alignment", 32)
+    data_start = -(-header_end // alignment) * alignment
+    for name, dims, type_id, offset in table:
+        kind = GGML_TYPES.get(type_id, f"type {type_id}")
+        gguf_file.tensors[name] = TensorInfo(kind, type_id, tuple(reversed(dims)),
+                                             data_start + offset, _nbytes(kind, dims))
+    return gguf_file
+
+
+def _nbytes(kind: str, dims: tuple[int, ...]) -> int | None:
+    block = BLOCKS.get(kind)
+    if block is None and (gguf := _gguf_package()) is not None:
+        qtype = getattr(gguf.GGMLQuantizationType, kind, None)
+        block = gguf.GGML_QUANT_SIZES.get(qtype) if qtype is not None else None
+    if block is None:
+        return None
+    return math.prod(dims) // block[0] * block[1]
+
+
+def check_metadata(metadata: dict[str, Any], path: Path, complete: bool = True
+                   ) -> Family | None:
+    """The Family of `general.architecture`, its tokenizer checked; ConversionError (one
+    line) for anything we do not convert. complete=False checks only the keys present
+    (the start of the header); it then returns None."""
+    architecture = metadata.get("general.architecture")
+    if (complete or architecture is not None) and architecture not in FAMILIES:
+        raise ConversionError(
+            f"{path}: architecture {architecture!r} is not supported "
+            f"(supported: {', '.join(FAMILIES)})"
+        )
+    check_tokenizer(metadata, path, complete)
+    return FAMILIES[architecture] if complete else None
+
+
+def read_header(path: Path, gguf_file: GGUFFile | None = None
+                ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (ggml type name, shape in row-major order), types checked.
+
+    Types MLX cannot read need the gguf package: without it they are refused here, by
+    name. MLX's reader names neither the tensor nor the type it fails on, and silently
+    drops some types (TQ1_0, TQ2_0), so the types are checked before any reading.
+    """
+    gguf_file = gguf_file or read_gguf(path)
+    header = {name: (t.kind, t.shape) for name, t in gguf_file.tensors.items()}
     unreadable = {n: t for n, (t, _) in header.items() if t not in MLX_READABLE_TYPES}
     if unreadable and _gguf_package() is None:
         name, kind = next(iter(unreadable.items()))
@@ -170,9 +403,18 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"K-quants and the rest ({GGUF_EXTRA_HINT}), use a Q4_0, Q4_1 or Q8_0 file, "
             f"or convert the Hugging Face checkpoint instead"
         )
+    for name, t in gguf_file.tensors.items():
+        if t.nbytes is None:
+            raise ConversionError(f"{path}: tensor {name!r} is {t.kind}, which cannot be read")
     quantized = {t for t, _ in header.values() if t not in FLOAT_TYPES}
-    expanded = sorted(quantized if unreadable else quantized & DEQUANTIZED_TYPES)
-    if expanded:
+    if unreadable:
+        warnings.warn(
+            f"{path.name}: {sorted(quantized)} tensors are dequantized (llama.cpp's gguf "
+            f"package); the converted folder is larger than the file (cast it with "
+            f"`specstream convert --dtype`, re-quantize it with `-q`)",
+            stacklevel=3,
+        )
+    elif expanded := sorted(quantized & DEQUANTIZED_TYPES):
         warnings.warn(
             f"{path.name}: {expanded} tensors are expanded to float16 (MLX keeps only "
             f"Q4_0/Q4_1/Q8_0 packed); the converted folder is larger than the file "
@@ -182,49 +424,23 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return header
 
 
-class _HeaderReader:
-    """Sequential little-endian reads of GGUF header fields from a binary file."""
-
-    # GGUF metadata value types with a fixed size: uint8 ... float64, bool.
-    SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    STRING, ARRAY = 8, 9
-
-    def __init__(self, f: BinaryIO, path: Path):
-        self.f, self.path = f, path
-
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise ConversionError(f"{self.path}: file ends inside the GGUF header (truncated?)")
-        return data
-
-    def unpack(self, fmt: str) -> tuple:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))
-
-    def string(self) -> str:
-        (n,) = self.unpack("<Q")
-        return self.read(n).decode("utf-8")
-
-    def skip_value(self, kind: int) -> None:
-        if kind in self.SCALAR_SIZES:
-            self.read(self.SCALAR_SIZES[kind])
-        elif kind == self.STRING:
-            self.f.seek(self.unpack("<Q")[0], os.SEEK_CUR)
-        elif kind == self.ARRAY:
-            item_kind, count = self.unpack("<IQ")
-            if item_kind in self.SCALAR_SIZES:
-                self.f.seek(self.SCALAR_SIZES[item_kind] * count, os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    self.skip_value(item_kind)
-        else:
-            raise ConversionError(f"{self.path}: unknown GGUF metadata type {kind}")
+def check_data(gguf_file: GGUFFile, path: Path) -> None:
+    """Every tensor's data lies inside the file (a truncated download fails here, named)."""
+    for name, t in gguf_file.tensors.items():
+        if t.nbytes is not None and t.offset + t.nbytes > gguf_file.size:
+            raise ConversionError(
+                f"{path}: the file ends inside tensor {name!r} ({gguf_file.size:,} bytes, "
+                f"its data ends at {t.offset + t.nbytes:,}): truncated?"
+            )
 
 
-def _load(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """MLX's GGUF reader, with its errors (truncated data, ...) naming the file."""
+# --- reading tensors ---------------------------------------------------------------------
+
+
+def _load(path: Path) -> dict[str, mx.array]:
+    """MLX's GGUF reader (quantized tensors packed), with its errors naming the file."""
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path))
     except (RuntimeError, ValueError) as e:
         raise ConversionError(f"{path}: cannot load the GGUF file ({e})") from None
 
@@ -238,78 +454,104 @@ def _gguf_package():
     return gguf
 
 
-def load_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Tensors and metadata read with the `gguf` package, as `_load` returns them.
+def read_tensor(gguf_file: GGUFFile, name: str, dtype=np.float32) -> np.ndarray:
+    """One F32/F16 tensor's data as numpy (row-major shape), read straight from the file."""
+    t = gguf_file.tensors[name]
+    source = {"F32": np.float32, "F16": np.float16}.get(t.kind)
+    if source is None:
+        raise ConversionError(f"{gguf_file.path}: tensor {name!r} is {t.kind}, expected F32")
+    with open(gguf_file.path, "rb") as f:
+        f.seek(t.offset)
+        data = np.frombuffer(f.read(t.nbytes), source)
+    return data.reshape(t.shape).astype(dtype)
 
-    Quantized tensors (K-quants, Q5_0, IQ*, and Q4_0/Q4_1/Q8_0 next to them) are
-    dequantized by llama.cpp's reference code to float16, as MLX does for Q6_K; F32,
-    F16 and BF16 keep their type. Shapes are row-major, as MLX reads them.
+
+def load_with_gguf_package(gguf_file: GGUFFile, dtype: mx.Dtype = mx.float32
+                           ) -> dict[str, mx.array]:
+    """Every tensor of the file as MLX arrays, quantized ones dequantized by the gguf
+    package's reference code to float32, then cast to `dtype`.
+
+    F32, F16 and BF16 tensors keep their type. Shapes are row-major, as MLX reads them.
+    Tensors are read one at a time, so the peak is the converted weights plus one
+    tensor in float32.
     """
-    import numpy as np
-
     gguf = _gguf_package()
-    try:
-        reader = gguf.GGUFReader(path)
-        metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    except Exception as e:  # truncated file, bad offsets: numpy's and struct's errors
-        raise ConversionError(f"{path}: cannot load the GGUF file ({e})") from None
     tensors = {}
-    for t in reader.tensors:
-        kind = t.tensor_type.name
-        if kind in ("F32", "F16"):
-            tensors[t.name] = mx.array(np.array(t.data))
-            continue
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ConversionError(
-                f"{path}: tensor {t.name!r} is {kind}, which the gguf package cannot dequantize"
-            ) from None
-        tensors[t.name] = mx.array(w).astype(mx.bfloat16 if kind == "BF16" else mx.float16)
-    return tensors, metadata
+    with open(gguf_file.path, "rb") as f:
+        for name, t in gguf_file.tensors.items():
+            f.seek(t.offset)
+            raw = np.frombuffer(f.read(t.nbytes), np.uint8)
+            if t.kind in FLOAT_TYPES:
+                view = raw.view({"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t.kind])
+                array = mx.array(view.reshape(t.shape))
+                tensors[name] = array.view(mx.bfloat16) if t.kind == "BF16" else array
+                continue
+            qtype = gguf.GGMLQuantizationType(t.type_id)
+            try:  # blocks run along rows: (rows, bytes per row) -> (rows, weights per row)
+                w = gguf.quants.dequantize(raw.reshape(math.prod(t.shape[:-1]), -1), qtype)
+            except NotImplementedError:
+                raise ConversionError(
+                    f"{gguf_file.path}: tensor {name!r} is {t.kind}, which the gguf package "
+                    f"cannot dequantize"
+                ) from None
+            array = mx.array(w.reshape(t.shape))
+            tensors[name] = array if dtype == mx.float32 else array.astype(dtype)
+            mx.eval(tensors[name])  # now, so the float32 copy is freed before the next one
+    return tensors
 
 
 # --- config and weights ----------------------------------------------------------------
 
 
-def llama_config(metadata: dict[str, Any], tensors: dict[str, mx.array], path: Path) -> dict:
-    """Hugging Face `config.json` for a `llama` GGUF file (no quantization block)."""
+def hf_config(gguf_file: GGUFFile, family: Family, path: Path) -> dict:
+    """Hugging Face `config.json` of the file (no quantization block), from metadata."""
+    metadata = gguf_file.metadata
+    arch = metadata["general.architecture"]
 
     def get(key: str, default: Any = _REQUIRED) -> Any:
-        return meta(metadata, key, path, default)
+        return meta(metadata, f"{arch}.{key}", path, default)
 
-    hidden = get("llama.embedding_length")
-    heads = get("llama.attention.head_count")
-    head_dim = get("llama.attention.key_length", hidden // heads)
-    rope_dims = get("llama.rope.dimension_count", head_dim)
+    hidden = get("embedding_length")
+    heads = get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise ConversionError(f"{path}: value heads differ in size from key heads")
+    rope_dims = get("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise ConversionError(
-            f"{path}: partial rotary embedding ({rope_dims} of {head_dim} dims) is not Llama"
+            f"{path}: partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported"
         )
-    vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else None
+    embedding = gguf_file.tensors.get("token_embd.weight")
+    vocab = embedding.shape[0] if embedding is not None else None
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": family.model_type,
+        "architectures": [family.hf_class],
         "hidden_size": hidden,
-        "intermediate_size": get("llama.feed_forward_length"),
-        "num_hidden_layers": get("llama.block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get("llama.attention.head_count_kv", heads),
+        "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": get("llama.rope.freq_base", 10000.0),
-        "max_position_embeddings": get("llama.context_length"),
-        "vocab_size": get("llama.vocab_size", vocab),
-        "tie_word_embeddings": "output.weight" not in tensors,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": get("vocab_size", vocab),
+        "tie_word_embeddings": "output.weight" not in gguf_file.tensors,
     }
     if vocab is not None and config["vocab_size"] != vocab:
         raise ConversionError(
-            f"{path}: llama.vocab_size is {config['vocab_size']} but token_embd has {vocab} rows"
+            f"{path}: {arch}.vocab_size is {config['vocab_size']} but token_embd has {vocab} rows"
         )
-    if (rope_scaling := _rope_scaling(metadata, path)) is not None:
+    tokens = metadata.get("tokenizer.ggml.tokens", ())
+    if config["vocab_size"] is not None and len(tokens) > config["vocab_size"]:
+        raise ConversionError(
+            f"{path}: the tokenizer has {len(tokens)} tokens but the embedding only "
+            f"{config['vocab_size']} rows"
+        )
+    if (rope_scaling := _rope_scaling(metadata, arch, path)) is not None:
         config["rope_scaling"] = rope_scaling
     for name in ("bos", "eos"):
-        if (token_id := get(f"tokenizer.ggml.{name}_token_id", None)) is not None:
+        if (token_id := meta(metadata, f"tokenizer.ggml.{name}_token_id", path, None)) is not None:
             config[f"{name}_token_id"] = token_id
     # float32 metadata comes back as 9.999999747378752e-06; keep the decimal it stands for.
     config["rms_norm_eps"] = float(f"{config['rms_norm_eps']:.7g}")
@@ -317,11 +559,11 @@ def llama_config(metadata: dict[str, Any], tensors: dict[str, mx.array], path: P
     return config
 
 
-def _rope_scaling(metadata: dict[str, Any], path: Path) -> dict | None:
-    kind = meta(metadata, "llama.rope.scaling.type", path, "none")
-    factor = meta(metadata, "llama.rope.scaling.factor", path, None)
-    if factor is None and "llama.rope.scale_linear" in metadata:  # older files
-        kind, factor = "linear", meta(metadata, "llama.rope.scale_linear", path)
+def _rope_scaling(metadata: dict[str, Any], arch: str, path: Path) -> dict | None:
+    kind = meta(metadata, f"{arch}.rope.scaling.type", path, "none")
+    factor = meta(metadata, f"{arch}.rope.scaling.factor", path, None)
+    if factor is None and f"{arch}.rope.scale_linear" in metadata:  # older files
+        kind, factor = "linear", meta(metadata, f"{arch}.rope.scale_linear", path)
     if kind == "none" or factor in (None, 0.0, 1.0):
         return None
     if kind != "linear":
@@ -329,13 +571,105 @@ def _rope_scaling(metadata: dict[str, Any], path: Path) -> dict | None:
     return {"rope_type": "linear", "factor": float(f"{factor:.7g}")}
 
 
-def hf_weights(tensors: dict[str, mx.array], config: dict, path: Path) -> dict[str, mx.array]:
-    """GGUF tensors renamed to Hugging Face names, with q/k rows back in HF order.
+def llama3_rope_scaling(factors: np.ndarray, config: dict, path: Path) -> dict:
+    """Hugging Face's `llama3` rope_scaling from llama.cpp's `rope_freqs` tensor.
+
+    factors: (head_dim / 2,) float32, what llama.cpp's converter computes per rotary
+    pair from factor, low_freq_factor, high_freq_factor and the original context L:
+    1 for short wavelengths, `factor` for long ones, and 1 / ((1 - s) / factor + s) in
+    between, with s = (L / wavelength - low) / (high - low). Only A = L / (high - low)
+    and B = low / (high - low) matter (the bounds are s = 0 and s = 1), so they are
+    fitted on the pairs in between and given back with low = 1, as Llama 3.x has it;
+    the result must reproduce every factor, or the file is refused.
+    """
+    head_dim, theta = config["head_dim"], config["rope_theta"]
+    if config.get("rope_scaling") is not None or factors.shape != (head_dim // 2,):
+        raise ConversionError(f"{path}: rope_freqs of shape {factors.shape} does not fit the "
+                              f"model (head_dim {head_dim}) or its rope scaling")
+    factors = factors.astype(np.float64)
+    factor = float(factors.max())
+    wavelength = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    between = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    scaling = None
+    if factor > 1 and between.sum() >= 2:
+        s = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+        a, minus_b = np.polyfit(1 / wavelength[between], s, 1)
+        low = 1.0
+        high = low * (1 - 1 / minus_b)
+        original = round(a * (high - low))
+        scaling = {"rope_type": "llama3", "factor": float(f"{factor:.7g}"),
+                   "low_freq_factor": low, "high_freq_factor": float(f"{high:.6g}"),
+                   "original_max_position_embeddings": original}
+    if scaling is None or not np.allclose(_llama3_factors(scaling, wavelength), factors,
+                                          rtol=1e-4, atol=0):
+        raise ConversionError(f"{path}: the rope_freqs tensor is not Llama 3 rotary scaling "
+                              f"that can be recovered")
+    return scaling
+
+
+def _llama3_factors(scaling: dict, wavelength: np.ndarray) -> np.ndarray:
+    """Per-pair factors of a llama3 rope_scaling, as llama.cpp's converter writes them."""
+    factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    original = scaling["original_max_position_embeddings"]
+    s = (original / wavelength - low) / (high - low)
+    middle = 1 / ((1 - s) / factor + s)
+    return np.where(wavelength < original / high, 1.0,
+                    np.where(wavelength > original / low, factor, middle))
+
+
+def expected_shapes(config: dict, family: Family) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> row-major shape, for the model `config` describes."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim, vocab = config["head_dim"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    per_layer = {
+        "attn_q.weight": (q, hidden), "attn_k.weight": (kv, hidden),
+        "attn_v.weight": (kv, hidden), "attn_output.weight": (hidden, q),
+        "ffn_gate.weight": (inter, hidden), "ffn_up.weight": (inter, hidden),
+        "ffn_down.weight": (hidden, inter), "attn_norm.weight": (hidden,),
+        "ffn_norm.weight": (hidden,), "attn_q.bias": (q,), "attn_k.bias": (kv,),
+        "attn_v.bias": (kv,), "attn_q_norm.weight": (head_dim,),
+        "attn_k_norm.weight": (head_dim,),
+    }
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    if not config["tie_word_embeddings"]:
+        shapes["output.weight"] = (vocab, hidden)
+    for i in range(config["num_hidden_layers"]):
+        for name in LLAMA_LAYER_TENSORS + family.layer_tensors:
+            shapes[f"blk.{i}.{name}"] = per_layer[name]
+    return shapes
+
+
+def check_tensors(header: dict[str, tuple[str, tuple[int, ...]]], config: dict,
+                  family: Family, path: Path) -> None:
+    """Every tensor of the architecture is there with its shape, and nothing else."""
+    expected = expected_shapes(config, family)
+    present = {name for name in header if name != ROPE_FREQS}
+    if missing := [name for name in expected if name not in present]:
+        hf = hf_name(missing[0], path).removesuffix(".weight")
+        raise ConversionError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r} "
+                              f"({hf})")
+    if extra := sorted(present - expected.keys()):
+        raise ConversionError(f"{path}: tensor {extra[0]!r} does not belong to the "
+                              f"{config['model_type']} layout")
+    for name, shape in expected.items():
+        if header[name][1] != shape:
+            raise ConversionError(f"{path}: tensor {name!r} has shape {header[name][1]}, but "
+                                  f"the metadata makes it {shape}")
+    if ROPE_FREQS in header and not family.permuted_qk:
+        raise ConversionError(f"{path}: tensor {ROPE_FREQS!r} is only known in llama files")
+
+
+def hf_weights(tensors: dict[str, mx.array], config: dict, family: Family,
+               path: Path) -> dict[str, mx.array]:
+    """GGUF tensors renamed to Hugging Face names; q/k rows back in HF order for llama.
 
     Quantized tensors stay packed: `name.weight` (out, in * bits / 32) uint32,
     `name.scales` and `name.biases` (out, in / group_size).
     """
     weights = {hf_name(name, path): array for name, array in tensors.items()}
+    if not family.permuted_qk:
+        return weights
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for name, array in weights.items():
         module = name.rsplit(".", 2)[-2]
@@ -346,19 +680,6 @@ def hf_weights(tensors: dict[str, mx.array], config: dict, path: Path) -> dict[s
                     f"into {heads[module]} heads of rotary pairs"
                 )
             weights[name] = unpermute_rows(array, heads[module])
-
-    expected = {"model.embed_tokens", "model.norm"} | {
-        f"model.layers.{i}.{module}"
-        for i in range(config["num_hidden_layers"])
-        for module in LAYER_NAMES.values()
-    }
-    if not config["tie_word_embeddings"]:
-        expected.add("lm_head")
-    present = {name.rsplit(".", 1)[0] for name in weights}
-    if missing := sorted(expected - present):
-        raise ConversionError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
-    if extra := sorted(present - expected):
-        raise ConversionError(f"{path}: tensor {extra[0]!r} does not belong to the Llama layout")
     return weights
 
 
@@ -371,7 +692,7 @@ def hf_name(gguf_name: str, path: Path) -> str:
         match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
         if match and match[2] in LAYER_NAMES:
             return f"model.layers.{match[1]}.{LAYER_NAMES[match[2]]}.{suffix}"
-    raise ConversionError(f"{path}: tensor {gguf_name!r} has no Llama (Hugging Face) equivalent")
+    raise ConversionError(f"{path}: tensor {gguf_name!r} has no Hugging Face equivalent")
 
 
 def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
@@ -400,7 +721,7 @@ def quantization_config(
     in_dims = {
         hf_name(name, path).removesuffix(".weight"): shape[-1]
         for name, (_, shape) in header.items()
-        if name.endswith(".weight")
+        if name.endswith(".weight") and name != ROPE_FREQS
     }
     params: dict[str, dict[str, Any]] = {}
     for name in weights:
@@ -422,6 +743,3 @@ def quantization_config(
         if module != name and module not in params and "norm" not in module:
             config[module] = False
     return config
-
-
-# --- tokenizer -------------------------------------------------------------------------

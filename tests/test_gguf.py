@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import struct
@@ -209,7 +210,7 @@ def gguf_value(value) -> bytes:
         return struct.pack("<If", 6, value)
     if isinstance(value, str):
         return struct.pack("<I", 8) + gguf_string(value)
-    if isinstance(value[0], str):
+    if not value or isinstance(value[0], str):
         return struct.pack("<IIQ", 9, 8, len(value)) + b"".join(map(gguf_string, value))
     return struct.pack("<IIQ", 9, 5, len(value)) + np.asarray(value, "<i4").tobytes()
 
@@ -359,7 +360,8 @@ def test_float_conversion_matches_reference(float_case):
     assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 10000.0
     assert config["tie_word_embeddings"] is False and "quantization" not in config
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
-    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 2
+    # <|im_end|> (eos) and <|endoftext|>: both end a generation, as in llama.cpp.
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
     saved = mx.load(str(folder / "model.safetensors"))
     assert saved.keys() == hf.keys()
     assert all(a.dtype == mx.float32 for a in saved.values())
@@ -418,7 +420,7 @@ def test_tokenizer_round_trip_specials_and_chat_template(float_case):
 
 
 def test_add_bos_token_and_gpt2_pre_tokenizer(tmp_path):
-    overrides = {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.pre": "gpt2"}
+    overrides = {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.pre": "gpt-2"}
     metadata = tiny_metadata(**overrides)
     path = write_float_gguf(tmp_path / "t.gguf", tiny_hf_weights(True), metadata)
     tokenizer = load_tokenizer(convert_gguf(path, tmp_path / "out"))
@@ -426,16 +428,20 @@ def test_add_bos_token_and_gpt2_pre_tokenizer(tmp_path):
     assert tokenizer.encode("12") == [1, tokens.index("12")]  # BOS, then the merge applies
 
 
-def test_unknown_pre_tokenizer_warns():
-    metadata = tiny_metadata(**{"tokenizer.ggml.pre": "llama-bpe"})
-    with pytest.warns(UserWarning, match="pre-tokenizer 'llama-bpe' is not known"):
+@pytest.mark.parametrize("pre, message", [
+    ("jina-v2-code", "pre-tokenizer 'jina-v2-code' is not supported (supported: "),
+    ("default", "names no pre-tokenizer (tokenizer.ggml.pre is 'default')"),
+])
+def test_unknown_pre_tokenizer_is_refused(pre, message):
+    metadata = tiny_metadata(**{"tokenizer.ggml.pre": pre})
+    with pytest.raises(ConversionError, match=re.escape(message)):
         gguf.build_tokenizer(metadata, Path("x.gguf"))
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"general.architecture": "qwen2"}, "architecture 'qwen2'"),
+        ({"general.architecture": "gemma2"}, "architecture 'gemma2' is not supported"),
         ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama'"),
         ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}, "'yarn'"),
     ],
@@ -523,7 +529,7 @@ def test_second_writer_loses_the_rename(tmp_path, monkeypatch):
         (Path(dst) / "who").write_text("other")
         rename(src, dst)
 
-    monkeypatch.setattr(gguf.os, "rename", other_process_first)
+    monkeypatch.setattr(os, "rename", other_process_first)
     with pytest.raises(ConversionError, match="exists"):
         gguf._install(staging, target, force=False)
     assert (target / "who").read_text() == "other"
@@ -560,6 +566,355 @@ def test_ensure_embedded_model_reuses_or_waits_for_other_process(monkeypatch, tm
     assert embedded.ensure_embedded_model() == folder
     monkeypatch.setattr(embedded, "convert_gguf", None)  # complete now: no conversion
     assert embedded.ensure_embedded_model() == folder
+
+
+# --- families: llama, qwen2, qwen3 ---------------------------------------------------------
+
+# Hugging Face module -> llama.cpp tensor name (gguf-py's tensor map), kept apart from the
+# converter's own table so that a wrong entry there cannot hide.
+FAMILY_GGUF_NAMES = {**GGUF_LAYER_NAMES, "self_attn.q_norm": "attn_q_norm",
+                     "self_attn.k_norm": "attn_k_norm"}
+PRE_TOKENIZER_OF = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
+# Qwen2.5's tokenizer.json, as it spells its Split regex.
+QWEN2_TOKENIZER_JSON_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TRICKY = [
+    "items.append(value)", "(hello world)", "I'M HERE", "\tindented", "\t\tx = f(y)\n",
+    "x = 12345 + 678\n\n\tfoo  ", "a    b\n\n\n  c   ", "line\r\nnext\r\n", "你好，世界！",
+    "emoji 😀👍🏽 ❤️", "Don't they'RE we'Ve", "naïve café", "  leading", "trailing  ",
+]
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 16.0, "original_max_position_embeddings": 256}
+
+
+def family_tensor_name(hf_name: str) -> str:
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    module, suffix = hf_name.rsplit(".", 1)
+    if module in top:
+        return f"{top[module]}.{suffix}"
+    _, _, layer, rest = module.split(".", 3)
+    return f"blk.{layer}.{FAMILY_GGUF_NAMES[rest]}.{suffix}"
+
+
+def family_metadata(arch: str, config: dict, **overrides) -> dict:
+    """The metadata llama.cpp's converter writes for `arch`, with tiny_folder's 97-token
+    byte-level vocabulary (no merges: a token id per character)."""
+    from tiny_folder import CHARS
+    from tiny_folder import CHAT_TEMPLATE as FOLDER_TEMPLATE
+    from tiny_folder import SPECIALS as FOLDER_SPECIALS
+
+    heads = config["num_attention_heads"]
+    theta = config.get("rope_theta", 10000.0 if arch == "llama" else 1000000.0)
+    metadata = {
+        "general.architecture": arch,
+        f"{arch}.block_count": config["num_hidden_layers"],
+        f"{arch}.context_length": config["max_position_embeddings"],
+        f"{arch}.embedding_length": config["hidden_size"],
+        f"{arch}.feed_forward_length": config["intermediate_size"],
+        f"{arch}.attention.head_count": heads,
+        f"{arch}.attention.head_count_kv": config["num_key_value_heads"],
+        f"{arch}.rope.freq_base": theta,
+        f"{arch}.attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": PRE_TOKENIZER_OF[arch],
+        "tokenizer.ggml.tokens": FOLDER_SPECIALS + CHARS,
+        "tokenizer.ggml.token_type": [3] * len(FOLDER_SPECIALS) + [1] * len(CHARS),
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": FOLDER_TEMPLATE,
+    }
+    if "head_dim" in config:  # Qwen3: heads wider than hidden / heads
+        metadata[f"{arch}.attention.key_length"] = config["head_dim"]
+        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+    metadata.update(overrides)
+    return metadata
+
+
+def family_gguf_tensors(arch: str, weights: dict[str, np.ndarray], config: dict
+                        ) -> dict[str, np.ndarray]:
+    """Float32 tensors under GGUF names as llama.cpp's converter writes `arch`: q/k rows
+    (and biases) permuted for llama only, no output.weight when the head is tied."""
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    tensors = {}
+    for name, w in weights.items():
+        module = name.rsplit(".", 2)[-2]
+        if arch == "llama" and module in heads:
+            w = llama_cpp_permute(w, heads[module])
+        tensors[family_tensor_name(name)] = w
+    return tensors
+
+
+def write_family_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], config: dict,
+                      extra: dict[str, np.ndarray] | None = None, **overrides) -> Path:
+    tensors = {**family_gguf_tensors(arch, weights, config), **(extra or {})}
+    raw = {name: (F32, w.shape, np.ascontiguousarray(w, "<f4").tobytes())
+           for name, w in tensors.items()}
+    return write_gguf(path, raw, family_metadata(arch, config, **overrides))
+
+
+def plain_decoding(folder: Path, prompt: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Logits of `prompt` and 12 greedy tokens, plain decoding, via specstream_mlx.load."""
+    import specstream_mlx
+    from specstream_mlx.generate import stream_generate
+
+    model, tokenizer = specstream_mlx.load(str(folder), precision="float32")
+    logits = np.array(model(mx.array([prompt]))[0])
+    tokens = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12,
+                                               speculative=False)]
+    return logits, tokens
+
+
+def byte_text(pieces: list[str]) -> list[str]:
+    """Byte-level pieces ("Ġworld") back to text (" world")."""
+    decoder = {c: b for b, c in enumerate(byte_level_alphabet())}
+    return [bytes(decoder[c] for c in p).decode("utf-8") for p in pieces]
+
+
+def split(pre_tokenizer, text: str) -> list[str]:
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_family_import_matches_hf_folder(tmp_path, arch):
+    """Config, tensors and plain decoding of an imported GGUF file equal those of the same
+    weights in a Hugging Face folder (llama: untied head, q/k rows permuted in the file;
+    qwen2: q/k/v biases, tied head; qwen3: q/k norms, head_dim 32 != 64 / 4, tied)."""
+    from hf_fixtures import ARCHITECTURES, tiny_config, write_hf_checkpoint
+
+    hf_folder, weights = write_hf_checkpoint(tmp_path / "hf", arch)
+    config = tiny_config(arch)
+    path = write_family_gguf(tmp_path / f"{arch}.gguf", arch, weights, config)
+    folder = convert_gguf(path, tmp_path / "mlx")
+
+    got = json.loads((folder / "config.json").read_text())
+    assert got["model_type"] == arch and got["architectures"] == [ARCHITECTURES[arch]]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
+                "max_position_embeddings"):
+        assert got[key] == config[key], key
+    assert got["head_dim"] == config.get("head_dim", 16)
+    assert got["rope_theta"] == (10000.0 if arch == "llama" else 1000000.0)
+    saved = mx.load(str(folder / "model.safetensors"))
+    assert saved.keys() == weights.keys()  # biases (qwen2), q/k norms (qwen3), lm_head (llama)
+    for name, w in weights.items():
+        np.testing.assert_array_equal(np.array(saved[name]), w, err_msg=name)
+
+    prompt = [5, 17, 40, 33, 60, 71, 12, 3]
+    logits, tokens = plain_decoding(folder, prompt)
+    ref_logits, ref_tokens = plain_decoding(hf_folder, prompt)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    assert tokens == ref_tokens
+
+
+def test_qwen2_pre_tokenizer_splits_as_qwen2():
+    """Qwen2's split keeps `.append` and `(value` whole (real ids [3615, 2057, 3679, 8]),
+    digits one by one, a tab with the word after it; GPT-2's regex does not."""
+    from tokenizers import Regex, pre_tokenizers
+
+    tokenizer = gguf.build_tokenizer(tiny_metadata(**{"tokenizer.ggml.pre": "qwen2"}),
+                                     Path("q.gguf"))
+    ours = tokenizer.backend_tokenizer.pre_tokenizer
+    reference = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_TOKENIZER_JSON_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    for text in TRICKY:
+        assert split(ours, text) == split(reference, text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    expected = {
+        "items.append(value)": ["items", ".append", "(value", ")"],
+        "(hello world)": ["(hello", " world", ")"],
+        "I'M HERE": ["I", "'M", " HERE"],
+        "\tindented": ["\tindented"],
+        "x 12\n\n": ["x", " ", "1", "2", "\n\n"],
+    }
+    for text, pieces in expected.items():
+        assert byte_text(split(ours, text)) == pieces, text
+    gpt2 = gguf.build_tokenizer(tiny_metadata(**{"tokenizer.ggml.pre": "gpt-2"}), Path("g.gguf"))
+    assert byte_text(split(gpt2.backend_tokenizer.pre_tokenizer, "items.append(value)")) == [
+        "items", ".", "append", "(", "value", ")"]
+    metadata = tiny_metadata(**{"tokenizer.ggml.pre": "llama-bpe"})
+    del metadata["tokenizer.ggml.add_bos_token"]
+    llama3 = gguf.build_tokenizer(metadata, Path("l.gguf"))
+    assert byte_text(split(llama3.backend_tokenizer.pre_tokenizer, "12345")) == ["123", "45"]
+    assert llama3.encode("12")[0] == 1  # llama.cpp adds BOS for Llama 3 unless told not to
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"general.architecture": "gemma2"}, "architecture 'gemma2' is not supported (supported: "),
+    ({"tokenizer.ggml.pre": "deepseek-coder"}, "pre-tokenizer 'deepseek-coder' is not supported"),
+    ({"tokenizer.ggml.pre": "default"}, "names no pre-tokenizer"),
+    ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama' is not supported"),
+])
+def test_refused_from_metadata_before_any_tensor(tmp_path, monkeypatch, override, message):
+    """One line, in well under a second, and no tensor read: the file's tensor data is cut
+    off, and every tensor reader fails the test if called."""
+    from hf_fixtures import tiny_config, tiny_weights
+
+    config = tiny_config("qwen2")
+    full = write_family_gguf(tmp_path / "full.gguf", "qwen2", tiny_weights(config), config,
+                             **override)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+
+    def no_tensor_read(*args, **kwargs):
+        raise AssertionError("a tensor was read")
+
+    for name in ("_load", "load_with_gguf_package", "read_tensor"):
+        monkeypatch.setattr(gguf, name, no_tensor_read)
+    start = time.perf_counter()
+    with pytest.raises(ConversionError) as error:
+        convert_gguf(path, tmp_path / "out")
+    assert time.perf_counter() - start < 1.0
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(path) in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_truncated_tensor_data_is_named_before_reading(tmp_path):
+    from hf_fixtures import tiny_config, tiny_weights
+
+    config = tiny_config("qwen2")
+    full = write_family_gguf(tmp_path / "full.gguf", "qwen2", tiny_weights(config), config)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match=r"file ends inside tensor '[\w.]+' .*: truncated"):
+        convert_gguf(path, tmp_path / "out")
+
+
+def test_early_check_sees_the_tokenizer_kind_before_the_vocabulary(tmp_path):
+    """A refusal does not wait for the 150k-token vocabulary to be parsed."""
+    tokens = [f"t{i}" for i in range(5000)]
+    metadata = tiny_metadata(**{"tokenizer.ggml.tokens": tokens,
+                                "tokenizer.ggml.token_type": [1] * len(tokens)})
+    path = write_gguf(tmp_path / "v.gguf", {}, metadata)
+    seen: list[set[str]] = []
+    gguf_file = gguf.read_gguf(path, lambda m: seen.append(set(m)))
+    assert len(seen) == 1 and "tokenizer.ggml.pre" in seen[0]
+    assert "tokenizer.ggml.tokens" not in seen[0]
+    assert gguf_file.metadata["tokenizer.ggml.tokens"] == tokens
+
+
+def test_wrong_shape_is_named(tmp_path):
+    from hf_fixtures import tiny_config, tiny_weights
+
+    config = tiny_config("qwen2")
+    weights = tiny_weights(config)
+    weights["model.layers.2.self_attn.k_proj.bias"] = np.zeros(8, np.float32)
+    path = write_family_gguf(tmp_path / "w.gguf", "qwen2", weights, config)
+    with pytest.raises(ConversionError, match=r"'blk\.2\.attn_k\.bias' has shape \(8,\), but "
+                                              r"the metadata makes it \(32,\)"):
+        convert_gguf(path, tmp_path / "out")
+
+
+def llama_cpp_rope_freqs(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
+    """What llama.cpp's converter writes as `rope_freqs.weight` for a llama3 rope_scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / freq
+        if wavelength < old / high:
+            factors.append(1.0)
+        elif wavelength > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    from conftest import TINY_CONFIGS
+    from hf_fixtures import tiny_config, write_hf_checkpoint
+
+    config = {**tiny_config("llama"), "rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING}
+    hf_folder, weights = write_hf_checkpoint(tmp_path / "hf", "llama", config=config)
+    factors = llama_cpp_rope_freqs(LLAMA3_SCALING, 16, 500000.0)
+    path = write_family_gguf(tmp_path / "l3.gguf", "llama", weights, config,
+                             extra={"rope_freqs.weight": factors})
+    folder = convert_gguf(path, tmp_path / "mlx")
+    got = json.loads((folder / "config.json").read_text())
+    assert got["rope_scaling"] == LLAMA3_SCALING and got["rope_theta"] == 500000.0
+    assert "rope_freqs.weight" not in mx.load(str(folder / "model.safetensors"))
+    prompt = [5, 17, 40, 33, 60, 71, 12, 3]
+    np.testing.assert_allclose(plain_decoding(folder, prompt)[0],
+                               plain_decoding(hf_folder, prompt)[0], atol=1e-5, rtol=0)
+
+    # conftest's llama3 config leaves one rotary pair between the bounds: not recoverable.
+    scaling = TINY_CONFIGS["llama3"]["rope_scaling"]
+    extra = {"rope_freqs.weight": llama_cpp_rope_freqs(scaling, 16, 500000.0)}
+    path = write_family_gguf(tmp_path / "one.gguf", "llama", weights, config, extra=extra)
+    with pytest.raises(ConversionError, match="rope_freqs tensor is not Llama 3 rotary scaling"):
+        convert_gguf(path, tmp_path / "mlx2")
+
+
+def test_quantized_qwen2_written_by_gguf_writer(tmp_path):
+    """A qwen2 file written by gguf-py's GGUFWriter with Q8_0 and Q5_0 tensors (the gguf
+    package's path): tensors equal its dequantization, in float32, and the logits equal
+    mlx-lm's Qwen2 on those weights."""
+    gguf_py = pytest.importorskip("gguf")
+    from hf_fixtures import tiny_config, tiny_weights
+    from mlx_lm.models import qwen2
+
+    import specstream_mlx
+
+    # gguf-py writes no empty array, and llama.cpp wants merges: one merge, one more token.
+    config = {**tiny_config("qwen2"), "vocab_size": 98}
+    weights = tiny_weights(config, seed=3)
+    metadata = family_metadata("qwen2", config)
+    metadata["tokenizer.ggml.tokens"] = [*metadata["tokenizer.ggml.tokens"], "ĠĠ"]
+    metadata["tokenizer.ggml.token_type"] = [*metadata["tokenizer.ggml.token_type"], 1]
+    metadata["tokenizer.ggml.merges"] = ["Ġ Ġ"]
+    quant = gguf_py.GGMLQuantizationType
+    writer = gguf_py.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    for key, value in metadata.items():
+        if key == "general.architecture":
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    dequantized = {}
+    for name, w in weights.items():
+        if w.ndim == 1:
+            writer.add_tensor(family_tensor_name(name), w)
+            dequantized[name] = w
+            continue
+        kind = quant.Q8_0 if "embed" in name else quant.Q5_0
+        blocks = gguf_py.quants.quantize(w, kind)
+        writer.add_tensor(family_tensor_name(name), blocks, raw_dtype=kind)
+        dequantized[name] = gguf_py.quants.dequantize(blocks, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    with pytest.warns(UserWarning, match=r"\['Q5_0', 'Q8_0'\] tensors are dequantized"):
+        folder = convert_gguf(tmp_path / "q.gguf", tmp_path / "mlx")
+    saved = mx.load(str(folder / "model.safetensors"))
+    assert saved.keys() == dequantized.keys()
+    for name, w in dequantized.items():
+        assert saved[name].dtype == mx.float32
+        np.testing.assert_array_equal(np.array(saved[name]), w, err_msg=name)
+    reference = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    reference.load_weights([(k, mx.array(v)) for k, v in dequantized.items()])
+    model, tokenizer = specstream_mlx.load(str(folder), precision="float32")
+    prompt = mx.array([[5, 17, 40, 33, 60, 71, 12, 3, 97]])
+    # Two implementations (ours, mlx-lm's) of the same float32 weights: rounding only.
+    np.testing.assert_allclose(model(prompt)[0], reference(prompt), atol=1e-4, rtol=1e-5)
+    assert tokenizer.encode("a  ") == [68, 97]  # the merge applies: "ĠĠ" is id 97
 
 
 # --- real model ---------------------------------------------------------------------------
