@@ -108,7 +108,7 @@ def stream_generate(
     the tokens follow the model's sampling distribution exactly, and after
     mx.random.seed(s) speculative and plain decoding draw the same tokens (up to float
     rounding, see sampling.py).
-    DraftSettings: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
+    Drafting: `tree_budget` (stream nodes per pass), `draft_top_k` (candidates per
     stream), `lookup_depth` (context draft length), `min_draft_prob` (floor on a
     stream node's path probability) and `corpus_depth` (corpus draft length, when the
     model folder has a corpus) default to the model's stream config. `adaptive`

@@ -28,6 +28,7 @@ from specstream_mlx.checkpoint import (
 from specstream_mlx.decoding import pass_curve
 from specstream_mlx.decoding.corpus import CorpusIndex
 from specstream_mlx.decoding.drafter import model_corpus
+from specstream_mlx.decoding.priors import PRIORS_FILE, read_priors
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
@@ -70,8 +71,9 @@ def ensure_default_streams(path: Path) -> Path:
         block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
         config = json.loads((path / "config.json").read_text())
         _copy_if_changed(shipped, path)
-        if (SHIPPED_STREAMS / CORPUS_FILE).is_file():
-            _copy_if_changed(SHIPPED_STREAMS / CORPUS_FILE, path)
+        for name in (CORPUS_FILE, PRIORS_FILE):
+            if (SHIPPED_STREAMS / name).is_file():
+                _copy_if_changed(SHIPPED_STREAMS / name, path)
         if config.get(CONFIG_KEY) != block:  # new streams or new decoding defaults
             write_json_atomic(path / "config.json", {**config, CONFIG_KEY: block})
     elif not target.is_file():
@@ -214,6 +216,12 @@ def load_corpus(model: nn.Module, path: Path) -> None:
         model.corpus = CorpusIndex(read_corpus(file, model.args.vocab_size))
 
 
+def load_priors(model: nn.Module, path: Path) -> None:
+    """Attach the folder's drafting priors as `model.drafting_priors` (priors.py; neutral
+    without the file): the controller's starting beliefs, decoding-time data."""
+    model.drafting_priors = read_priors(path) if model.stream_args is not None else None
+
+
 def load_tokenizer_of(path: Path) -> TokenizerWrapper:
     """mlx-lm's tokenizer wrapper of a model folder, without loading its weights."""
     try:
@@ -241,6 +249,7 @@ def load(
     model.precision = set_precision(model, precision)
     load_streams(model, path, config)
     load_corpus(model, path)
+    load_priors(model, path)
     tokenizer = load_tokenizer_of(path)
     mx.eval(model.parameters())
     check_finite(model, path)

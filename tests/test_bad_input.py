@@ -101,6 +101,20 @@ def test_broken_config(folder, tmp_path, capsys, make, message):
     assert message in run_cli(["generate", "--model", target, "--prompt", "hi"], capsys)
 
 
+@pytest.mark.parametrize("priors, message", [
+    ("{not json", "bad drafting priors"),
+    ("[0.5]", "not a JSON object"),
+    ('{"greedy": {"context_next": 2}}', "greedy: 2 is not a rate in [0, 1]"),
+    ('{"sampled": {"stream_weight": 0}}', "stream_weight must be a positive number"),
+    ('{"greedy": {"chain_first": {}}}', "unknown fields ['chain_first']"),
+])
+def test_broken_drafting_priors(folder, tmp_path, capsys, priors, message):
+    target = broken_folder(folder, tmp_path)
+    (Path(target) / "drafting_priors.json").write_text(priors)
+    line = run_cli(["generate", "--model", target, "--prompt", "hi"], capsys)
+    assert message in line and "drafting_priors.json" in line
+
+
 def test_missing_weights_and_folder(folder, tmp_path, capsys):
     target = broken_folder(folder, tmp_path, drop="model.safetensors")
     assert "no model*.safetensors" in run_cli(["generate", "--model", target, "-p", "hi"],

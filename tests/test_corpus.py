@@ -17,8 +17,9 @@ from specstream_mlx import load
 from specstream_mlx.checkpoint import CORPUS_FILE, read_corpus, save_corpus
 from specstream_mlx.cli import main as cli_main
 from specstream_mlx.decoding import step as step_module
-from specstream_mlx.decoding.controller import Controller, PassCosts, Plan, chain_key
+from specstream_mlx.decoding.controller import ChainSource, Controller, Plan
 from specstream_mlx.decoding.corpus import SEPARATOR, CorpusIndex
+from specstream_mlx.decoding.costs import PassCosts
 from specstream_mlx.decoding.drafter import DraftSettings, pick_chain, planned_tree
 from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.step import generate_step
@@ -133,15 +134,20 @@ def test_a_bad_corpus_depth_in_the_config_block(tmp_path):
 
 
 def test_controller_keeps_corpus_statistics_apart():
-    assert chain_key(3) == ("context", 3) and chain_key(9) == ("context", 4)
-    assert chain_key(("corpus", 9)) == ("corpus", 6)
+    # Match lengths outside the kept ones share the nearest bucket.
+    assert ChainSource("context", 3).bucket() == ("context", 3)
+    assert ChainSource("context", 9).bucket() == ("context", 4)
+    assert ChainSource("corpus", 9).bucket() == ("corpus", 6)
+    assert ChainSource("corpus", 1).bucket() == ("corpus", 2)
     c = Controller(PassCosts(), 3)
-    context, corpus = c.chain_gain(2, 8), c.chain_gain(("corpus", 2), 8)
+    context_2, corpus_2 = ChainSource("context", 2), ChainSource("corpus", 2)
+    context, corpus = c.chain_gain(context_2, 8), c.chain_gain(corpus_2, 8)
     tree = DraftTree().with_chain([7, 8, 9, 10])
     for _ in range(40):  # corpus chains of 2-gram matches are never accepted
-        c.observe(tree, Plan(0, 4, False), ("corpus", 2), [0], None)
-    assert c.chain_gain(("corpus", 2), 8) < corpus / 5
-    assert c.chain_gain(2, 8) == context
+        c.observe(tree, Plan(0, 4, False), corpus_2, [0], None)
+    assert c.chain_gain(corpus_2, 8) < corpus / 5
+    assert c.chain_gain(ChainSource("corpus", 1), 8) == c.chain_gain(corpus_2, 8)  # shared
+    assert c.chain_gain(context_2, 8) == context
 
 
 def test_planned_tree_takes_the_chain_the_controller_expects_more_from():
@@ -149,17 +155,21 @@ def test_planned_tree_takes_the_chain_the_controller_expects_more_from():
     history = [9, 1, 2, 3]  # no context match for "3"; the corpus matches 3 tokens
     d = DraftSettings(True, budget=0, top_k=1, lookup=8, corpus=4)
     c = Controller(PassCosts(), 3)
-    _, plan, match = planned_tree(c, None, history, NgramIndex(), d, index)
-    assert match == ("corpus", 3)
+    _, plan, source = planned_tree(c, None, history, NgramIndex(), d, index)
+    assert source == ChainSource("corpus", 3)
     # With a long context match the context draft is expected to give more.
     history = [1, 2, 3, 4, 1, 2, 3]
-    chain, match = pick_chain(history, NgramIndex(), 8, index, 4,
-                              lambda a, b: c.chain_gain(a[1], len(a[0]))
-                              > c.chain_gain(b[1], len(b[0])))
-    assert match == 3 and chain == [4, 1, 2, 3]
+    chain, source = pick_chain(history, NgramIndex(), 8, index, 4,
+                               lambda a, b: c.chain_gain(a[1], len(a[0]))
+                               > c.chain_gain(b[1], len(b[0])))
+    assert source == ChainSource("context", 3) and chain == [4, 1, 2, 3]
     # Without a controller the longer match wins, the context on ties.
-    assert pick_chain(history, NgramIndex(), 8, index, 4) == ([4, 1, 2, 3], 3)
-    assert pick_chain([8, 2, 3, 4], None, 0, index, 4) == ([5, 6], ("corpus", 3))
+    assert pick_chain(history, NgramIndex(), 8, index, 4) == ([4, 1, 2, 3],
+                                                              ChainSource("context", 3))
+    assert pick_chain([8, 2, 3, 4], None, 0, index, 4) == ([5, 6], ChainSource("corpus", 3))
+    # No chain at all: no source.
+    assert pick_chain([1, 2, 3], NgramIndex(), 8, None, 0) == ([], None)
+    assert pick_chain([9, 8, 7], NgramIndex(), 8, index, 4) == ([], None)
 
 
 @pytest.mark.parametrize("adaptive", [True, False])

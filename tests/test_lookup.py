@@ -26,25 +26,25 @@ def brute_force(tokens: list[int], depth: int, min_n: int, max_n: int) -> list[i
 
 def test_docstring_example():
     a, b, c, d = 1, 2, 3, 4
-    assert NgramIndex(1, 3).continuation([a, b, c, d, a, b], 3) == [c, d, a]
+    assert NgramIndex(1, 3).match([a, b, c, d, a, b], 3)[0] == [c, d, a]
 
 
 def test_short_matches_draft_short_chains():
     history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
     index = NgramIndex(1, 4)
-    assert index.continuation(history + [1], 16) == [2, 3]  # 1-gram: 2 tokens
-    assert index.continuation(history + [1, 2], 16) == [3, 4, 5, 6]  # 2-gram: 4
+    assert index.match(history + [1], 16)[0] == [2, 3]  # 1-gram: 2 tokens
+    assert index.match(history + [1, 2], 16)[0] == [3, 4, 5, 6]  # 2-gram: 4
     longest = history + [1, 2, 3, 4]
-    assert index.continuation(longest, 16) == longest[4:20]  # 4-gram: 16
-    assert index.continuation(history + [1, 2, 3, 4], 5) == [5, 6, 7, 8, 9]  # depth caps
+    assert index.match(longest, 16)[0] == longest[4:20]  # 4-gram: 16
+    assert index.match(history + [1, 2, 3, 4], 5)[0] == [5, 6, 7, 8, 9]  # depth caps
 
 
 def test_longest_match_wins_and_most_recent_occurrence():
     index = NgramIndex(1, 3)
     # "9" alone last occurred before 5; "8 9" occurred before 7.
-    assert index.continuation([8, 9, 7, 1, 9, 5, 2, 8, 9], 2) == [7, 1]
-    assert NgramIndex(1, 1).continuation([8, 9, 7, 1, 9, 5, 2, 8, 9], 2) == [5, 2]
-    assert NgramIndex(2, 3).continuation([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert index.match([8, 9, 7, 1, 9, 5, 2, 8, 9], 2)[0] == [7, 1]
+    assert NgramIndex(1, 1).match([8, 9, 7, 1, 9, 5, 2, 8, 9], 2)[0] == [5, 2]
+    assert NgramIndex(2, 3).match([1, 2, 3, 4], 3)[0] == []  # nothing repeats
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -54,13 +54,13 @@ def test_incremental_index_equals_a_scan(seed):
     index = NgramIndex(2, 4)
     for _ in range(120):
         history += [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
-        assert index.continuation(history, 5) == brute_force(history, 5, 2, 4)
+        assert index.match(history, 5)[0] == brute_force(history, 5, 2, 4)
 
 
 def test_a_different_history_starts_over():
     index = NgramIndex(1, 2)
-    assert index.continuation([1, 2, 3, 1], 2) == [2, 3]
-    assert index.continuation([7, 8, 7], 2) == [8, 7]
+    assert index.match([1, 2, 3, 1], 2)[0] == [2, 3]
+    assert index.match([7, 8, 7], 2)[0] == [8, 7]
 
 
 def test_bad_sizes_are_refused():

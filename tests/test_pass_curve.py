@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model
 
 from specstream_mlx.decoding import pass_curve
-from specstream_mlx.decoding.controller import costs_for
+from specstream_mlx.decoding.costs import costs_for
 from specstream_mlx.models.config import StreamArgs
 
 

@@ -12,12 +12,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from specstream_mlx.decoding.drafter import DraftSettings, StreamProposal
 from specstream_mlx.decoding.sampling import PositionSampler
-from specstream_mlx.decoding.step import (
-    COUPLED_SPREAD,
-    coupled_noise,
-    generate_step,
-    stream_candidates,
-)
+from specstream_mlx.decoding.step import coupled_noise, generate_step, stream_candidates
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.generate import stream_generate
 from specstream_mlx.models.config import StreamArgs
@@ -50,8 +45,8 @@ def test_noise_after_a_device_position_is_the_noise_of_the_next_positions():
 def test_coupled_candidates_rank_by_the_samplers_perturbed_scores():
     """With the sampler's noise, a stream's candidates are the best of log q / T + noise
     (its first is the token the target would draw were p = q), log-probabilities those of
-    the softmax of the perturbed scores over COUPLED_SPREAD; the draft vocabulary's
-    columns of the noise are the ones that meet its tokens."""
+    the softmax of the perturbed scores; the draft vocabulary's columns of the noise are
+    the ones that meet its tokens."""
     sa = StreamArgs(num_streams=3, msa_layers=2, draft_vocab_size=40)
     model = tiny_model("llama", seed=8, streams=sa)
     vocab = model.args.vocab_size
@@ -66,7 +61,7 @@ def test_coupled_candidates_rank_by_the_samplers_perturbed_scores():
     logq = np.array(model.draft_logits(hs), dtype=np.float64)
     logq -= np.log(np.exp(logq - logq.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         + logq.max(-1, keepdims=True)
-    scores = (logq / 0.7 + np.array(noise, dtype=np.float64)) / COUPLED_SPREAD
+    scores = logq / 0.7 + np.array(noise, dtype=np.float64)
     best = np.argsort(-scores, axis=-1)[:, :4]
     vocab_ids = np.array(model.streams.draft_vocab)
     assert np.array(cand).tolist() == vocab_ids[best].tolist()

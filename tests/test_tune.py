@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
+import specstream_mlx.decoding.step as step_module
+from specstream_mlx.decoding.costs import PassCosts
+from specstream_mlx.decoding.drafter import DraftSettings
+from specstream_mlx.decoding.priors import NEUTRAL, Priors
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import budget_drafter, generate_step
 from specstream_mlx.decoding.tree import DraftTree
@@ -21,10 +25,10 @@ from specstream_mlx.tools.tune import (
     Setting,
     Trace,
     evaluate,
-    interpolate_cost,
     load_traces,
     path_targets,
     replay,
+    replay_controlled,
     trace,
     write_defaults,
 )
@@ -179,18 +183,83 @@ def test_replay_of_a_perfect_tree_and_of_none():
     assert none.accepted == [0] * 19 and none.rows == [1] * 19
 
 
-def test_interpolate_cost():
-    costs = {1: 10.0, 4: 16.0, 8: 24.0}
-    assert interpolate_cost(costs, 1) == 10.0
-    assert interpolate_cost(costs, 2) == pytest.approx(12.0)
-    assert interpolate_cost(costs, 12) == pytest.approx(32.0)  # slope of the last segment
+# Fixed pass costs (seconds by rows) under which the tiny models' controller both drafts
+# and steps plainly; with row-cheap costs it drafts whole trees.
+COSTS = {"mixed": ({1: 1.0, 2: 1.3, 4: 1.6, 8: 2.2, 16: 3.0},
+                   {1: 1.1, 2: 1.4, 4: 1.7, 8: 2.3, 16: 3.1}),
+         "cheap rows": ({1: 1.0, 16: 1.05}, {1: 1.05, 16: 1.1})}
+
+
+@pytest.mark.parametrize("costs", sorted(COSTS))
+@pytest.mark.parametrize("temp, depth", [(0.0, 0), (0.0, 4), (0.9, 4)])
+def test_controlled_replay_matches_generate_step(monkeypatch, costs, temp, depth):
+    """With the same fixed pass costs, the controller replayed from a trace makes the
+    choices generate_step's controller makes: pass for pass the same accepted drafts."""
+    model = tiny_model("llama", seed=2, streams=STREAMS)
+    plain_s, drafting_s = COSTS[costs]
+    fixed = PassCosts.measured(plain_s, drafting_s, {1: 1.0, 8: 1.5, 9: 2.0, 16: 2.1})
+    monkeypatch.setattr(step_module, "costs_for", lambda model: fixed)
+    monkeypatch.setattr(PassCosts, "observe", lambda self, rows, draft, seconds: None)
+    sampler = PositionSampler(temp, seed=11) if temp else None
+    n = 40
+    plain = [e.token for e in generate_step(model, PROMPT, max_tokens=n, sampler=sampler,
+                                            speculative=False)]
+    events = list(generate_step(model, PROMPT, max_tokens=n, sampler=sampler, tree_budget=4,
+                                draft_top_k=2, lookup_depth=depth))
+    assert [e.token for e in events] == plain
+    per_pass = Counter(e.passes for e in events if e.from_draft)
+    accepted = [per_pass[p] for p in range(2, events[-1].passes + 1)]
+    tr = trace(model, PROMPT, plain, top_k=2, sampler=sampler)
+    d = DraftSettings(True, 4, 2, depth, 0.0, 0)
+    rp, _ = replay_controlled(tr, d, fixed, NEUTRAL)
+    assert rp.accepted == accepted and rp.tokens == n
+    if costs == "cheap rows" and not temp:  # drafting pays: drafts are accepted
+        assert sum(accepted) > 0
+
+
+def test_controlled_replay_follows_the_priors():
+    """A prior that chains are never accepted keeps the replayed controller from drafting
+    chains (the answer repeats, so they would pay); a prior that they always are drafts
+    them."""
+    answer = [5, 6, 7, 8] * 6
+    gamma = 3
+    cand = np.full((len(answer), gamma, 1), 1, dtype=np.int64)  # streams always wrong
+    tr = Trace([9] + answer, 1, cand, np.full(cand.shape, -5.0, dtype=np.float32))
+    costs = PassCosts.measured({1: 1.0, 2: 1.02, 4: 1.05, 8: 1.1}, {1: 1.1, 8: 1.2})
+    d = DraftSettings(True, 0, 1, 8, 0.0, 0)
+
+    never = Priors(context_first={n: 0.0 for n in (1, 2, 3, 4)}, context_next=0.0)
+    always = Priors(context_first={n: 1.0 for n in (1, 2, 3, 4)}, context_next=1.0)
+    rp_never, _ = replay_controlled(tr, d, costs, never)
+    rp_always, _ = replay_controlled(tr, d, costs, always)
+    assert set(rp_never.rows) == {1}  # never tried, so never learnt otherwise
+    assert max(rp_always.rows) > 1 and rp_always.passes < rp_never.passes
+
+
+def test_chain_rates_count_first_and_next_tokens():
+    """A context chain drafted in full: its first token and each next one counted by the
+    match it came from, as the controller keeps them; measured_priors takes them."""
+    from specstream_mlx.tools.tune import chain_rates, measured_priors
+
+    answer = [5, 6, 7, 8, 5, 6, 7, 9]
+    cand = np.zeros((len(answer), 3, 1), dtype=np.int64)
+    tr = Trace([1] + answer, 1, cand, np.zeros(cand.shape, dtype=np.float32))
+    stats = chain_rates([tr], 8, None, 0, None)
+    # Nothing repeats until the second 5 (answer[4]): its 1-gram match drafts the 2 tokens
+    # that followed the first 5, [6, 7], both right; the pass ends the answer.
+    assert stats == {("context", 1): [1.0, 1.0], "context": [1.0, 1.0]}
+    p = measured_priors(NEUTRAL, Setting(3, 8, 0.0, calibration=[0.5, 0.0, 0.0]), stats)
+    assert p.context_first[1] == 1.0 and p.context_next == 1.0
+    assert p.context_first[2] == NEUTRAL.first("context", 2)  # never drafted: kept
+    assert p.stream_calibration == (0.5,) and p.corpus_first[2] == NEUTRAL.first("corpus", 2)
 
 
 def test_evaluate_predicts_from_costs():
     answer = list(range(20, 40))
     cand = np.array([[[answer[min(i + j, 19)]] for j in range(1, 4)] for i in range(20)])
     tr = Trace([1, 2] + answer, 2, cand, np.zeros_like(cand, dtype=np.float32))
-    s = evaluate([tr], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    flat = PassCosts.measured({1: 10.0, 4: 10.0}, {1: 10.0, 4: 10.0}, {1: 1.0, 4: 1.0})
+    s = evaluate([tr], Setting(3, 0, 0.0), 1, flat, None)
     # 19 tokens after the first in 5 passes of 4 rows (the last one shorter), equal cost;
     # tokens per pass as bench counts it: 20 tokens in 6 passes (the prefill included)
     assert s.tokens_per_pass == pytest.approx(20 / 6)
@@ -198,7 +267,7 @@ def test_evaluate_predicts_from_costs():
     assert s.predicted_speedup == pytest.approx(19 / 5)
     # per-prompt median: a 3-token prompt takes the prefill and one pass (3 / 2)
     short = Trace([1, 2] + answer[:3], 2, cand[:3], np.zeros_like(cand[:3], dtype=np.float32))
-    both = evaluate([tr, short, short], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    both = evaluate([tr, short, short], Setting(3, 0, 0.0), 1, flat, None)
     assert both.median_tokens_per_pass == pytest.approx(3 / 2)
     assert both.tokens_per_pass == pytest.approx((20 + 3 + 3) / (6 + 2 + 2))
 
@@ -247,6 +316,14 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
     # the calibration of each setting's stream nodes, one ratio per stream depth
     assert all(len(s["calibration"]) == STREAMS.num_streams for s in report["results"]["all"])
     assert "accepted / predicted by depth" in out
+    # --write also stores the greedy drafting priors it measured next to the streams
+    from specstream_mlx.decoding.priors import read_priors
+
+    priors = read_priors(folder)
+    assert priors.greedy.stream_calibration == tuple(c for c in best["calibration"] if c > 0) \
+        or not any(best["calibration"])
+    assert priors.sampled == NEUTRAL and report["priors"]["context_next"] == \
+        priors.greedy.context_next
 
 
 def test_cli_tune_sampled_writes_only_the_sampling_fields(tmp_path, capsys):
@@ -346,9 +423,10 @@ def test_replay_counts_the_calibration_by_depth():
     assert rp.rows == [4] * 8 + [3, 1] and rp.accepted == [1] * 9 + [0]
     assert list(rp.taken) == [0, 9, 0, 0]
     assert list(rp.predicted) == pytest.approx([0, 9 * 0.5, 9 * 0.25, 8 * 0.125])
-    s = evaluate([tr], Setting(3, 0, 0.0), 1, {1: 10.0, 4: 10.0}, 10.0, None)
+    flat = PassCosts.measured({1: 10.0, 4: 10.0}, {1: 10.0, 4: 10.0}, {1: 1.0, 4: 1.0})
+    s = evaluate([tr], Setting(3, 0, 0.0), 1, flat, None)
     assert s.calibration == [pytest.approx(2.0), 0.0, 0.0]
     perfect = np.array([[[answer[min(i + j, 19)]] for j in range(1, 4)] for i in range(20)])
     s = evaluate([Trace([1, 2] + answer, 2, perfect, np.zeros_like(lp))], Setting(3, 0, 0.0),
-                 1, {1: 10.0, 4: 10.0}, 10.0, None)
+                 1, PassCosts.measured({1: 10.0}, {1: 10.0}), None)
     assert s.calibration == [1.0, 1.0, 1.0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specstream_mlx.decoding.controller import Controller, Plan
+from specstream_mlx.decoding.controller import ChainSource, Controller, Plan
 from specstream_mlx.decoding.corpus import CorpusIndex
 from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.tree import DraftTree
@@ -89,22 +89,23 @@ def model_corpus(model) -> CorpusIndex | None:
 def pick_chain(history: list[int], index: NgramIndex | None, lookup: int,
                corpus: CorpusIndex | None, corpus_depth: int,
                better: Callable[[tuple, tuple], bool] | None = None
-               ) -> tuple[list[int], int | tuple[str, int]]:
-    """The context draft (chain, match length n) or, when it is better, the corpus draft
-    (chain, ("corpus", n)). `better(corpus_option, context_option)` decides (the
+               ) -> tuple[list[int], ChainSource | None]:
+    """The context draft or, when it is better, the corpus draft: (chain, its source;
+    None without a chain). `better(corpus_option, context_option)` decides (the
     controller's expected gains); without it, the longer match wins, the context on ties
     (measured on 96 held-out answers: ahead of "corpus only where the context has no
     match" and close to drafting both chains, with fewer rows)."""
-    chain, match = index.match(history, lookup) if index is not None and lookup else ([], 0)
+    chain, n = index.match(history, lookup) if index is not None and lookup else ([], 0)
+    context = (chain, ChainSource("context", n) if chain else None)
     if corpus is None or corpus_depth <= 0:
-        return chain, match
-    other, n = corpus.match(history, corpus_depth)
+        return context
+    other, m = corpus.match(history, corpus_depth)
     if not other:
-        return chain, match
-    option = (other, ("corpus", n))
-    if (better(option, (chain, match)) if better is not None else n > match):
+        return context
+    option = (other, ChainSource("corpus", m))
+    if (better(option, context) if better is not None else m > n):
         return option
-    return chain, match
+    return context
 
 
 def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0,
@@ -126,11 +127,11 @@ def budget_drafter(budget: int, lookup_depth: int = 0, min_prob: float = 0.0,
 
 def planned_tree(controller: Controller, draft: StreamProposal | None, history: list[int],
                  index: NgramIndex | None, d: DraftSettings, corpus: CorpusIndex | None = None
-                 ) -> tuple[DraftTree, Plan, int | tuple[str, int]]:
+                 ) -> tuple[DraftTree, Plan, ChainSource | None]:
     """The controller's choice among the streams' best nodes (at most d.budget, above
     d.min_prob) and the context or corpus draft (at most d.lookup or d.corpus tokens,
     whichever the controller expects more from). Returns the tree to verify, the plan
-    and the chain's match (see controller.chain_key)."""
+    and the chain's source."""
     full = None
     if draft is not None:
         full = DraftTree.from_candidates(draft.candidates, draft.logprobs, d.budget,
@@ -139,7 +140,7 @@ def planned_tree(controller: Controller, draft: StreamProposal | None, history: 
     def better(a, b):
         return controller.chain_gain(a[1], len(a[0])) > controller.chain_gain(b[1], len(b[0]))
 
-    chain, match = pick_chain(history, index, d.lookup, corpus, d.corpus, better)
-    plan = controller.plan(full, len(chain), match)
+    chain, source = pick_chain(history, index, d.lookup, corpus, d.corpus, better)
+    plan = controller.plan(full, len(chain), source)
     tree = full.first(plan.stream_nodes) if full is not None else DraftTree()
-    return tree.with_chain(chain[: plan.chain]), plan, match
+    return tree.with_chain(chain[: plan.chain]), plan, source

@@ -47,13 +47,10 @@ class NgramIndex:
                 self.last_end[tuple(self.tokens[end - size + 1 : end + 1])] = end
         self.indexed = max(self.indexed, len(self.tokens) - 1)
 
-    def continuation(self, history: list[int], depth: int) -> list[int]:
-        """The tokens that followed the longest earlier match of the suffix: up to 2**n
-        of them for an n-token match, and never more than `depth`."""
-        return self.match(history, depth)[0]
-
     def match(self, history: list[int], depth: int) -> tuple[list[int], int]:
-        """`continuation` and the length n of the match it comes from (0: none)."""
+        """The tokens that followed the longest earlier match of the suffix (up to 2**n
+        of them for an n-token match, and never more than `depth`), and that n (0: none).
+        """
         self.extend(history)
         tokens = self.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):

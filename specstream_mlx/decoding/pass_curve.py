@@ -8,7 +8,7 @@ EPYC (plain passes after 128 tokens, ms) 1: 45-50, 2: 46-48, 8: 90, 9: 94-95, 16
 17: 125-127, 24: 118-120, 33: 166, 41: 188. Before, the controller extrapolated
 unmeasured sizes from the ones it had run, so whether it ever tried a long context copy
 depended on which sizes earlier prompts had left measured. Only the curve's shape is
-used (controller.PassCosts scales it to the running measurements), so a measurement in
+used (costs.PassCosts scales it to the running measurements), so a measurement in
 a slow spell still serves. SPECSTREAM_PASS_CURVE=off leaves the controller without a
 curve; =measure measures again.
 """
@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from specstream_mlx.blas import cache_file, machine_key
 from specstream_mlx.checkpoint import read_cache_json, write_cache_json
 from specstream_mlx.decoding.cache import KVCache
-from specstream_mlx.decoding.controller import costs_for
+from specstream_mlx.decoding.costs import costs_for
 from specstream_mlx.decoding.tree import DraftTree
 
 # Rows measured: the sizes a step takes most (a root, stream nodes, chains of 1..32) and

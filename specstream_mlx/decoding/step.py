@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from specstream_mlx.decoding.cache import KVCache
-from specstream_mlx.decoding.controller import Controller, costs_for
+from specstream_mlx.decoding.controller import Controller
+from specstream_mlx.decoding.costs import costs_for
 from specstream_mlx.decoding.drafter import (
     DraftSettings,
     StreamProposal,
@@ -26,6 +27,7 @@ from specstream_mlx.decoding.drafter import (
     planned_tree,
 )
 from specstream_mlx.decoding.lookup import NgramIndex
+from specstream_mlx.decoding.priors import model_priors
 from specstream_mlx.decoding.tree import DraftTree
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_token_ids
@@ -65,12 +67,6 @@ def choose(logits: mx.array, sampler: Sampler | None, positions: np.ndarray) -> 
     return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True), positions)
 
 
-# Coupled drafting (sampling): a candidate's log-probability is its log-softmax of the
-# perturbed scores over COUPLED_SPREAD, the streams' error in the target's scores taken as
-# Gumbel noise of this scale (1: as large as the sampler's own).
-COUPLED_SPREAD = 1.0
-
-
 def stream_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None = None,
                       temp: float = 1.0, noise: mx.array | None = None
                       ) -> tuple[mx.array, mx.array]:
@@ -91,7 +87,8 @@ def stream_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None =
     """
     logits = model.draft_logits(hs, draft_head)
     if noise is not None:
-        logits = (logits * (1.0 / temp) + noise) * (1.0 / COUPLED_SPREAD)
+        # A candidate's log-probability is the log-softmax of its perturbed score.
+        logits = logits * (1.0 / temp) + noise
     elif temp != 1.0:
         logits = logits / temp
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -284,7 +281,7 @@ def generate_step(
     # Timed choices are safe when sampling too: a PositionSampler draws by position.
     if streams and drafter is None and adaptive:
         controller = Controller(costs_for(model), model.stream_args.num_streams,
-                                sampled=sampler is not None)
+                                model_priors(model).of(sampled=sampler is not None))
         index = NgramIndex() if d.lookup > 0 else None
     drafter = drafter or budget_drafter(d.budget, d.lookup, d.min_prob, corpus, d.corpus)
     cache = cache if cache is not None else KVCache(len(model.layers))
@@ -312,9 +309,9 @@ def generate_step(
         yield TokenEvent(root, False, passes, yielded >= max_tokens)
         while yielded < max_tokens:
             tic = time.perf_counter()
-            plan = match = None
+            plan = source = None
             if controller is not None:
-                tree, plan, match = planned_tree(controller, draft, history, index, d, corpus)
+                tree, plan, source = planned_tree(controller, draft, history, index, d, corpus)
             else:
                 tree = drafter(draft, history) if streams else DraftTree()
             # Drafts deeper than the tokens still allowed could never be emitted.
@@ -322,7 +319,7 @@ def generate_step(
             result = speculative_step(model, cache, root, tree, sampler, top_k,
                                       plan.draft if plan is not None else True, draft_head)
             if controller is not None:
-                controller.observe(tree, plan, match, result.path, time.perf_counter() - tic)
+                controller.observe(tree, plan, source, result.path, time.perf_counter() - tic)
             passes += 1
             for i, token in enumerate(result.tokens):
                 yielded += 1

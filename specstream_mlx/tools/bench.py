@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 import specstream_mlx.matmul_plan as matmul_plan
 from specstream_mlx.blas import blas_info
-from specstream_mlx.decoding.controller import costs_for
+from specstream_mlx.decoding.costs import costs_for
 from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.errors import InputError

@@ -5,8 +5,12 @@ continuation, and the streams' candidates at a position depend only on the token
 it (conditioned streams: and the next one, which greedy decoding fixes too). So one
 teacher-forced pass over a prompt and its greedy answer gives every position's
 candidates, and any drafter setting (tree budget, top-k, min_draft_prob, lookup depth) is
-replayed from them in milliseconds, pass for pass as `generate_step` would run it. The
-measured cost of a pass by rows (pass_curve.pass_cost) turns the replayed passes into time.
+replayed from them in milliseconds, pass for pass as `generate_step` would run it: with
+the whole budget drafted every step (`replay`, the tokens per pass that transfer to
+hardware where rows are nearly free) and with the drafting controller choosing each step
+(`replay_controlled`, what decoding runs). Both are timed by the one cost model decoding
+uses (costs.PassCosts over this machine's measured passes), and the controller replay
+decides with it too, so a setting's predicted speed-up is the controller's.
 Sampling replays the same way: a PositionSampler draws each position's token from the
 seed and the position alone, so the sampled answer is plain decoding's whatever is
 drafted, and a pass accepts the longest path matching it (the trace couples the
@@ -29,14 +33,30 @@ import mlx.core as mx
 import numpy as np
 
 from specstream_mlx.checkpoint import CORPUS_FILE
+from specstream_mlx.decoding.controller import Controller
+from specstream_mlx.decoding.costs import PassCosts, costs_for
 from specstream_mlx.decoding.drafter import (
     DraftSettings,
     StreamProposal,
     TreeBuilder,
     budget_drafter,
     model_corpus,
+    pick_chain,
+    planned_tree,
 )
+from specstream_mlx.decoding.lookup import NgramIndex
 from specstream_mlx.decoding.pass_curve import pass_cost
+from specstream_mlx.decoding.priors import (
+    CONTEXT_MATCHES,
+    CORPUS_MATCHES,
+    PRIORS_FILE,
+    DraftingPriors,
+    Priors,
+    model_priors,
+    priors_json,
+    read_priors,
+    write_priors,
+)
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import (
     choose,
@@ -163,36 +183,65 @@ class Setting:
     tokens_per_pass: float = 0.0
     median_tokens_per_pass: float = 0.0  # of the prompts' own tokens per pass
     mean_rows: float = 0.0
+    controlled_tokens_per_pass: float = 0.0  # the controller's (what decoding runs)
     predicted_speedup: float = 0.0
     # Accepted / predicted stream nodes by depth 1, 2, ... (their path probabilities
     # summed): the controller's calibration (controller.SAMPLED_START when sampling).
     calibration: list[float] = field(default_factory=list)
 
 
-def interpolate_cost(costs: dict[int, float], rows: float) -> float:
-    """Milliseconds of a pass of `rows` rows from measured points (linear in between,
-    extrapolated from the last two points beyond them)."""
-    xs = sorted(costs)
-    ys = [costs[x] for x in xs]
-    if rows <= xs[-1] or len(xs) == 1:
-        return float(np.interp(rows, xs, ys))
-    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return ys[-1] + slope * (rows - xs[-1])
+def replay_controlled(tr: Trace, d: DraftSettings, costs: PassCosts, priors: Priors,
+                      corpus=None, max_tokens: int | None = None) -> tuple[Replay, float]:
+    """Speculative decoding of `tr` as generate_step runs it with its controller (drafting
+    settings `d`, the model's `priors`), every pass timed and decided by `costs` (fixed:
+    the replay does not feed its own estimates back). Returns the replay and the seconds
+    of its passes after the prefill."""
+    answer = tr.tokens[tr.start :]
+    limit = len(answer) if max_tokens is None else min(max_tokens, len(answer))
+    gamma = tr.candidates.shape[1]
+    controller = Controller(costs, gamma, priors)
+    index = NgramIndex() if d.lookup > 0 else None
+    rows, accepted, seconds = [], [], 0.0
+    predicted, taken = np.zeros(gamma + 1), np.zeros(gamma + 1)
+    draft = StreamProposal(tr.candidates[0], tr.logprobs[0])  # the prefill drafts
+    r = 0
+    while r + 1 < limit:
+        tree, plan, source = planned_tree(controller, draft, tr.tokens[: tr.start + r + 1],
+                                          index, d, corpus)
+        tree = tree.truncate(limit - r - 2)
+        path, _ = tree.accept(path_targets(tree, answer, r))
+        controller.observe(tree, plan, source, path, None)
+        seconds += costs.estimate(len(tree), plan.draft)
+        on_path = set(path)
+        for i, lp in enumerate(tree.logprobs, start=1):
+            predicted[tree.depths[i]] += math.exp(lp)
+            taken[tree.depths[i]] += i in on_path
+        rows.append(len(tree))
+        accepted.append(len(path) - 1)
+        r += len(path)
+        draft = (StreamProposal(tr.candidates[r], tr.logprobs[r])
+                 if plan.draft and r < len(tr.candidates) else None)
+    return Replay(min(r + 1, limit), len(rows), rows, accepted, predicted, taken), seconds
 
 
-def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int, float],
-             plain_ms: float, max_tokens: int | None, corpus=None) -> Setting:
-    """Replay every trace with `setting` (its corpus drafts from `corpus`, a CorpusIndex);
-    predicted speed-up = plain time / speculative time of the same tokens, from the pass
-    costs (ms by rows; plain_ms per token)."""
+def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: PassCosts,
+             max_tokens: int | None, corpus=None, priors: Priors | None = None) -> Setting:
+    """Replay every trace with `setting` (its corpus drafts from `corpus`, a CorpusIndex):
+    the whole budget drafted every step (tokens per pass, rows, calibration) and, with
+    `priors`, the controller choosing each step (controlled tokens per pass and the
+    predicted speed-up: plain time / speculative time of the same tokens, by `costs`);
+    without `priors` the speed-up is the whole budget's."""
     tokens = passes = timed_tokens = 0
-    rows_total, spec_ms, per_prompt = 0, 0.0, []
+    rows_total, spec_s, per_prompt = 0, 0.0, []
+    ctl_tokens = ctl_passes = 0
     predicted = taken = 0.0
+    d = DraftSettings(True, setting.tree_budget, top_k, setting.lookup_depth,
+                      setting.min_draft_prob, setting.corpus_depth if corpus else 0)
     for tr in traces:
+        tr = Trace(tr.tokens, tr.start, tr.candidates[..., :top_k], tr.logprobs[..., :top_k])
         drafter = budget_drafter(setting.tree_budget, setting.lookup_depth,
                                  setting.min_draft_prob, corpus, setting.corpus_depth)
-        rp = replay(Trace(tr.tokens, tr.start, tr.candidates[..., :top_k],
-                          tr.logprobs[..., :top_k]), drafter, max_tokens)
+        rp = replay(tr, drafter, max_tokens)
         # Tokens per pass as bench counts them (the prefill is a pass that emits one);
         # time after the first token, which the prefill costs both decoders alike.
         tokens += rp.tokens
@@ -200,16 +249,67 @@ def evaluate(traces: list[Trace], setting: Setting, top_k: int, costs: dict[int,
         per_prompt.append(rp.tokens / (rp.passes + 1))
         timed_tokens += rp.tokens - 1
         rows_total += sum(rp.rows)
-        spec_ms += sum(interpolate_cost(costs, n) for n in rp.rows)
         predicted, taken = predicted + rp.predicted, taken + rp.taken
+        if priors is None:
+            spec_s += sum(costs.estimate(n, True) for n in rp.rows)
+        else:
+            ctl, seconds = replay_controlled(tr, d, costs, priors, corpus, max_tokens)
+            ctl_tokens += ctl.tokens
+            ctl_passes += ctl.passes + 1
+            spec_s += seconds
     setting.tokens_per_pass = tokens / max(passes, 1)
     setting.median_tokens_per_pass = float(np.median(per_prompt)) if per_prompt else 0.0
     setting.mean_rows = rows_total / max(passes - len(traces), 1)
-    setting.predicted_speedup = timed_tokens * plain_ms / spec_ms if spec_ms else 0.0
+    setting.controlled_tokens_per_pass = ctl_tokens / max(ctl_passes, 1)
+    plain_s = costs.estimate(1, False)
+    setting.predicted_speedup = timed_tokens * plain_s / spec_s if spec_s else 0.0
     if traces:
         setting.calibration = [round(float(t / p), 4) if p > 0 else 0.0
                                for t, p in zip(taken[1:], predicted[1:], strict=True)]
     return setting
+
+
+def chain_rates(traces: list[Trace], lookup: int, corpus, corpus_depth: int,
+                max_tokens: int | None) -> dict[tuple[str, int] | str, list[float]]:
+    """Acceptance of context and corpus chains drafted in full at every step of the
+    answers: [accepted, tried] of first tokens by ChainSource.bucket(), and of next tokens
+    given the previous by kind (the controller's chain priors)."""
+    stats: dict = {}
+    for tr in traces:
+        answer = tr.tokens[tr.start :]
+        limit = len(answer) if max_tokens is None else min(max_tokens, len(answer))
+        index = NgramIndex() if lookup > 0 else None
+        r = 0
+        while r + 1 < limit:
+            chain, source = pick_chain(tr.tokens[: tr.start + r + 1], index, lookup, corpus,
+                                       corpus_depth)
+            chain = chain[: max(0, limit - r - 2)]
+            run = 0
+            while run < len(chain) and chain[run] == answer[r + 1 + run]:
+                run += 1
+            if chain and source is not None:
+                first = stats.setdefault(source.bucket(), [0.0, 0.0])
+                first[0], first[1] = first[0] + (run > 0), first[1] + 1
+                if run:
+                    follow = stats.setdefault(source.kind, [0.0, 0.0])
+                    follow[0] += run - 1
+                    follow[1] += min(len(chain) - 1, run)
+            r += run + 1
+    return stats
+
+
+def measured_priors(old: Priors, setting: Setting, stats: dict) -> Priors:
+    """`old` with what this replay measured: the stream calibration by depth of the whole
+    budget and the chain rates seen (a rate nothing drafted keeps its old value)."""
+    def rate(key, default):
+        a, n = stats.get(key, (0.0, 0.0))
+        return round(a / n, 4) if n else default
+
+    context = {n: rate(("context", n), old.first("context", n)) for n in CONTEXT_MATCHES}
+    corpus = {n: rate(("corpus", n), old.first("corpus", n)) for n in CORPUS_MATCHES}
+    calibration = tuple(c for c in setting.calibration if c > 0) or old.stream_calibration
+    return Priors(calibration, old.stream_weight, context, rate("context", old.context_next),
+                  corpus, rate("corpus", old.corpus_next))
 
 
 def grid(budgets: list[int], depths: list[int], min_probs: list[float],
@@ -344,10 +444,16 @@ def tune(args: TuneArgs, log=print) -> dict:
     corpus_depths = args.corpus_depths or (
         [0, model.stream_args.corpus_depth] if corpus is not None else [0])
     rows = args.rows or sorted({1, 2, 3, 4, 6, 8, 12, 16, 24})
-    costs = pass_cost(model, rows)
-    plain_ms = pass_cost(model, [1], streams=False)[1]
-    log("pass cost (ms) by rows: " + ", ".join(f"{k}: {v:.1f}" for k, v in costs.items())
-        + f"; plain pass {plain_ms:.1f}")
+    # The one cost model decoding uses, over fixed measurements of this machine's passes.
+    drafting_ms = pass_cost(model, rows)
+    plain_ms = pass_cost(model, rows, streams=False)
+    costs = PassCosts.measured({r: t / 1000 for r, t in plain_ms.items()},
+                               {r: t / 1000 for r, t in drafting_ms.items()},
+                               dict(costs_for(model).curve))
+    log("pass cost (ms) by rows, drafting: "
+        + ", ".join(f"{k}: {v:.1f}" for k, v in drafting_ms.items())
+        + "; plain: " + ", ".join(f"{k}: {v:.1f}" for k, v in plain_ms.items()))
+    priors = model_priors(model).of(sampled)
     traces = load_traces(model, tokenizer, records, top_k, args.max_tokens,
                          temp=args.temp, seed=args.seed)
     by_task: dict[str, list[Trace]] = {}
@@ -360,24 +466,36 @@ def tune(args: TuneArgs, log=print) -> dict:
     for task, trs in {**by_task, "all": traces}.items():
         scored = [evaluate(trs, Setting(s.tree_budget, s.lookup_depth, s.min_draft_prob,
                                         s.corpus_depth),
-                           top_k, costs, plain_ms, args.max_tokens, corpus) for s in settings]
+                           top_k, costs, args.max_tokens, corpus, priors) for s in settings]
         scored.sort(key=lambda s: -s.predicted_speedup)
         results[task] = scored
-        log(f"\n{task}: {len(trs)} prompts; best predicted settings")
+        log(f"\n{task}: {len(trs)} prompts; best predicted settings (whole budget: tokens "
+            "per pass drafting it every step; controller: as decoding runs)")
         log(f"{'budget':>6s} {'lookup':>6s} {'min p':>6s} {'corpus':>6s} {'tok/pass':>8s} "
-            f"{'median':>6s} {'rows':>5s} {'speed-up':>8s}")
+            f"{'median':>6s} {'rows':>5s} {'ctl t/p':>7s} {'speed-up':>8s}")
         for s in scored[:8]:
             log(f"{s.tree_budget:6d} {s.lookup_depth:6d} {s.min_draft_prob:6.2f} "
                 f"{s.corpus_depth:6d} {s.tokens_per_pass:8.2f} "
                 f"{s.median_tokens_per_pass:6.2f} {s.mean_rows:5.1f} "
-                f"{s.predicted_speedup:7.2f}x")
+                f"{s.controlled_tokens_per_pass:7.2f} {s.predicted_speedup:7.2f}x")
         if scored and scored[0].calibration:
             log("stream nodes of the first row, accepted / predicted by depth: "
                 + " / ".join(f"{c:.2f}" for c in scored[0].calibration))
     best = results["all"][0]
+    stats = chain_rates(traces, max(depths), corpus, max(corpus_depths), args.max_tokens)
+    measured = measured_priors(priors, best, stats)
     report = {"model": str(path), "temp": args.temp, "seed": args.seed, "top_k": top_k,
-              "pass_cost_ms": costs, "plain_ms": plain_ms,
-              "best": asdict(best), "results": {t: report_rows(v) for t, v in results.items()}}
+              "pass_cost_ms": drafting_ms, "plain_pass_cost_ms": plain_ms,
+              "best": asdict(best), "priors": priors_json(measured),
+              "results": {t: report_rows(v) for t, v in results.items()}}
+    if args.write:
+        old = read_priors(path)
+        new = (DraftingPriors(old.greedy, measured, old.source) if sampled
+               else DraftingPriors(measured, old.sampled, old.source))
+        write_priors(path, DraftingPriors(new.greedy, new.sampled,
+                                          f"specstream tune --prompts {args.prompts}"))
+        log(f"wrote the {'sampled' if sampled else 'greedy'} drafting priors to "
+            f"{path / PRIORS_FILE}")
     if args.write and sampled:
         write_defaults(path, best, sampled_top_k=top_k)
         log(f"\nwrote sampled_tree_budget {best.tree_budget}, sampled_top_k {top_k}, "
