@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+from mlx_lm.utils import dequantize_model, load_config, load_model, load_tokenizer
 
 import specstream_mlx.matmul_plan as matmul_plan
 from specstream_mlx.blas import blas_info
@@ -223,9 +223,17 @@ def load_priors(model: nn.Module, path: Path) -> None:
 
 
 def load_tokenizer_of(path: Path) -> TokenizerWrapper:
-    """mlx-lm's tokenizer wrapper of a model folder, without loading its weights."""
+    """mlx-lm's tokenizer wrapper of a model folder, without loading its weights; its end
+    tokens are every one the folder names (generation_config.json's list over
+    config.json's one, as mlx-lm's load reads them: Qwen ends at <|im_end|> and
+    <|endoftext|>)."""
     try:
-        tokenizer = load_tokenizer(path)
+        eos = load_config(path).get("eos_token_id")
+    except (OSError, ValueError):  # read_config reports a broken config.json itself
+        eos = None
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else None
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=eos)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from e
     # Too-long prompts get our own one-line error (against the model's real context), not

@@ -71,6 +71,17 @@ def test_folder_without_streams_loads_with_a_plain_decoding_warning(plain_folder
     assert tokenizer.eos_token_ids == {2}
 
 
+def test_every_end_token_the_folder_names_ends_generation(plain_folder):
+    """generation_config.json's list of end tokens (Qwen: <|im_end|> and <|endoftext|>)
+    joins the tokenizer's own, as mlx-lm's load reads it."""
+    from specstream_mlx.loader import load_tokenizer_of
+
+    (plain_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    assert load_tokenizer_of(plain_folder).eos_token_ids == {2, 5}
+    (plain_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert load_tokenizer_of(plain_folder).eos_token_ids == {2, 7}
+
+
 def test_streams_round_trip(streams_folder):
     folder, original = streams_folder
     with warnings.catch_warnings():
