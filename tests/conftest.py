@@ -138,3 +138,15 @@ def loaded(folder):
     from specstream_mlx import load
 
     return load(folder)
+
+
+def cut_at_first_stop(pieces: list[str], stops: list[str]) -> tuple[str, int | None]:
+    """The reference: the text up to the first token whose text so far holds a stop, cut
+    before the earliest stop in it, and that token's count (None: no stop was hit)."""
+    text = ""
+    for n, piece in enumerate(pieces, 1):
+        text += piece
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return text[: min(hits)], n
+    return text, None

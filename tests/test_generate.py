@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from conftest import cut_at_first_stop
 from tiny_folder import EOS_ID, make_tiny_folder
 
 from specstream_mlx import GenerationResponse, generate, load, stream_generate
@@ -152,18 +153,6 @@ def test_stop_string_ends_generation(loaded):
     assert responses[-1].finish_reason == "stop"
     assert len(responses) == end < len(free)  # one char a token: it ends where stop does
     assert text_of(responses) == full[: full.index(stop)]  # the stop itself is not shown
-
-
-def cut_at_first_stop(pieces: list[str], stops: list[str]) -> tuple[str, int | None]:
-    """The reference: the text up to the first token whose text so far holds a stop, cut
-    before the earliest stop in it, and that token's count (None: no stop was hit)."""
-    text = ""
-    for n, piece in enumerate(pieces, 1):
-        text += piece
-        hits = [text.find(s) for s in stops if s and s in text]
-        if hits:
-            return text[: min(hits)], n
-    return text, None
 
 
 def stop_cases(full: str) -> dict[str, list[str]]:

@@ -154,14 +154,15 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def gguf_name(hf_name: str) -> str:
-    """Hugging Face name -> GGUF name (independent of the converter's table)."""
+def gguf_name(hf_name: str, layer_names: dict[str, str] | None = None) -> str:
+    """Hugging Face name -> GGUF name (independent of the converter's table); layer_names
+    maps a layer's module names (default GGUF_LAYER_NAMES)."""
     top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     module, suffix = hf_name.rsplit(".", 1)
     if module in top:
         return f"{top[module]}.{suffix}"
     _, _, layer, rest = module.split(".", 3)
-    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}.{suffix}"
+    return f"blk.{layer}.{(layer_names or GGUF_LAYER_NAMES)[rest]}.{suffix}"
 
 
 def llama_cpp_layout(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -590,12 +591,7 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def family_tensor_name(hf_name: str) -> str:
-    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    module, suffix = hf_name.rsplit(".", 1)
-    if module in top:
-        return f"{top[module]}.{suffix}"
-    _, _, layer, rest = module.split(".", 3)
-    return f"blk.{layer}.{FAMILY_GGUF_NAMES[rest]}.{suffix}"
+    return gguf_name(hf_name, FAMILY_GGUF_NAMES)
 
 
 def family_metadata(arch: str, config: dict, **overrides) -> dict:

@@ -8,13 +8,12 @@ import json
 
 import pytest
 from conftest import tiny_model
+from test_controller import fixed_costs, recorded_plans
 from tiny_folder import make_tiny_folder
 
 from specstream_mlx import load
 from specstream_mlx.checkpoint import STREAMS_FILE
 from specstream_mlx.decoding import step as step_module
-from specstream_mlx.decoding.controller import Controller
-from specstream_mlx.decoding.costs import PassCosts
 from specstream_mlx.decoding.priors import (
     NEUTRAL,
     PRIORS_FILE,
@@ -178,27 +177,6 @@ def test_the_embedded_folder_receives_the_shipped_priors(tmp_path, monkeypatch):
 # --- generation -------------------------------------------------------------------------
 
 
-def recorded_plans(monkeypatch) -> list[tuple[int, object]]:
-    """(chain length offered, plan) of every step generate_step's controller plans, on
-    fixed costs (each row a tenth of a one-row pass, not this machine's noisy timings)."""
-    fixed = PassCosts()
-    for rows in range(1, 64):
-        fixed.observe(rows, False, 0.01 + 0.001 * (rows - 1))
-        fixed.observe(rows, True, 0.0105 + 0.001 * (rows - 1))
-    monkeypatch.setattr(step_module, "costs_for", lambda model: fixed)
-    monkeypatch.setattr(PassCosts, "observe", lambda self, rows, draft, seconds: None)
-    plans = []
-
-    class Recording(Controller):
-        def plan(self, tree, chain_len, source):
-            result = super().plan(tree, chain_len, source)
-            plans.append((chain_len, result))
-            return result
-
-    monkeypatch.setattr(step_module, "Controller", Recording)
-    return plans
-
-
 def chains(first: float) -> Priors:
     """Priors that expect every context chain's tokens accepted with this rate."""
     return Priors(context_first=dict.fromkeys((1, 2, 3, 4), first), context_next=first)
@@ -213,6 +191,7 @@ def first_chain_choice(model, plans, **kwargs) -> int:
 
 def test_generation_starts_from_the_loaded_priors(tmp_path, monkeypatch):
     folder, _ = make_tiny_folder(tmp_path / "m", streams=STREAMS)
+    fixed_costs(monkeypatch)
     plans = recorded_plans(monkeypatch)
     drafted = {}
     for rate in (0.0, 1.0):
@@ -224,6 +203,7 @@ def test_generation_starts_from_the_loaded_priors(tmp_path, monkeypatch):
 
 def test_greedy_and_sampled_generations_start_from_their_own_priors(monkeypatch):
     model = tiny_model("llama", seed=1, streams=STREAMS)
+    fixed_costs(monkeypatch)
     plans = recorded_plans(monkeypatch)
     sampler = PositionSampler(0.7, seed=1)
     model.drafting_priors = DraftingPriors(greedy=chains(1.0), sampled=chains(0.0))

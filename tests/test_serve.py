@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from conftest import cut_at_first_stop
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -116,18 +117,6 @@ def test_stop_strings_are_cut(loaded, client):
                                        stop=[stop])
     assert r.choices[0].message.content == full[: full.find(stop)]
     assert r.choices[0].finish_reason == "stop"
-
-
-def cut_at_first_stop(pieces: list[str], stops: list[str]) -> tuple[str, int | None]:
-    """The reference: the text up to the first token whose text so far holds a stop, cut
-    before the earliest stop in it, and that token's count (None: no stop was hit)."""
-    text = ""
-    for n, piece in enumerate(pieces, 1):
-        text += piece
-        hits = [text.find(s) for s in stops if s and s in text]
-        if hits:
-            return text[: min(hits)], n
-    return text, None
 
 
 STOP_CASES = ["spans tokens", "false start", "one a prefix of another", "overlapping",
