@@ -65,6 +65,7 @@ from specstream_mlx.convert.output import install as _install
 from specstream_mlx.convert.output import staging_folder as _staging_folder
 from specstream_mlx.convert.output import write_json as _write_json
 from specstream_mlx.errors import ConversionError
+from specstream_mlx.shipped import attach_fitting
 
 # ggml tensor type ids (ggml.h) -> names, and what MLX's GGUF reader does with each.
 # fmt: off
@@ -136,7 +137,8 @@ ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+: per-pair rotary factors (no HF t
 
 
 def convert_gguf(
-    gguf_path: str | Path, mlx_path: str | Path, *, force: bool = False, dtype: str = "float32"
+    gguf_path: str | Path, mlx_path: str | Path, *, force: bool = False, dtype: str = "float32",
+    shipped_streams: bool = False,
 ) -> Path:
     """Convert a llama, qwen2 or qwen3 GGUF file into an MLX model folder.
 
@@ -146,6 +148,8 @@ def convert_gguf(
         force: replace an existing `mlx_path` (only once the new folder is complete).
         dtype: float type of the tensors dequantized with the gguf package
             (float32, float16 or bfloat16; float32 keeps them exact).
+        shipped_streams: attach the package's trained streams for this model, when it
+            ships some (`specstream convert` does; the raw import alone does not).
 
     Returns:
         `mlx_path` as a Path.
@@ -194,6 +198,8 @@ def convert_gguf(
         if len(eos) > 1:
             generation["eos_token_id"] = eos
         _write_json(staging / "generation_config.json", generation)
+        if shipped_streams:
+            attach_fitting(staging, shown=mlx_path)
         _install(staging, mlx_path, force)
     return mlx_path
 

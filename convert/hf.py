@@ -17,10 +17,13 @@ Output, written to a hidden sibling folder and renamed into place when complete:
 mlx-lm layout (`config.json` with mlx-lm's `quantization` block when quantized,
 `model.safetensors` + index, tokenizer files copied as they are) plus, when the model
 has streams, `streams.safetensors` and the `speculative_streaming` block of config.json
-(see convert/streams.py). Steps, in order: read and check every tensor against the
-architecture; dequantize when the weights must change; fuse a LoRA adapter or turn it
-into stream-only adapters (convert/peft.py); cast (`dtype`, default the checkpoint's
-`torch_dtype`); quantize (convert/quantize.py); write. A quantized input is dequantized
+(see convert/streams.py); an output left without streams receives the package's trained
+streams for its base model when it ships some (specstream_mlx/shipped.py; off with
+`shipped_streams=False`, `--no-shipped-streams`). Steps, in order: read and check every
+tensor against the architecture; dequantize when the weights must change; fuse a LoRA
+adapter or turn it into stream-only adapters (convert/peft.py); cast (`dtype`, default
+the checkpoint's `torch_dtype`); quantize (convert/quantize.py); write; attach shipped
+streams. A quantized input is dequantized
 only when its weights change (`dtype`, `quantize`, a fused adapter); without `quantize`
 the result then stays float.
 
@@ -47,7 +50,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -71,6 +74,7 @@ from specstream_mlx.convert.stream_tensors import plan_streams, split_stream_ten
 from specstream_mlx.errors import ConversionError, ModelLoadError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.shipped import attach_fitting
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 TOKENIZER_FILES = (
@@ -95,6 +99,8 @@ class ConvertOptions:
     adapter_path: a PEFT LoRA adapter folder or hub id; adapter_mode "fused" (task
         mode) or "streams" (lossless mode, stream-only adapters).
     seed: seed of the fresh streams.
+    shipped_streams: an output without streams receives the package's trained streams
+        for its base model, when it ships some (specstream_mlx/shipped.py).
     """
 
     dtype: str | None = None
@@ -104,6 +110,7 @@ class ConvertOptions:
     adapter_path: str | Path | None = None
     adapter_mode: str = "fused"
     seed: int = 0
+    shipped_streams: bool = True
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -139,14 +146,16 @@ def convert(
     source = resolve_source(hf_path, HUB_PATTERNS)
     with staging_folder(mlx_path) as staging:
         write_folder(source, staging, options)
+        if options.shipped_streams:  # in the staging folder: renamed into place with it
+            attach_fitting(staging, shown=mlx_path)
         install(staging, mlx_path, force)
     return mlx_path
 
 
 def _convert_gguf(path: Path, mlx_path: Path, options: ConvertOptions, force: bool) -> Path:
     """The GGUF importer, then (when something must change) the folder pipeline."""
-    if options == ConvertOptions():
-        return convert_gguf(path, mlx_path, force=force)
+    if replace(options, shipped_streams=True) == ConvertOptions():
+        return convert_gguf(path, mlx_path, force=force, shipped_streams=options.shipped_streams)
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=mlx_path.parent, prefix=f".{mlx_path.name}.gguf-") as tmp:
         raw = convert_gguf(path, Path(tmp) / "model")

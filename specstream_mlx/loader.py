@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -28,10 +25,11 @@ from specstream_mlx.checkpoint import (
 from specstream_mlx.decoding import pass_curve
 from specstream_mlx.decoding.corpus import CorpusIndex
 from specstream_mlx.decoding.drafter import model_corpus
-from specstream_mlx.decoding.priors import PRIORS_FILE, read_priors
+from specstream_mlx.decoding.priors import read_priors
 from specstream_mlx.errors import ModelLoadError, SpecstreamError
 from specstream_mlx.models import get_classes, is_quantized, read_config
 from specstream_mlx.models.config import StreamArgs
+from specstream_mlx.shipped import ASSETS, ShippedSet, install, streams_source
 
 PRECISIONS = ("auto", "native", "float32", "float16", "bfloat16")
 
@@ -49,34 +47,20 @@ def resolve_path(path_or_hub_id: str | Path | None) -> Path:
 
 
 # Trained streams shipped with the package for the embedded model (see README, Training).
-SHIPPED_STREAMS = Path(__file__).parent / "assets" / "smollm2-135m-instruct"
-
-
-def _copy_if_changed(source: Path, folder: Path) -> None:
-    target = folder / source.name
-    if not target.is_file() or target.read_bytes() != source.read_bytes():
-        tmp = folder / f".tmp-{os.getpid()}-{source.name}"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+SHIPPED_STREAMS = ASSETS / "smollm2-135m-instruct"
 
 
 def ensure_default_streams(path: Path) -> Path:
-    """Give the embedded model the shipped trained streams and corpus (untrained streams
-    when the package has none), so the speculative path always runs."""
-    from specstream_mlx.checkpoint import init_streams, save_streams, write_json_atomic
+    """Give the embedded model's folder (ours: in the cache) the shipped set trained on
+    it, written into the folder and kept in step with the package (shipped.install: the
+    same check and copy as `specstream convert`); untrained streams when the package has
+    none, so the speculative path always runs. Other folders without streams get the set
+    that fits them in memory, at `load` (shipped.streams_source)."""
+    from specstream_mlx.checkpoint import init_streams, save_streams
 
-    shipped = SHIPPED_STREAMS / STREAMS_FILE
-    target = path / STREAMS_FILE
-    if shipped.is_file():
-        block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
-        config = json.loads((path / "config.json").read_text())
-        _copy_if_changed(shipped, path)
-        for name in (CORPUS_FILE, PRIORS_FILE):
-            if (SHIPPED_STREAMS / name).is_file():
-                _copy_if_changed(SHIPPED_STREAMS / name, path)
-        if config.get(CONFIG_KEY) != block:  # new streams or new decoding defaults
-            write_json_atomic(path / "config.json", {**config, CONFIG_KEY: block})
-    elif not target.is_file():
+    if (SHIPPED_STREAMS / STREAMS_FILE).is_file():
+        install(ShippedSet.at(SHIPPED_STREAMS), path, ModelLoadError)
+    elif not (path / STREAMS_FILE).is_file():
         model, _ = _load_weights(path, read_config(path))
         init_streams(model)
         save_streams(model, path)
@@ -248,16 +232,18 @@ def load(
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a model folder (or hub id, or the embedded SmolLM2 when None).
 
-    Returns the model (with streams when the folder has them) and mlx-lm's tokenizer
+    Returns the model (with the folder's streams; for a folder without any, the shipped
+    set trained on its base model, read in place: shipped.py) and mlx-lm's tokenizer
     wrapper. `model.precision` says which weights are in use.
     """
     path = resolve_path(path_or_hub_id)
     config = read_config(path)
     model, _ = _load_weights(path, config)
     model.precision = set_precision(model, precision)
-    load_streams(model, path, config)
-    load_corpus(model, path)
-    load_priors(model, path)
+    streams_path, config = streams_source(path, config)  # a shipped set, for none of its own
+    load_streams(model, streams_path, config)
+    load_corpus(model, streams_path)
+    load_priors(model, streams_path)
     tokenizer = load_tokenizer_of(path)
     mx.eval(model.parameters())
     check_finite(model, path)

@@ -475,6 +475,15 @@ def test_gguf_input_dequantized_and_requantized(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_gguf_input_without_shipped_streams_is_the_importer_alone(tmp_path):
+    """`--no-shipped-streams` changes nothing else: no pass through the folder pipeline."""
+    path, _ = tiny_gguf_case(tmp_path)
+    out = convert(path, tmp_path / "out", ConvertOptions(shipped_streams=False))
+    direct = convert_gguf(path, tmp_path / "direct")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in direct.iterdir())
+    assert (out / "model.safetensors").read_bytes() == (direct / "model.safetensors").read_bytes()
+
+
 def q4_k_blocks(rows: int, rng: np.random.Generator) -> np.ndarray:
     """Random Q4_K super-blocks (rows, 144) uint8: d, dmin (f16), 12 scale bytes, 128 quants."""
     blocks = rng.integers(0, 256, (rows, 144), dtype=np.uint8)
@@ -624,10 +633,16 @@ def test_real_embedded_model_to_float32_and_8_bit(tmp_path):
     answer the question the GGUF tests ask."""
     from mlx_lm import generate
 
+    from specstream_mlx.checkpoint import CONFIG_KEY, STREAMS_FILE
     from specstream_mlx.convert.embedded import embedded_gguf_path
+    from specstream_mlx.loader import SHIPPED_STREAMS
 
     f32 = convert(embedded_gguf_path(), tmp_path / "f32", ConvertOptions(dtype="float32"))
     q8 = convert(f32, tmp_path / "q8", ConvertOptions(quantize=QuantPolicy(bits=8)))
+    # SmolLM2's shipped streams found by its fingerprint, attached, then carried along.
+    assert (f32 / STREAMS_FILE).read_bytes() == (SHIPPED_STREAMS / STREAMS_FILE).read_bytes()
+    block = json.loads((SHIPPED_STREAMS / "config.json").read_text())[CONFIG_KEY]
+    assert json.loads((q8 / "config.json").read_text())[CONFIG_KEY] == block
     for folder in (f32, q8):
         model, tokenizer = mlx_lm_load(str(folder))
         messages = [{"role": "user", "content": "What is the capital of France?"}]

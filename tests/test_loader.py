@@ -460,6 +460,26 @@ def test_shipped_streams_are_installed_into_the_default_folder(tmp_path, monkeyp
     assert (bare / STREAMS_FILE).is_file()
 
 
+def test_the_default_folder_refuses_shipped_streams_that_do_not_fit(tmp_path, monkeypatch):
+    """The embedded model's set goes through the same check as any other: streams of
+    another hidden size are one error naming the tensor, and nothing is written."""
+    from specstream_mlx import loader
+
+    shipped = tmp_path / "assets"
+    donor, _ = make_tiny_folder(tmp_path / "donor", streams=StreamArgs(num_streams=2))
+    shipped.mkdir()
+    tensors = dict(mx.load(str(donor / STREAMS_FILE)))
+    tensors["streams.embeddings"] = mx.zeros((2, 32))
+    mx.save_safetensors(str(shipped / STREAMS_FILE), tensors)
+    (shipped / "config.json").write_text((donor / "config.json").read_text())
+    monkeypatch.setattr(loader, "SHIPPED_STREAMS", shipped)
+    target, _ = make_tiny_folder(tmp_path / "target")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(ModelLoadError, match=r"do not fit.*streams.embeddings.*\(2, 32\)"):
+        loader.ensure_default_streams(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
 @pytest.mark.parametrize("sampled, shown", [(None, False), (6, False), (16, True)])
 def test_describe_model_names_a_sampled_budget_of_its_own(sampled, shown):
     model = tiny_model("llama", streams=StreamArgs(num_streams=2, msa_layers=1,

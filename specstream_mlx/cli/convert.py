@@ -61,6 +61,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="fused: into the weights (task mode); streams: stream-only "
                              "adapters, main stream unchanged (lossless mode)")
     parser.add_argument("--seed", type=int, default=0, help="seed of fresh streams (default: 0)")
+    parser.add_argument("--no-shipped-streams", dest="shipped_streams", action="store_false",
+                        help="do not attach the package's trained streams to an output "
+                             "without streams (attached when its base model has some)")
     parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
 
 
@@ -84,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
         adapter_path=args.adapter_path,
         adapter_mode=args.adapter_mode,
         seed=args.seed,
+        shipped_streams=args.shipped_streams,
     )
     start = time.perf_counter()
     out = convert(args.hf_path, args.mlx_path, options, force=args.force)
