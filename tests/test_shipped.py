@@ -355,3 +355,19 @@ def test_the_embedded_model_finds_its_shipped_set():
     from specstream_mlx.convert.embedded import ensure_embedded_model
 
     assert shipped.find_shipped(ensure_embedded_model()).path == SHIPPED_STREAMS
+
+
+def test_tune_write_refuses_streams_that_come_from_the_package(tmp_path, assets, capsys):
+    """`tune --write` stores settings and priors in the folder's own block: a folder whose
+    streams come from the package in memory has none, so it is refused before any replay
+    and nothing is written."""
+    from specstream_mlx.cli import main
+    from specstream_mlx.jsonl import write_jsonl
+
+    folder, _ = make_tiny_folder(tmp_path / "mine")
+    before = files(folder)
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "task": "chat", "prompt": "hi"}])
+    assert main(["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),
+                 "--write", "--max-tokens", "4"]) == 2
+    assert "has no streams of its own" in capsys.readouterr().err
+    assert files(folder) == before

@@ -32,7 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from specstream_mlx.checkpoint import CORPUS_FILE
+from specstream_mlx.checkpoint import CONFIG_KEY, CORPUS_FILE
 from specstream_mlx.decoding.controller import Controller
 from specstream_mlx.decoding.costs import PassCosts, costs_for
 from specstream_mlx.decoding.drafter import (
@@ -427,6 +427,9 @@ def tune(args: TuneArgs, log=print) -> dict:
     model, tokenizer = load(path)
     if model.stream_args is None:
         raise InputError(f"{path} has no streams: nothing to tune")
+    if args.write and CONFIG_KEY not in json.loads((path / "config.json").read_text()):
+        raise InputError(f"{path} has no streams of its own (they come from the package): "
+                         "--write needs a folder that holds them (specstream convert it)")
     log(f"[{describe_model(model)}]")
     sampled = args.temp > 0
     # The top-k decoding would take (the config's sampled_top_k when sampling).
