@@ -55,8 +55,16 @@ def better_by(gain):
     return lambda a, b: gain(a[1], len(a[0])) > gain(b[1], len(b[0]))
 
 
-def old_gain(ctl):
-    return lambda source, m: ctl.chain_gain(as_match(source), m)
+def source_key_of(old):
+    """A chain's source as the revision's own ChainSource type (dataclasses compare by
+    type)."""
+    def key(source):
+        return None if source is None else old.ChainSource(source.kind, source.n)
+    return key
+
+
+def old_gain(ctl, key):
+    return lambda source, m: ctl.chain_gain(key(source), m)
 
 
 def main() -> None:
@@ -76,7 +84,8 @@ def main() -> None:
     curve = dict(costs_for(model).curve)
     new_costs = PassCosts.measured({r: t / 1000 for r, t in plain.items()},
                                    {r: t / 1000 for r, t in drafting.items()}, curve)
-    old_costs = old.PassCosts(curve=curve)
+    old_costs = (old.PassCosts(curve=curve) if hasattr(old, "PassCosts")
+                 else PassCosts(curve=curve))  # the cost model left controller.py
     for (r, draft), t in new_costs.table.items():
         old_costs.observe(r, draft, t)
     records = read_prompts(args.prompts, None)
@@ -88,7 +97,13 @@ def main() -> None:
             continue
         new = Controller(new_costs, model.stream_args.num_streams,
                          model_priors(model).of(sampled))
-        ref = old.Controller(old_costs, model.stream_args.num_streams, sampled=sampled)
+        if hasattr(old, "ChainSource"):  # a revision with priors and chain sources
+            ref = old.Controller(old_costs, model.stream_args.num_streams,
+                                 model_priors(model).of(sampled))
+            key = source_key_of(old)
+        else:
+            ref = old.Controller(old_costs, model.stream_args.num_streams, sampled=sampled)
+            key = as_match
         index = NgramIndex() if d.lookup else None
         answer = tr.tokens[tr.start:]
         draft, r = StreamProposal(tr.candidates[0], tr.logprobs[0]), 0
@@ -100,8 +115,8 @@ def main() -> None:
                                        better_by(new.chain_gain))
             old_chain, old_source = pick_chain(
                 history, index, d.lookup, model.corpus, d.corpus,
-                better_by(old_gain(ref)))
-            match = as_match(source)
+                better_by(old_gain(ref, key)))
+            match = key(source)
             plan = new.plan(full, len(chain), source)
             before = ref.plan(full, len(chain), match)
             if (plan.stream_nodes, plan.chain, plan.draft) != (

@@ -94,21 +94,6 @@ def test_costly_rows_and_unsure_streams_fall_back_to_plain_then_probe():
     assert [i + 1 for i, p in enumerate(plans) if p.draft] == [8, 24]
 
 
-@pytest.mark.xfail(strict=True, reason="controller.plan resets off_steps/probe_after only "
-                   "when a drafting option wins outright, not when drafting is kept because "
-                   "the streams pay for themselves")
-def test_drafting_kept_for_paying_streams_also_starts_the_probe_count_over():
-    costly = costs({1: 0.1, 2: 0.2, 4: 0.4, 8: 0.8}, 0.05)
-    c = Controller(costly, 3)
-    plans = [c.plan(confident_tree(0.3), 0, None) for _ in range(30)]
-    assert [i + 1 for i, p in enumerate(plans) if p.draft] == [8, 24]
-    c.costs = costs({r: 0.1 for r in range(1, 10)}, 0.005)  # rows nearly free
-    assert c.plan(confident_tree(), 0, None) == Plan(6, 0, True)  # drafting kept
-    c.costs = costly
-    plans = [c.plan(confident_tree(0.3), 0, None) for _ in range(24)]
-    assert [i + 1 for i, p in enumerate(plans) if p.draft] == [8, 24]
-
-
 def test_the_plan_never_drafts_when_every_option_is_slower_than_a_plain_step():
     """Each row costs more than a plain pass's share: even sure stream nodes and a sure
     chain are estimated slower than a plain step, and none is drafted, whatever the
