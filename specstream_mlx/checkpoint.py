@@ -34,6 +34,8 @@ from specstream_mlx.models.config import StreamArgs
 STREAMS_FILE = "streams.safetensors"
 CONFIG_KEY = "speculative_streaming"
 CORPUS_FILE = "corpus.npy"
+# The drafting controller's starting beliefs for these streams (decoding/priors.py).
+PRIORS_FILE = "drafting_priors.json"
 CORPUS_SEPARATOR = -1
 # The early-exit (pruning) adapter of older streams files: decoding never used it, so skip it.
 RETIRED_TENSORS = frozenset({"streams.pruning_down", "streams.pruning_up"})

@@ -42,6 +42,7 @@ from mlx.utils import tree_flatten
 from specstream_mlx.checkpoint import (
     CONFIG_KEY,
     CORPUS_FILE,
+    PRIORS_FILE,
     RETIRED_TENSORS,
     STREAMS_FILE,
     read_corpus,
@@ -53,8 +54,6 @@ from specstream_mlx.models.config import StreamArgs
 
 ASSETS = Path(__file__).parent / "assets"
 FITS_FILE = "fits.json"
-# decoding/priors.py's file name (this layer may not import decoding; test_shipped checks).
-PRIORS_FILE = "drafting_priors.json"
 SET_FILES = (STREAMS_FILE, CORPUS_FILE, PRIORS_FILE)  # copied into a folder, when present
 # The config.json fields the stream tensors' shapes depend on (head_dim resolved), plus the
 # family. Not tie_word_embeddings: streams use whichever head the model has, and a GGUF

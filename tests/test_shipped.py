@@ -347,7 +347,6 @@ def test_every_shipped_set_fits_the_model_it_names():
         assert fits["tokenizer"].startswith("sha256:") and fits["name"]
         shipped.check_fit(found, fits["config"])
         assert shipped.set_size(found) <= shipped.MAX_SET_BYTES, found.path
-    assert shipped.PRIORS_FILE == priors_module.PRIORS_FILE
 
 
 @pytest.mark.real

@@ -24,10 +24,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from specstream_mlx.checkpoint import write_json_atomic
+from specstream_mlx.checkpoint import PRIORS_FILE, write_json_atomic
 from specstream_mlx.errors import ModelLoadError
 
-PRIORS_FILE = "drafting_priors.json"
 # Match lengths a chain's statistics are kept by (lookup.py matches 1..4 tokens,
 # corpus.py 2..6); longer or shorter ones share the nearest bucket.
 CONTEXT_MATCHES = (1, 2, 3, 4)
