@@ -16,11 +16,8 @@ predicted 1.425x vs 1.430x; temperature 0.7 (seed 1000) 1.680 vs 1.625, 1.302x v
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+
+from controller_equivalence import old_module  # this folder: a script's sys.path[0]
 
 import specstream_mlx  # noqa: F401  (BLAS before mlx)
 import specstream_mlx.tools.tune as tune
@@ -35,15 +32,7 @@ from specstream_mlx.loader import load
 
 def controller_at(rev: str):
     """The Controller class of `rev`'s decoding/controller.py (same API as today's)."""
-    source = subprocess.run(["git", "show", f"{rev}:specstream_mlx/decoding/controller.py"],
-                            capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"controller_{rev}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"controller_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.Controller
+    return old_module(rev).Controller
 
 
 def main() -> None:
