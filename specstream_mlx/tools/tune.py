@@ -144,6 +144,16 @@ def path_targets(tree: DraftTree, answer: list[int], root: int) -> list[int]:
     return targets
 
 
+def count_stream_nodes(tree: DraftTree, path: list[int], predicted: np.ndarray,
+                       taken: np.ndarray) -> None:
+    """Add a pass's stream nodes (they come first in the tree) to the calibration sums by
+    depth: their path probabilities to `predicted`, the accepted ones to `taken`."""
+    on_path = set(path)
+    for i, lp in enumerate(tree.logprobs, start=1):
+        predicted[tree.depths[i]] += math.exp(lp)
+        taken[tree.depths[i]] += i in on_path
+
+
 def replay(tr: Trace, drafter: TreeBuilder, max_tokens: int | None = None) -> Replay:
     """Speculative decoding of `tr` (greedy or sampled, as traced) with `drafter`, without
     running the model.
@@ -162,10 +172,7 @@ def replay(tr: Trace, drafter: TreeBuilder, max_tokens: int | None = None) -> Re
         # As in generate_step: no deeper than the tokens still allowed after the root.
         tree = drafter(draft, tr.tokens[: tr.start + r + 1]).truncate(limit - r - 2)
         path, _ = tree.accept(path_targets(tree, answer, r))
-        on_path = set(path)
-        for i, lp in enumerate(tree.logprobs, start=1):  # stream nodes come first
-            predicted[tree.depths[i]] += math.exp(lp)
-            taken[tree.depths[i]] += i in on_path
+        count_stream_nodes(tree, path, predicted, taken)
         rows.append(len(tree))
         accepted.append(len(path) - 1)
         r += len(path)
@@ -212,10 +219,7 @@ def replay_controlled(tr: Trace, d: DraftSettings, costs: PassCosts, priors: Pri
         path, _ = tree.accept(path_targets(tree, answer, r))
         controller.observe(tree, plan, source, path, None)
         seconds += costs.estimate(len(tree), plan.draft)
-        on_path = set(path)
-        for i, lp in enumerate(tree.logprobs, start=1):
-            predicted[tree.depths[i]] += math.exp(lp)
-            taken[tree.depths[i]] += i in on_path
+        count_stream_nodes(tree, path, predicted, taken)
         rows.append(len(tree))
         accepted.append(len(path) - 1)
         r += len(path)
