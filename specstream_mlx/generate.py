@@ -42,6 +42,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop", "length", or None while generating
     prompt_cached_tokens: int = 0  # prompt tokens whose K/V came from a PromptCache
+    stop_string: str | None = None  # the stop string that ended the text, if one did
 
 
 def encode_prompt(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
@@ -54,11 +55,16 @@ def encode_prompt(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
     return list(tokenizer.encode(prompt))
 
 
-def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+def encode_messages(tokenizer, messages: list[dict],
+                    tools: list[dict] | None = None) -> list[int]:
     """The prompt tokens of a conversation, ready for the assistant's turn: its chat
-    template, or for a base model without one the plain text of its turns."""
+    template, or for a base model without one the plain text of its turns. `tools`
+    (function schemas in OpenAI's format) are rendered by the template, which must
+    support them."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        extra = {"tools": tools} if tools else {}  # some templates fail on tools=None
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  **extra))
     return list(tokenizer.encode("\n\n".join(m["content"] for m in messages)))
 
 
@@ -133,6 +139,7 @@ def stream_generate(
     detok = tokenizer.detokenizer
     detok.reset()
     held, drafted, n = "", 0, 0  # held: text not yet yielded, as it may begin a stop
+    hit = None  # the stop string found
     tic = time.perf_counter()
     reused, generated = 0, []
     if prompt_cache is not None:
@@ -175,9 +182,11 @@ def stream_generate(
                 # longest tail of the text so far that begins a stop, so scanning this
                 # window (under max(len(stop)) + len(piece)) finds every new occurrence.
                 window = held + piece
-                hits = [i for i in (window.find(s) for s in stops) if i >= 0]
+                hits = [(i, s) for s in stops if (i := window.find(s)) >= 0]
                 if hits:
-                    piece, held, finish = window[: min(hits)], "", "stop"
+                    at = min(i for i, _ in hits)
+                    hit = next(s for i, s in hits if i == at)  # the first listed there
+                    piece, held, finish = window[:at], "", "stop"
                 elif finish:
                     piece, held = window, ""
                 else:
@@ -199,6 +208,7 @@ def stream_generate(
                 peak_memory=peak_memory_gb(),
                 finish_reason=finish,
                 prompt_cached_tokens=reused,
+                stop_string=hit,
             )
             if finish:
                 break
