@@ -185,7 +185,9 @@ def post(server, path, body, key=KEY, raw=None):
 
 BAD = [
     ({"messages": MESSAGES, "n": 2}, 400, "'n'"),
-    ({"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "'tools'"),
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "does not support tools"),  # the tiny template has no tools
+    ({"messages": MESSAGES, "tools": [{"type": "function"}]}, 422, "tools.0.function"),
     ({"messages": MESSAGES, "logprobs": True}, 400, "'logprobs'"),
     ({"messages": MESSAGES, "max_tokens": 10**6}, 400, "max_tokens must be <= 64"),
     ({"messages": MESSAGES, "max_tokens": 0}, 422, "max_tokens"),

@@ -28,10 +28,67 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen2.5's chat template, verbatim: it renders tools, assistant tool calls and tool
+# results, and asks for calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+TOOLS_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""  # noqa: E501 (verbatim)
 EOS_ID = 2
 
 
-def save_tokenizer(folder: Path) -> None:
+def save_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE) -> None:
     """Write tokenizer.json and tokenizer_config.json of the tiny byte-level BPE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -49,7 +106,7 @@ def save_tokenizer(folder: Path) -> None:
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(folder)
 
 
@@ -71,6 +128,7 @@ def make_tiny_folder(
     streams: StreamArgs | None = None,
     dtype=None,
     quantize: dict | None = None,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> tuple[Path, nn.Module]:
     """A loadable tiny model folder; returns it and the in-memory model it holds.
 
@@ -78,6 +136,7 @@ def make_tiny_folder(
     dtype: store the weights in this dtype (default float32).
     quantize: e.g. {"group_size": 32, "bits": 4}: nn.quantize the model before saving
     and record the block in config.json, as mlx-lm does.
+    chat_template: the tokenizer's (TOOLS_CHAT_TEMPLATE: one with tools).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +146,7 @@ def make_tiny_folder(
         nn.quantize(model, group_size=quantize["group_size"], bits=quantize["bits"])
         config["quantization"] = dict(quantize)
     save_model(model, folder, config, dtype)
-    save_tokenizer(folder)
+    save_tokenizer(folder, chat_template)
     if streams is not None:
         init_streams(model, streams, seed=seed)
         save_streams(model, folder)

@@ -2,12 +2,13 @@
 
 Fields the server honours are typed and range-checked (pydantic answers 422 with the
 field's name); fields it does not implement are accepted only at their neutral value
-(n=1, no tools, no logprobs, ...), anything else is a 400 naming the parameter, never a
-silent ignore.
+(n=1, no logprobs, no tools on text completions, ...), anything else is a 400 naming the
+parameter, never a silent ignore.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,12 +71,42 @@ class Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant message."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. strict: passed on to the template
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None  # None: an assistant's tool calls
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text (text parts of a content list joined)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -86,8 +117,36 @@ class Message(BaseModel):
         return "".join(parts)
 
 
+    def template(self) -> dict:
+        """The message as chat templates take it: tool calls' arguments as objects.
+        Raises ValueError on arguments that are not a JSON object."""
+        out = {"role": "system" if self.role == "developer" else self.role,
+               "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise ValueError(f"the arguments of tool call {call.function.name!r} "
+                                     "are not a JSON object")
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name,
+                                           "arguments": arguments}})
+            out["tool_calls"] = calls
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[ToolDef] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(Sampling):
