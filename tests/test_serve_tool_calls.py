@@ -177,6 +177,17 @@ def test_anthropic_tool_use_whole_and_streamed(script, ant):
         [("tool_use", "get_weather", {"city": "Paris"})]
 
 
+def test_bare_json_call_is_a_call(script, oai, ant):
+    """The answer Qwen2.5-Coder-0.5B gives greedily: the call's JSON without markers."""
+    script.text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    r = oai.chat.completions.create(model="tiny", max_tokens=64, messages=ASK,
+                                    tools=OPENAI_TOOLS)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    m = ant.messages.create(model="tiny", max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS)
+    assert [(b.type, b.input) for b in m.content] == [("tool_use", {"city": "Paris"})]
+
+
 def test_malformed_tool_call_is_plain_text(script, oai, ant):
     bad = '<tool_call>\n{"name": "get_weather", "arguments": {city: Paris}}\n</tool_call>'
     script.text = bad

@@ -27,10 +27,10 @@ CALL2 = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool
 
 
 def run(text: str, sizes: list[int] | None = None, fmt: ToolFormat = JSON,
-        prefix: str = "") -> list:
+        prefix: str = "", tools: list[dict] | None = None) -> list:
     """The stream's items for `text` fed in pieces of the given sizes (default: one
     character at a time), adjacent text items joined."""
-    stream, out, i = ToolCallStream(fmt, prefix=prefix), [], 0
+    stream, out, i = ToolCallStream(fmt, tools, prefix=prefix), [], 0
     for size in sizes or [1] * len(text):
         out += stream.feed(text[i: i + size])
         i += size
@@ -83,6 +83,39 @@ CASES = [
 def test_stream_parses_the_same_for_every_split(text, want):
     for sizes in splits(text):
         assert run(text, sizes) == want, sizes
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+BARE_CASES = [
+    ("a bare call", BARE, [("get_weather", {"city": "Paris"})]),
+    ("with spaces around", '\n{ "name" : "get_weather", "arguments": {"city": "Paris"}}\n',
+     [("get_weather", {"city": "Paris"})]),
+    ("a tool not given is text", BARE.replace("get_weather", "rm_rf"),
+     [BARE.replace("get_weather", "rm_rf")]),
+    ("text after it is text", BARE + " and more", [BARE + " and more"]),
+    ("cut short is text", BARE[:20], [BARE[:20]]),
+    ("other JSON is text", '{"x": 1}', ['{"x": 1}']),
+    ("marked calls still parse", CALL, [("get_weather", {"city": "Paris"})]),
+]
+
+
+@pytest.mark.parametrize("text, want", [c[1:] for c in BARE_CASES],
+                         ids=[c[0] for c in BARE_CASES])
+def test_bare_json_calls_of_given_tools(text, want):
+    """Qwen2.5-Coder-0.5B answers a tool request with the bare JSON object."""
+    for sizes in splits(text):
+        assert run(text, sizes, tools=TOOLS) == want, sizes
+    if text != CALL:
+        assert run(text) == [text]  # without tools: plain text, as it came
+
+
+def test_answers_unlike_a_bare_call_are_not_held():
+    stream = ToolCallStream(JSON, TOOLS)
+    assert stream.feed(' {"na') == []
+    assert stream.feed("p") == [' {"nap']
+    stream = ToolCallStream(JSON, TOOLS)
+    assert stream.feed("Hello") == ["Hello"]
 
 
 def test_text_that_may_begin_a_call_is_held_back():

@@ -66,6 +66,10 @@ def tool_format(tokenizer) -> ToolFormat | None:
     return ToolFormat(JSON_START, JSON_END, parse_json_call)
 
 
+JSON_FORM = ToolFormat(JSON_START, JSON_END, parse_json_call)
+BARE_START = '{"name"'  # how a bare JSON call begins
+
+
 @dataclass
 class ToolCall:
     """One parsed call; `id` is unique, each API adds its own prefix to it."""
@@ -107,6 +111,10 @@ class ToolCallStream:
     the raw text when they do not parse; so is a call cut short at the end). Whitespace
     next to calls is dropped: it is only the model's layout around them.
 
+    Small models of the JSON form often answer with the bare object, no markers
+    (Qwen2.5-Coder-0.5B does, greedy): an answer that begins with {"name" is held to its
+    end and taken as a call when it is exactly one call of a given tool.
+
         stream = ToolCallStream(fmt)
         for piece in pieces:
             for item in stream.feed(piece): ...   # str or ToolCall
@@ -121,9 +129,22 @@ class ToolCallStream:
         self.space = ""  # trailing whitespace of released text, held in case a call follows
         self.after_call = False  # nothing but whitespace released since the last call
         self.calls = 0
+        names = {(t.get("function") or {}).get("name") for t in tools or []}
+        # The bare form: "maybe" while the answer may still begin with it, "yes" once it
+        # does, "" when it does not apply.
+        self.bare = "maybe" if fmt.json_calls and names and not prefix else ""
+        self.names = names
 
     def feed(self, text: str) -> list[str | ToolCall]:
         self.pending += text
+        if self.bare:
+            head = self.pending.lstrip()
+            head = "{" + head[1:].lstrip() if head.startswith("{") else head
+            if head.startswith(BARE_START):
+                self.bare = "yes"
+            if self.bare == "yes" or BARE_START.startswith(head):
+                return []  # held to the end (or until it cannot be the bare form)
+            self.bare = ""
         out: list[str | ToolCall] = []
         start, end = self.fmt.start, self.fmt.end
         while True:
@@ -151,14 +172,22 @@ class ToolCallStream:
     def finish(self) -> list[str | ToolCall]:
         """The rest: held text, and an unfinished call as text (trailing whitespace
         only without calls)."""
+        if self.bare:
+            self.bare = ""
+            calls = parse_calls(JSON_FORM, self.pending, self.tools)
+            if calls is not None and len(calls) == 1 and calls[0].name in self.names:
+                self.pending, self.calls = "", 1
+                return calls
+        out = self.feed("")  # the text held as a possible bare call, as any other text
         start = self.fmt.start
         calls = None
         if not self.fmt.end and self.pending.startswith(start):
             calls = parse_calls(self.fmt, self.pending[len(start):], self.tools)
         if calls is None:
-            out = self._text(self.pending)
+            out += self._text(self.pending)
         else:
-            self.space, self.calls, out = "", self.calls + len(calls), list(calls)
+            self.space, self.calls = "", self.calls + len(calls)
+            out += calls
         self.pending = ""
         if self.space and not self.calls:
             out.append(self.space)
