@@ -1,4 +1,4 @@
-"""Serve the model over an OpenAI-compatible HTTP API (chat and text completions)."""
+"""Serve the model over HTTP: OpenAI's chat and text completions, Anthropic's Messages."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+                        help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on "
+                        "every endpoint but /health")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for the model; one more gets 429")
     parser.add_argument("--max-tokens-limit", type=int, default=4096,
