@@ -42,6 +42,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop", "length", or None while generating
     prompt_cached_tokens: int = 0  # prompt tokens whose K/V came from a PromptCache
+    prompt_cache_source: str | None = None  # where they came from: "memory" or "disk"
     stop_string: str | None = None  # the stop string that ended the text, if one did
 
 
@@ -141,11 +142,11 @@ def stream_generate(
     held, drafted, n = "", 0, 0  # held: text not yet yielded, as it may begin a stop
     hit = None  # the stop string found
     tic = time.perf_counter()
-    reused, generated = 0, []
+    reused, source, generated = 0, None, []
     if prompt_cache is not None:
         if cache is not None:
             raise InputError("pass cache or prompt_cache, not both")
-        cache, reused = prompt_cache.take(ids)
+        cache, reused, source = prompt_cache.take_with_source(ids)
     steps = generate_step(
         model,
         ids,
@@ -208,6 +209,7 @@ def stream_generate(
                 peak_memory=peak_memory_gb(),
                 finish_reason=finish,
                 prompt_cached_tokens=reused,
+                prompt_cache_source=source,
                 stop_string=hit,
             )
             if finish:

@@ -25,6 +25,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the most tokens one request may ask for")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,
                         help="memory for the KV caches of recent conversations")
+    parser.add_argument("--prompt-cache-dir", default=None,
+                        help="keep the KV of conversations in this folder across restarts")
+    parser.add_argument("--prompt-cache-disk-mb", type=int, default=2048,
+                        help="disk for --prompt-cache-dir (least recently used out)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("serve needs its extra: pip install 'specstream-mlx[serve]'") from None
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
-    for flag in ("max_queue", "max_tokens_limit", "prompt_cache_mb"):
+    for flag in ("max_queue", "max_tokens_limit", "prompt_cache_mb", "prompt_cache_disk_mb"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.api_key is not None and not args.api_key.strip():
@@ -46,7 +50,9 @@ def main(args: argparse.Namespace) -> int:
     config = ServeConfig(model_name=args.model or "smollm2-135m-instruct",
                          api_key=args.api_key, max_queue=args.max_queue,
                          max_tokens_limit=args.max_tokens_limit,
-                         prompt_cache_bytes=args.prompt_cache_mb << 20)
+                         prompt_cache_bytes=args.prompt_cache_mb << 20,
+                         prompt_cache_dir=args.prompt_cache_dir,
+                         prompt_cache_disk_bytes=args.prompt_cache_disk_mb << 20)
     print(f"serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(model, tokenizer, config), host=args.host, port=args.port,
                 log_level="warning")

@@ -86,3 +86,19 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state())
+
+
+def kv_layout(model) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of each layer: the shape of one token's K (and V) there."""
+    return [(layer.self_attn.n_kv_heads, layer.self_attn.head_dim) for layer in model.layers]
+
+
+def kv_dtype(model) -> mx.Dtype:
+    """The dtype the cache stores: the activations', which the final norm's weight has
+    (norms are never quantized, so this holds for quantized models too)."""
+    return model.model.norm.weight.dtype
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of K and V one token takes in every layer's cache."""
+    return sum(2 * h * d for h, d in kv_layout(model)) * kv_dtype(model).size

@@ -27,6 +27,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from specstream_mlx.decoding.disk_cache import DiskPromptStore
+from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.generate import GenerationResponse, encode_messages
 from specstream_mlx.serve import anthropic_api as anthropic
 from specstream_mlx.serve.engine import Done, Engine, Job
@@ -44,6 +46,8 @@ class ServeConfig:
     default_max_tokens: int = 512
     max_body_bytes: int = 1 << 20
     prompt_cache_bytes: int = 1 << 30
+    prompt_cache_dir: str | None = None  # KV of conversations kept on disk across restarts
+    prompt_cache_disk_bytes: int = 2 << 30
 
 
 class ApiError(Exception):
@@ -134,7 +138,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     context = model.args.max_position_embeddings
     tools_format = tool_format(tokenizer)  # None: the chat template has no tools
-    engine = Engine(model, tokenizer, config.max_queue, config.prompt_cache_bytes)
+    disk = None
+    if config.prompt_cache_dir is not None:
+        disk = DiskPromptStore(config.prompt_cache_dir, model, config.prompt_cache_disk_bytes)
+    engine = Engine(model, tokenizer, config.max_queue,
+                    prompt_cache=PromptCache(model, config.prompt_cache_bytes, disk))
     metrics = Metrics(lambda: engine.waiting)
 
     @asynccontextmanager
@@ -531,7 +539,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     def usage(answer: Answer) -> dict:
         return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.tokens,
-                "total_tokens": answer.prompt_tokens + answer.tokens}
+                "total_tokens": answer.prompt_tokens + answer.tokens,
+                "prompt_tokens_details": {"cached_tokens": answer.cached}}
 
     def extra(last: GenerationResponse | None) -> dict:
         if last is None:
@@ -539,6 +548,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return {"passes": last.passes, "tokens_per_pass": round(last.tokens_per_pass, 3),
                 "drafted_tokens": last.drafted_tokens,
                 "prompt_cached_tokens": last.prompt_cached_tokens,
+                "prompt_cache_source": last.prompt_cache_source,
                 "tokens_per_second": round(last.generation_tps, 2)}
 
     async def openai_stream(pieces: AsyncIterator, answer: Answer, rid: str, created: int,

@@ -44,9 +44,11 @@ class Engine:
     """The worker thread and its queue of at most `max_queue` waiting jobs."""
 
     def __init__(self, model, tokenizer, max_queue: int = 16,
-                 prompt_cache_bytes: int = 1 << 30):
+                 prompt_cache_bytes: int = 1 << 30, prompt_cache: PromptCache | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.prompt_cache = PromptCache(model, prompt_cache_bytes)
+        if prompt_cache is None:  # (an empty PromptCache is falsy: no `or` here)
+            prompt_cache = PromptCache(model, prompt_cache_bytes)
+        self.prompt_cache = prompt_cache
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False
         self._thread = threading.Thread(target=self._run, name="specstream-worker",
@@ -68,6 +70,7 @@ class Engine:
     def close(self) -> None:
         self.jobs.put(None)
         self._thread.join(timeout=30)
+        self.prompt_cache.close()  # the disk's pending writes, if any
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
