@@ -1,8 +1,9 @@
-"""`specstream serve` with a prompt cache on disk, on live uvicorn servers driven by the
-real `openai` and `anthropic` clients. A
-restart is a second app over the same cache folder: a conversation whose 300-token
-prefix the first one saw reuses it from disk (prompt_cached_tokens says so) with the
-answer a fresh prefill gives; a file truncated on purpose is skipped with a log line."""
+"""`specstream serve` with a prompt cache on disk and the memory guard, on live uvicorn
+servers driven by the real `openai` and `anthropic` clients. A restart is a second app
+over the same cache folder: a conversation whose 300-token prefix the first one saw reuses
+it from disk (prompt_cached_tokens says so) with the answer a fresh prefill gives; a file
+truncated on purpose is skipped with a log line. A request that would not fit the context
+or --max-kv-mb is a 400 in its route's shape before any work."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from test_serve import Server, api_answer  # noqa: E402
 
 from specstream_mlx.decoding.disk_cache import SUFFIX  # noqa: E402
+from specstream_mlx.serve import memory  # noqa: E402
 from specstream_mlx.serve.app import ServeConfig, create_app  # noqa: E402
 
 # The tiny tokenizer gives a token a character: a system prompt of 300 tokens.
@@ -93,3 +95,69 @@ def test_a_restart_reuses_a_300_token_prefix_from_disk(loaded, tmp_path, caplog)
     assert any("cut short" in rec.message for rec in caplog.records)
     assert r.choices[0].message.content == want
     assert r.model_extra["specstream"]["prompt_cached_tokens"] == 0
+
+
+def error_of(r: httpx.Response, anthropic_shape: bool) -> str:
+    body = r.json()
+    if anthropic_shape:
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    else:
+        assert body["error"]["type"] == "invalid_request_error"
+    return body["error"]["message"]
+
+
+ROUTES = {
+    "chat": ("/v1/chat/completions", lambda text, n: {
+        "messages": [{"role": "user", "content": text}], "max_tokens": n}),
+    "completions": ("/v1/completions", lambda text, n: {"prompt": text, "max_tokens": n}),
+    "messages": ("/v1/messages", lambda text, n: {
+        "messages": [{"role": "user", "content": text}], "max_tokens": n}),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_the_memory_guard_refuses_before_any_work(loaded, route, stream):
+    """Over the context (512 tokens) or over --max-kv-mb (256 slots here): a 400 in the
+    route's error shape, nothing queued or generated, the server healthy."""
+    per_token = 4 * 2 * 2 * 16 * 4  # the tiny model: 4 layers, 2 KV heads of 16, float32
+    with Running(loaded, max_kv_bytes=256 * per_token) as s:
+        path, body = ROUTES[route]
+        cases = [("x" * 470, 60, "context of 512 tokens"),  # fits memory? no: context first
+                 ("x" * 200, 60, "MB of KV cache")]
+        for text, n, says in cases:
+            r = httpx.post(s.server.url + path, json={**body(text, n), "stream": stream},
+                           timeout=60)
+            assert r.status_code == 400, r.text
+            assert says in error_of(r, route == "messages")
+        assert s.app.state.engine.waiting == 0
+        m = s.metrics()
+        assert sum(v for k, v in m.items() if k[0] == "specstream_generated_tokens_total") == 0
+        r = httpx.post(s.server.url + path, json=body("x" * 20, 8), timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_kv_budget_arithmetic(loaded, monkeypatch):
+    model = loaded[0]
+    b = memory.kv_budget(model, max_bytes=256 * 1024)
+    # 4 layers x K and V x 2 heads x 16 dims x 4 bytes; the root, 6 tree nodes, 8 corpus.
+    assert (b.per_token, b.rows, b.context) == (1024, 15, 512)
+    assert b.need(241) == 256 * 1024 and b.need(242) == 512 * 1024  # slots by 256
+    assert b.room(41) == 200 and b.refusal(41, 200) is None
+    assert "KV cache" in b.refusal(41, 201) and "room for 200 tokens" in b.refusal(41, 201)
+    assert "context of 512" in memory.kv_budget(model).refusal(500, 13)
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1)  # nothing left: one step
+    assert memory.kv_budget(model).max_bytes == 256 * 1024
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 40)  # the context's
+    assert memory.kv_budget(model).max_bytes == memory.kv_budget(model).need(512)
+
+
+def test_an_unasked_max_tokens_fits_what_is_left(loaded):
+    """Without max_tokens a long prompt gets what the context leaves, not a refusal."""
+    with Running(loaded) as s:
+        budget = s.app.state.kv_budget
+        assert budget.max_bytes >= budget.need(budget.context)  # the default admits all
+        r = s.client.completions.create(model="tiny", prompt="ab" * 252)  # 504 of 512
+        assert r.usage.prompt_tokens + r.usage.completion_tokens <= 512
+        with pytest.raises(openai.BadRequestError, match="context of 512"):
+            s.client.completions.create(model="tiny", prompt="ab" * 252, max_tokens=9)

@@ -29,6 +29,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="keep the KV of conversations in this folder across restarts")
     parser.add_argument("--prompt-cache-disk-mb", type=int, default=2048,
                         help="disk for --prompt-cache-dir (least recently used out)")
+    parser.add_argument("--max-kv-mb", type=int, default=None,
+                        help="KV cache one request may take; a request whose prompt and "
+                        "max_tokens need more gets 400 (default: the whole context's, at "
+                        "most half the memory left beside the weights)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,8 +44,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("serve needs its extra: pip install 'specstream-mlx[serve]'") from None
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
-    for flag in ("max_queue", "max_tokens_limit", "prompt_cache_mb", "prompt_cache_disk_mb"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_queue", "max_tokens_limit", "prompt_cache_mb", "prompt_cache_disk_mb",
+                 "max_kv_mb"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.api_key is not None and not args.api_key.strip():
         raise InputError("--api-key is empty")
@@ -52,8 +57,13 @@ def main(args: argparse.Namespace) -> int:
                          max_tokens_limit=args.max_tokens_limit,
                          prompt_cache_bytes=args.prompt_cache_mb << 20,
                          prompt_cache_dir=args.prompt_cache_dir,
-                         prompt_cache_disk_bytes=args.prompt_cache_disk_mb << 20)
+                         prompt_cache_disk_bytes=args.prompt_cache_disk_mb << 20,
+                         max_kv_bytes=None if args.max_kv_mb is None else args.max_kv_mb << 20)
+    app = create_app(model, tokenizer, config)
+    budget = app.state.kv_budget
+    print(f"[KV cache per request: at most {budget.max_bytes / 2**20:.0f} MB, "
+          f"{budget.per_token / 1024:.1f} KB a token, context {budget.context} tokens]",
+          file=sys.stderr)
     print(f"serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(model, tokenizer, config), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

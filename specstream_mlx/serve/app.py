@@ -32,6 +32,7 @@ from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.generate import GenerationResponse, encode_messages
 from specstream_mlx.serve import anthropic_api as anthropic
 from specstream_mlx.serve.engine import Done, Engine, Job
+from specstream_mlx.serve.memory import kv_budget
 from specstream_mlx.serve.schemas import ChatRequest, CompletionRequest, Sampling, error_body
 from specstream_mlx.serve.tools import ToolCall, ToolCallStream, forced_prefix, tool_format
 from specstream_mlx.settings import check_text, check_token_ids
@@ -48,6 +49,7 @@ class ServeConfig:
     prompt_cache_bytes: int = 1 << 30
     prompt_cache_dir: str | None = None  # KV of conversations kept on disk across restarts
     prompt_cache_disk_bytes: int = 2 << 30
+    max_kv_bytes: int | None = None  # one request's KV cache; None: from the memory (memory.py)
 
 
 class ApiError(Exception):
@@ -143,6 +145,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         disk = DiskPromptStore(config.prompt_cache_dir, model, config.prompt_cache_disk_bytes)
     engine = Engine(model, tokenizer, config.max_queue,
                     prompt_cache=PromptCache(model, config.prompt_cache_bytes, disk))
+    budget = kv_budget(model, config.max_kv_bytes, config.prompt_cache_bytes)
     metrics = Metrics(lambda: engine.waiting)
 
     @asynccontextmanager
@@ -153,6 +156,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="specstream", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.state.kv_budget = budget
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -214,21 +218,27 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
-    def generation_settings(max_tokens: int, param: str, temperature: float,
+    def generation_settings(prompt: int, max_tokens: int, param: str, temperature: float,
                             top_p: float | None, stops: list[str], top_k: int = 0) -> dict:
-        """stream_generate's keywords for a request (both APIs)."""
+        """stream_generate's keywords for a request (both APIs) of `prompt` tokens; the
+        memory guard refuses it here, before any work, when it would not fit."""
         if max_tokens > config.max_tokens_limit:
             raise ApiError(400, f"{param} must be <= {config.max_tokens_limit}", param)
+        if (why := budget.refusal(prompt, max_tokens)) is not None:
+            raise ApiError(400, why, param)
         top_p = 0.0 if top_p is None or top_p >= 1.0 else top_p  # mlx-lm: 0 means off
         return {"max_tokens": max_tokens, "temp": temperature, "top_p": top_p,
                 "top_k": top_k, "stop": stops or None}
 
-    def settings_of(req: Sampling) -> tuple[dict, int | None]:
+    def settings_of(req: Sampling, prompt: int) -> tuple[dict, int | None]:
         if (name := req.unsupported()) is not None:
             raise ApiError(400, f"parameter {name!r} is not supported by this server", name)
-        max_tokens = req.max_completion_tokens or req.max_tokens or config.default_max_tokens
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:  # unasked: the default, as far as the limits leave room
+            max_tokens = min(config.default_max_tokens, config.max_tokens_limit,
+                             max(budget.room(prompt), 1))
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        return (generation_settings(max_tokens, param, req.temperature, req.top_p,
+        return (generation_settings(prompt, max_tokens, param, req.temperature, req.top_p,
                                     req.stops()), req.seed)
 
     def checked_ids(ids: list[int], param: str) -> list[int]:
@@ -338,9 +348,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             prefill = messages.pop()["content"]  # the answer continues the given start
         if not any(m["role"] != "system" for m in messages):
             raise ApiError(400, "messages: the conversation has no user turn", "messages")
-        settings = generation_settings(req.max_tokens, "max_tokens", req.temperature,
-                                       req.top_p, req.stop_sequences or [], req.top_k or 0)
         ids = prompt_ids(messages, plan, prefill)
+        settings = generation_settings(len(ids), req.max_tokens, "max_tokens", req.temperature,
+                                       req.top_p, req.stop_sequences or [], req.top_k or 0)
         job, events, tic = start(ids, settings, None, full_status=529)
         answer = Answer(len(ids))
         mid = "msg_" + uuid.uuid4().hex[:24]
@@ -487,7 +497,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     async def respond(request: Request, req: Sampling, ids: list[int], chat: bool,
                       plan: ToolPlan | None = None):
-        settings, seed = settings_of(req)
+        settings, seed = settings_of(req, len(ids))
         job, events, tic = start(ids, settings, seed)
         plan = plan or ToolPlan()
         parser = ToolCallStream(tools_format, plan.tools, plan.prefix) if plan.tools else None
