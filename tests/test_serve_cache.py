@@ -3,7 +3,8 @@ servers driven by the real `openai` and `anthropic` clients. A restart is a seco
 over the same cache folder: a conversation whose 300-token prefix the first one saw reuses
 it from disk (prompt_cached_tokens says so) with the answer a fresh prefill gives; a file
 truncated on purpose is skipped with a log line. A request that would not fit the context
-or --max-kv-mb is a 400 in its route's shape before any work."""
+or --max-kv-mb is a 400 in its route's shape before any work. /metrics has each
+request's figures."""
 
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def test_a_restart_reuses_a_300_token_prefix_from_disk(loaded, tmp_path, caplog)
         assert extra["prompt_cache_source"] == "disk"
         assert extra["prompt_cached_tokens"] >= 300
         assert r.usage.prompt_tokens_details.cached_tokens == extra["prompt_cached_tokens"]
+        m = second.metrics()
+        assert m[("specstream_prompt_reused_tokens_total", (("source", "disk"),))] == \
+            extra["prompt_cached_tokens"]
 
     # The same through Anthropic's route after another restart: its usage counts the
     # tokens read from disk apart.
@@ -161,3 +165,38 @@ def test_an_unasked_max_tokens_fits_what_is_left(loaded):
         assert r.usage.prompt_tokens + r.usage.completion_tokens <= 512
         with pytest.raises(openai.BadRequestError, match="context of 512"):
             s.client.completions.create(model="tiny", prompt="ab" * 252, max_tokens=9)
+
+
+def test_metrics_per_request(loaded):
+    with Running(loaded) as s:
+        convo = [{"role": "user", "content": "tell me a story about a cat"}]
+        first = s.client.chat.completions.create(model="tiny", messages=convo, max_tokens=16)
+        more = [*convo, {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "more"}]
+        second = s.client.chat.completions.create(model="tiny", messages=more, max_tokens=16)
+        third = s.client.completions.create(model="tiny", prompt="abc abc", max_tokens=8)
+        r = httpx.post(s.server.url + "/v1/messages", timeout=60, json={
+            "max_tokens": 8, "messages": [{"role": "user", "content": "a new question"}]})
+        assert r.status_code == 200
+        m = s.metrics()
+    chat = (("endpoint", "/v1/chat/completions"),)
+    done = {"/v1/chat/completions": 2, "/v1/completions": 1, "/v1/messages": 1}
+    for endpoint, n in done.items():
+        e = (("endpoint", endpoint),)
+        assert m[("specstream_tokens_per_pass_count", e)] == n
+        assert m[("specstream_request_drafted_tokens_count", e)] == n
+        assert m[("specstream_batch_size_count", e)] == n
+        assert m[("specstream_batch_size_bucket", (*e, ("le", "1.0")))] == n  # one at a time
+    drafted = sum(r.model_extra["specstream"]["drafted_tokens"] for r in (first, second))
+    assert m[("specstream_drafted_tokens_total", chat)] == drafted
+    assert m[("specstream_generated_tokens_total", chat)] == (
+        first.usage.completion_tokens + second.usage.completion_tokens)
+    figures = [x.model_extra["specstream"] for x in (first, second, third)]
+    figures.append(r.json()["specstream"])
+    assert figures[1]["prompt_cache_source"] == "memory" and figures[1]["prompt_cached_tokens"]
+    for source in ("memory", "none"):
+        mine = [f["prompt_cached_tokens"] for f in figures
+                if (f["prompt_cache_source"] or "none") == source]
+        key = (("source", source),)
+        assert m[("specstream_prompt_reused_tokens_total", key)] == sum(mine)
+        assert m[("specstream_request_prompt_reused_tokens_count", key)] == len(mine)

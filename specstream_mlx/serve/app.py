@@ -61,19 +61,40 @@ class ApiError(Exception):
 
 
 class Metrics:
-    """Prometheus series of one app (its own registry)."""
+    """Prometheus series of one app (its own registry). Per request: tokens per pass,
+    drafted tokens, prompt tokens reused (by source: memory, disk or none), the batch it
+    ran in; `endpoint` is the route's path."""
 
     def __init__(self, engine_waiting):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("specstream_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
-        self.tokens = Counter("specstream_generated_tokens", "Tokens generated", registry=r)
+        self.tokens = Counter("specstream_generated_tokens", "Tokens generated",
+                              ["endpoint"], registry=r)
+        self.drafted = Counter("specstream_drafted_tokens",
+                               "Generated tokens that were accepted drafts", ["endpoint"],
+                               registry=r)
         self.reused = Counter("specstream_prompt_reused_tokens",
-                              "Prompt tokens whose K/V came from the prompt cache", registry=r)
+                              "Prompt tokens whose K/V came from the prompt cache",
+                              ["source"], registry=r)
         self.tokens_per_pass = Histogram("specstream_tokens_per_pass",
                                          "Tokens per forward pass of each request",
+                                         ["endpoint"],
                                          buckets=(1, 1.25, 1.5, 2, 2.5, 3, 4, 6), registry=r)
+        self.request_drafted = Histogram("specstream_request_drafted_tokens",
+                                         "Accepted drafted tokens of each request",
+                                         ["endpoint"], buckets=(0, 4, 16, 64, 256, 1024),
+                                         registry=r)
+        self.request_reused = Histogram("specstream_request_prompt_reused_tokens",
+                                        "Prompt tokens each request reused, by where their "
+                                        "K/V came from", ["source"],
+                                        buckets=(0, 16, 64, 256, 1024, 4096, 16384),
+                                        registry=r)
+        self.batch_size = Histogram("specstream_batch_size",
+                                    "Sequences decoding together with each request",
+                                    ["endpoint"], buckets=(1, 2, 4, 8, 16, 32, 64),
+                                    registry=r)
         self.accepted = Histogram("specstream_accepted_draft_length",
                                   "Drafted tokens accepted by one pass",
                                   buckets=(0, 1, 2, 3, 4, 6, 8, 16), registry=r)
@@ -356,7 +377,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         mid = "msg_" + uuid.uuid4().hex[:24]
         parser = ToolCallStream(tools_format, plan.tools, plan.prefix) if plan.tools else None
         pieces = items(job, events, answer, tic, parser, plan.parallel,
-                       None if req.stream else request)
+                       None if req.stream else request, request.url.path)
         if req.stream:
             return EventSourceResponse(anthropic_stream(pieces, answer, mid), ping=15)
         content: list[dict] = []
@@ -450,7 +471,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     async def items(job: Job, events: asyncio.Queue, answer: Answer, tic: float,
                     parser: ToolCallStream | None = None, parallel: bool = True,
-                    request: Request | None = None) -> AsyncIterator[str | ToolCall | None]:
+                    request: Request | None = None, endpoint: str = ""
+                    ) -> AsyncIterator[str | ToolCall | None]:
         """A generation's answer as it comes, for every route: None once when the first
         token arrives (a stream may start then), then text pieces and, with a parser,
         tool calls; `answer` follows along. stream_generate holds back text that may
@@ -493,7 +515,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 yield item
         finally:  # also when the client goes away: its generation stops at once
             job.cancelled.set()
-            record(answer.last, first_at, tic, passes)
+            record(job, endpoint, answer.last, first_at, tic, passes)
 
     async def respond(request: Request, req: Sampling, ids: list[int], chat: bool,
                       plan: ToolPlan | None = None):
@@ -504,7 +526,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         answer, created = Answer(len(ids)), int(time.time())
         pieces = items(job, events, answer, tic, parser, plan.parallel,
-                       None if req.stream else request)
+                       None if req.stream else request, request.url.path)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventSourceResponse(
@@ -535,13 +557,18 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         return {"id": "call_" + call.id, "type": "function",
                 "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
 
-    def record(last: GenerationResponse | None, first_at: float | None, tic: float,
-               passes: dict) -> None:
+    def record(job: Job, endpoint: str, last: GenerationResponse | None,
+               first_at: float | None, tic: float, passes: dict) -> None:
         if last is None:
             return
-        metrics.tokens.inc(last.generation_tokens)
-        metrics.reused.inc(last.prompt_cached_tokens)
-        metrics.tokens_per_pass.observe(last.tokens_per_pass)
+        metrics.tokens.labels(endpoint).inc(last.generation_tokens)
+        metrics.drafted.labels(endpoint).inc(last.drafted_tokens)
+        source = last.prompt_cache_source or "none"
+        metrics.reused.labels(source).inc(last.prompt_cached_tokens)
+        metrics.request_reused.labels(source).observe(last.prompt_cached_tokens)
+        metrics.tokens_per_pass.labels(endpoint).observe(last.tokens_per_pass)
+        metrics.request_drafted.labels(endpoint).observe(last.drafted_tokens)
+        metrics.batch_size.labels(endpoint).observe(job.batch_size)
         for accepted in passes.values():
             metrics.accepted.observe(accepted)
         if first_at is not None:

@@ -38,6 +38,7 @@ class Job:
     emit: Callable[[GenerationResponse | Done], None]
     seed: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    batch_size: int = 1  # the most sequences it decoded beside (itself included)
 
 
 class Engine:
