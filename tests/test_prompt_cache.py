@@ -79,6 +79,26 @@ def test_a_taken_cache_is_not_shared(loaded):
     assert m == 0 and b.offset == 0 and b is not a and len(pc) == 0
 
 
+def test_a_small_shared_prefix_is_copied_and_the_other_conversation_kept(loaded):
+    """Two conversations that share only their opening tokens: the second gets a copy of
+    that opening, and the first keeps its whole cache (and answer) for its next turn."""
+    model, tok = loaded
+    pc = PromptCache(model)
+    opening = tok.encode("system: be brief.")
+    first = opening + tok.encode(" tell me a long story about a red fox, a river and a hill" * 2)
+    answer, _ = run(loaded, first, prompt_cache=pc)
+    held = pc.nbytes
+    other = opening + tok.encode(" hi")
+    b, m = pc.take(other)
+    assert m == common_prefix(first, other) >= len(opening) and 4 * m < len(first) + len(answer)
+    assert b.offset == m and len(pc) == 1 and pc.nbytes == held
+    pc.put(other[:m], b)
+    nxt = first + answer + tok.encode(" and then?")
+    again, out = run(loaded, nxt, prompt_cache=pc)
+    assert out[-1].prompt_cached_tokens == len(first) + len(answer) - 1
+    assert again == run(loaded, nxt)[0]
+
+
 def test_lru_is_bounded_in_bytes(loaded):
     model, tok = loaded
     one = PromptCache(model)

@@ -79,6 +79,25 @@ class KVCache:
         self.offset -= n
         return n
 
+    def copy_prefix(self, n: int) -> KVCache:
+        """A new cache holding a copy of the first `n` committed slots; this one is left as
+        it is (storage rounded up to `step` slots, like any grown cache)."""
+        n = max(0, min(n, self.offset))
+        out = KVCache(len(self.keys))
+        if n == 0:
+            return out
+        size = -(-n // self.step) * self.step
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            if k is not None:
+                B, H, _, D = k.shape
+                out.keys[i] = mx.zeros((B, H, size, D), dtype=k.dtype)
+                out.values[i] = mx.zeros((B, H, size, v.shape[3]), dtype=v.dtype)
+                out.keys[i][..., :n, :] = k[..., :n, :]
+                out.values[i][..., :n, :] = v[..., :n, :]
+        out.offset = n
+        mx.eval(out.state())  # own the copy now: the source's arrays need not stay alive
+        return out
+
     def state(self) -> list[mx.array]:
         """Every stored array (for mx.eval)."""
         return [a for a in self.keys + self.values if a is not None]

@@ -63,9 +63,10 @@ class PromptCache:
 
     def take(self, tokens: Sequence[int]) -> tuple[KVCache, int]:
         """A cache for a generation after `tokens` and how many of them it already holds:
-        the stored cache sharing the longest prefix with them (removed from the LRU),
-        trimmed to that prefix and to at most len(tokens) - 1 (the last prompt token must
-        be fed); a new empty cache when none shares a token."""
+        the stored cache sharing the longest prefix with them (removed from the LRU; a
+        copy of the shared part instead when that is under a quarter of it), trimmed to
+        that prefix and to at most len(tokens) - 1 (the last prompt token must be fed); a
+        new empty cache when none shares a token."""
         cache, keep, _ = self.take_with_source(tokens)
         return cache, keep
 
@@ -92,12 +93,21 @@ class PromptCache:
             if best is None:
                 self.misses += 1
                 return KVCache(self.num_layers), 0, None
-            _, cache = self._entries.pop(best)
+            stored, cache = self._entries[best]
             keep = min(best_len, len(tokens) - 1)
+            if 4 * keep < len(stored):
+                # A small share (often the chat template's opening or a system prompt):
+                # copy it and leave the other conversation's cache whole for its next turn.
+                return self._counted(cache.copy_prefix(keep), keep)
+            self._entries.pop(best)
             cache.trim(cache.offset - keep)
-            self.hits += 1
-            self.reused_tokens += keep
-            return cache, keep, "memory"
+            return self._counted(cache, keep)
+
+    def _counted(self, cache: KVCache, keep: int) -> tuple[KVCache, int, str]:
+        """A memory hit of `keep` tokens, counted (the caller holds the lock)."""
+        self.hits += 1
+        self.reused_tokens += keep
+        return cache, keep, "memory"
 
     def put(self, tokens: Sequence[int], cache: KVCache) -> None:
         """Keep `cache`, which holds the K/V of `tokens` (its first cache.offset tokens are
