@@ -196,9 +196,10 @@ def test_plain_and_speculative_sequences_together():
 
 
 def test_batch_cache_commit_moves_each_rows_path():
-    """BatchKVCache: rows written at each sequence's own slots; commit keeps each path."""
+    """BatchKVCache: rows written at each sequence's own slots; commit keeps each path;
+    a leave moves the last row into the freed one."""
     model = tiny_model("llama", seed=0)
-    cache = BatchKVCache(model)
+    cache = BatchKVCache(model, 3)
     for length in (3, 5):
         c = KVCache(len(model.layers))
         c.write(0, mx.zeros((1, 2, length, 16)), mx.zeros((1, 2, length, 16)))
@@ -217,6 +218,12 @@ def test_batch_cache_commit_moves_each_rows_path():
     got = np.array(cache.keys[0])
     np.testing.assert_array_equal(got[0, :, 3:5], np.array(k)[0][:, [0, 2]])
     np.testing.assert_array_equal(got[1, :, 5:8], np.array(k[1, :, :3]))
+    before = np.array(cache.keys[0][1, :, :8])
+    cache.leave(0)  # the last row moves into the freed one
+    assert list(cache.lengths) == [8]
+    np.testing.assert_array_equal(np.array(cache.keys[0][0, :, :8]), before)
+    cache.leave(0)
+    assert len(cache) == 0 and cache.capacity == 0
 
 
 def test_last_accepted_batch_agrees_with_single():

@@ -8,14 +8,15 @@ One batched pass over n sequences, their trees padded to R rows (the longest):
     tokens (n, R), positions (n, R), mask (n, 1, R, E) with E = max_b L_b + R
 
 Sequence b holds its L_b committed tokens at slots 0 .. L_b-1 of its cache row
-(BatchKVCache) and writes its pass rows at slots L_b .. L_b+R-1 (one scatter per layer, no
-copy of the cache). Row i of b sees the slots below L_b and its tree ancestors; a padding
-row sees only itself (a row that sees nothing would give NaN). Slots between a short
-sequence's rows and E are masked. After the main rows, the streams of each sequence's
-last accepted node run in one stream pass (n rows of gamma stream rows), and each
-sequence commits its own accepted path. Greedy answers are the single-sequence ones token
-for token, sampled ones draw with the same position-keyed noise (both up to float
-rounding, as between passes of different sizes; see sampling.py).
+(BatchKVCache: max_batch rows preallocated) and writes its pass rows at slots
+L_b .. L_b+R-1 (one scatter per layer, in place: no copy of the cache). Row i of b sees
+the slots below L_b and its tree ancestors; a padding row sees only itself (a row that
+sees nothing would give NaN). Slots between a short sequence's rows and E are masked.
+After the main rows, the streams of each sequence's last accepted node run in one stream
+pass (n rows of gamma stream rows), and each sequence commits its own accepted path.
+Greedy answers are the single-sequence ones token for token, sampled ones draw with the
+same position-keyed noise (both up to float rounding, as between passes of different
+sizes; see sampling.py).
 
 The drafting controller sees the whole batch: a pass costs what B sequences of R rows
 cost (BatchPlanner: a PassCosts per batch size, shaped by the machine's pass-cost curve
@@ -68,10 +69,11 @@ from specstream_mlx.settings import check_settings, check_token_ids
 
 
 class BatchKVCache:
-    """The KV caches of the n sequences of a batch: per layer keys and values
-    (n, kv_heads, capacity, head_dim), row b holding sequence b's `lengths[b]` committed
-    tokens at slots 0 .. lengths[b]-1. Storage grows by `step` slots at a time; a join or
-    a leave copies the storage once (never per step).
+    """The KV caches of the n sequences of a batch in `slots` preallocated rows: per layer
+    keys and values (slots, kv_heads, capacity, head_dim), row b < n holding sequence b's
+    `lengths[b]` committed tokens at slots 0 .. lengths[b]-1. Storage grows by `step`
+    slots at a time; a join copies the joining cache into its row, a leave moves the last
+    row into the freed one: each copies one sequence once, never per step.
 
     The model's layers call `write` (a pass's main rows, at each row's own slots) and
     `read` (stream rows); `offset` is 0 for them: batched masks are 4-D and complete.
@@ -80,13 +82,14 @@ class BatchKVCache:
     step = 256
     offset = 0
 
-    def __init__(self, model):
+    def __init__(self, model, slots: int):
         self.layout = kv_layout(model)
         self.dtype = kv_dtype(model)
+        self.slots = slots
         self.keys: list[mx.array | None] = [None] * len(self.layout)
         self.values: list[mx.array | None] = [None] * len(self.layout)
         self.lengths = np.zeros(0, dtype=np.int64)
-        self._index: mx.array | None = None  # (n, 1, R, 1) slots of this pass's rows
+        self._index: mx.array | None = None  # (slots, 1, R, 1) slots of this pass's rows
         self._end = 0
 
     def __len__(self) -> int:
@@ -96,36 +99,31 @@ class BatchKVCache:
     def capacity(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
-    def _alloc(self, n: int, size: int) -> tuple[list[mx.array], list[mx.array]]:
-        return ([mx.zeros((n, h, size, d), dtype=self.dtype) for h, d in self.layout],
-                [mx.zeros((n, h, size, d), dtype=self.dtype) for h, d in self.layout])
-
     def reserve(self, end: int) -> None:
         """Make room for slots 0 .. end-1 in every row."""
-        if end <= self.capacity or not len(self):
+        if end <= self.capacity:
             return
         size = -(-end // self.step) * self.step
-        keys, values = self._alloc(len(self), size)
         old = self.capacity
-        for i in range(len(self.layout)):
-            keys[i][:, :, :old, :] = self.keys[i]
-            values[i][:, :, :old, :] = self.values[i]
-        self.keys, self.values = keys, values
+        for store in (self.keys, self.values):
+            for i, (h, d) in enumerate(self.layout):
+                grown = mx.zeros((self.slots, h, size, d), dtype=self.dtype)
+                if old:
+                    grown[:, :, :old, :] = store[i]
+                store[i] = grown
         mx.eval(self.state())
 
     def join(self, cache: KVCache) -> int:
-        """Append a sequence whose committed K/V are `cache`'s (B=1); returns its row."""
+        """Add a sequence whose committed K/V are `cache`'s (B=1); returns its row."""
         n, length = len(self), cache.offset
-        size = max(self.capacity, -(-max(length, 1) // self.step) * self.step)
-        keys, values = self._alloc(n + 1, size)
-        for i in range(len(self.layout)):
-            if n:
-                keys[i][:n, :, : self.capacity, :] = self.keys[i]
-                values[i][:n, :, : self.capacity, :] = self.values[i]
-            if length:
-                keys[i][n:, :, :length, :] = cache.keys[i][..., :length, :].astype(self.dtype)
-                values[i][n:, :, :length, :] = cache.values[i][..., :length, :].astype(self.dtype)
-        self.keys, self.values = keys, values
+        if n >= self.slots:
+            raise InputError(f"the batch is full ({self.slots} sequences)")
+        self.reserve(max(length, 1))
+        if length:
+            for store, src in ((self.keys, cache.keys), (self.values, cache.values)):
+                for i in range(len(self.layout)):
+                    store[i][n : n + 1, :, :length, :] = src[i][..., :length, :].astype(
+                        self.dtype)
         self.lengths = np.append(self.lengths, length)
         mx.eval(self.state())
         return n
@@ -136,9 +134,9 @@ class BatchKVCache:
         out = KVCache(len(self.layout))
         if keep:
             size = -(-keep // out.step) * out.step
-            for i in range(len(self.layout)):
-                for src, dst in ((self.keys, out.keys), (self.values, out.values)):
-                    a = mx.zeros((1, src[i].shape[1], size, src[i].shape[3]), dtype=self.dtype)
+            for src, dst in ((self.keys, out.keys), (self.values, out.values)):
+                for i, (h, d) in enumerate(self.layout):
+                    a = mx.zeros((1, h, size, d), dtype=self.dtype)
                     a[..., :keep, :] = src[i][row : row + 1, :, :keep, :]
                     dst[i] = a
             out.offset = keep
@@ -146,40 +144,58 @@ class BatchKVCache:
         return out
 
     def leave(self, row: int) -> None:
-        """Drop row `row`; the rows after it move up by one."""
-        keep = mx.array([b for b in range(len(self)) if b != row], dtype=mx.int32)
-        if len(keep):
-            self.keys = [mx.take(k, keep, axis=0) for k in self.keys]
-            self.values = [mx.take(v, keep, axis=0) for v in self.values]
-            mx.eval(self.state())
-        else:
+        """Drop row `row`: the last row moves into it (the only row copied)."""
+        last = len(self) - 1
+        if last == 0:  # empty: the storage goes (a long request's memory with it)
             self.keys = [None] * len(self.layout)
             self.values = [None] * len(self.layout)
-        self.lengths = np.delete(self.lengths, row)
+        elif row != last:
+            n = int(self.lengths[last])
+            # A separate copy first: assigning a view of the same array would copy it all.
+            moved = [[a[last : last + 1, :, :n, :] + 0 for a in store]
+                     for store in (self.keys, self.values)]
+            mx.eval(moved)
+            for store, rows in zip((self.keys, self.values), moved, strict=True):
+                for i, a in enumerate(rows):
+                    store[i][row : row + 1, :, :n, :] = a
+            del moved
+            mx.eval(self.state())
+        self.lengths[row] = self.lengths[last]
+        self.lengths = self.lengths[:last].copy()
 
     def begin(self, rows: int) -> int:
         """Prepare a pass of `rows` rows per sequence; returns E, the keys it attends."""
         self._end = int(self.lengths.max()) + rows
         self.reserve(self._end)
-        slots = self.lengths[:, None] + np.arange(rows)[None]
+        slots = np.tile(np.arange(rows), (self.slots, 1))  # unused rows: their first slots
+        slots[: len(self)] += self.lengths[:, None]
         self._index = mx.array(slots.astype(np.int32)[:, None, :, None])
         return self._end
 
+    def _padded(self, x: mx.array) -> mx.array:
+        """x (n, ...) with zero rows up to `slots`."""
+        n = x.shape[0]
+        if n == self.slots:
+            return x.astype(self.dtype)
+        return mx.concatenate([x.astype(self.dtype),
+                               mx.zeros((self.slots - n, *x.shape[1:]), dtype=self.dtype)])
+
     def write(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write a pass's rows k, v (n, kv_heads, R, head_dim) at each row's slots
-        L_b .. L_b+R-1; returns keys and values of slots 0 .. E-1 (n, kv_heads, E, D)."""
-        index = mx.broadcast_to(self._index, k.shape)
-        self.keys[layer] = mx.put_along_axis(self.keys[layer], index, k.astype(self.dtype),
-                                             axis=2)
-        self.values[layer] = mx.put_along_axis(self.values[layer], index,
-                                               v.astype(self.dtype), axis=2)
+        L_b .. L_b+R-1 (in place); returns keys and values of slots 0 .. E-1 of the n
+        rows, (n, kv_heads, E, head_dim)."""
+        index = mx.broadcast_to(self._index, (self.slots, *k.shape[1:]))
+        self.keys[layer] = mx.put_along_axis(self.keys[layer], index, self._padded(k), axis=2)
+        self.values[layer] = mx.put_along_axis(self.values[layer], index, self._padded(v),
+                                               axis=2)
         return self.read(layer)
 
     def read(self, layer: int, pending: int = 0) -> tuple[mx.array, mx.array]:
-        """Keys and values of slots 0 .. E-1 of this pass (stream rows attend to them under
-        their own mask); `pending` is implied by the pass."""
-        return (self.keys[layer][:, :, : self._end, :],
-                self.values[layer][:, :, : self._end, :])
+        """Keys and values of slots 0 .. E-1 of this pass's n rows (stream rows attend to
+        them under their own mask); `pending` is implied by the pass."""
+        n = len(self)
+        return (self.keys[layer][:n, :, : self._end, :],
+                self.values[layer][:n, :, : self._end, :])
 
     def commit(self, paths: list[list[int]]) -> None:
         """Keep each row's pending rows paths[b] (increasing, from 0) as its next committed
@@ -187,7 +203,8 @@ class BatchKVCache:
         moved = [b for b, p in enumerate(paths) if list(p) != list(range(len(p)))]
         if moved:
             m = max(len(paths[b]) for b in moved)
-            dst = self.lengths[:, None] + np.arange(m)[None]  # identity where nothing moves
+            dst = np.tile(np.arange(m), (self.slots, 1))  # identity where nothing moves
+            dst[: len(self)] += self.lengths[:, None]
             src = dst.copy()
             for b in moved:
                 src[b, : len(paths[b])] += np.asarray(paths[b]) - np.arange(len(paths[b]))
@@ -357,8 +374,8 @@ class BatchDecoder:
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
         self.prefill_chunk, self.keep_caches = prefill_chunk, keep_caches
-        self.cache = BatchKVCache(model)
-        self.active: list[Sequence] = []  # in cache row order
+        self.cache = BatchKVCache(model, max_batch)
+        self.active: list[Sequence] = []  # sequence b decodes in the cache's row b
         self.planner = BatchPlanner(model)
         self._draft_head = None
         self._head_ready = False
@@ -446,7 +463,8 @@ class BatchDecoder:
         if self.keep_caches:
             seq.cache = self.cache.extract(row, len(seq.prompt) + seq.yielded - 1)
         self.cache.leave(row)
-        self.active.pop(row)
+        self.active[row] = self.active[-1]  # as the cache's rows: the last moves up
+        self.active.pop()
         seq.active = False
 
     # --- one step --------------------------------------------------------------------------
