@@ -313,3 +313,19 @@ def test_server_batches_concurrent_clients(servers):
     assert sizes and served
     assert float(sizes[0].split()[-1]) < float(served[0].split()[-1])  # some ran beside others
     assert httpx.get(batched.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_attention_under_a_batched_mask_equals_mlx(rows):
+    """models.kernels.attention with a 4-D mask (B, 1, R, S) (the folded CPU path) equals
+    MLX's kernel, a row that sees nothing (left padding) included."""
+    from specstream_mlx.models.kernels import attention
+
+    mx.random.seed(0)
+    q = mx.random.normal((2, 4, rows, 16))
+    k, v = mx.random.normal((2, 2, 7, 16)), mx.random.normal((2, 2, 7, 16))
+    mask = mx.array(np.random.default_rng(0).random((2, 1, rows, 7)) < 0.6)
+    mask[0, 0, 0] = False
+    got = attention(q, k, v, 0.25, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
