@@ -35,7 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kv-mb", type=int, default=None,
                         help="KV cache one request may take; a request whose prompt and "
                         "max_tokens need more gets 400 (default: the whole context's, at "
-                        "most half the memory left beside the weights)")
+                        "most half the memory left beside the weights, divided by "
+                        "--max-batch)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -168,7 +168,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     engine = Engine(model, tokenizer, config.max_queue,
                     prompt_cache=PromptCache(model, config.prompt_cache_bytes, disk),
                     max_batch=config.max_batch)
-    budget = kv_budget(model, config.max_kv_bytes, config.prompt_cache_bytes)
+    budget = kv_budget(model, config.max_kv_bytes, config.prompt_cache_bytes,
+                       config.max_batch)
     metrics = Metrics(lambda: engine.waiting)
 
     @asynccontextmanager
