@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_model
-from test_decode import assert_cache_matches, perfect_drafter, plain
+from test_decode import assert_cache_matches, perfect_drafter, plain, with_draft_vocab
 
 from specstream_mlx.decoding.batch import BatchDecoder, BatchKVCache, last_accepted_batch
 from specstream_mlx.decoding.cache import KVCache
@@ -121,6 +121,21 @@ def test_sampling_batched_equals_single():
     assert [got[i] for i in range(4)] == want
     # and not the greedy answers: the seeds matter
     assert got[0] != tokens_of(generate_step(model, PROMPTS[0], max_tokens=20))
+
+
+def test_shipped_layout_batched_equals_single():
+    """Streams as shipped (conditioned on the next token, stream-only adapters, a draft
+    vocabulary), greedy and sampled sequences together: as alone."""
+    sa = StreamArgs(num_streams=3, msa_layers=2, next_token_rank=2, adapter_rank=4)
+    model = tiny_model("qwen2", seed=5, streams=sa)
+    with_draft_vocab(model, list(range(0, 97, 2)))
+    samplers = [None, PositionSampler(0.7, seed=11), None, PositionSampler(0.9, seed=12)]
+    requests = [{"prompt": p, "max_tokens": 22, "sampler": s}
+                for p, s in zip(PROMPTS[:4], samplers, strict=True)]
+    want = [tokens_of(generate_step(model, r["prompt"], max_tokens=22, sampler=r["sampler"]))
+            for r in requests]
+    got = run_batch(BatchDecoder(model, max_batch=3), requests, {0: [0, 1, 2], 3: [3]})
+    assert [got[i] for i in range(4)] == want
 
 
 def test_a_sequence_leaving_mid_batch():

@@ -175,6 +175,7 @@ class Engine:
         temp = settings.pop("temp", 0.0)
         top_p, min_p = settings.pop("top_p", 0.0), settings.pop("min_p", 0.0)
         top_k = settings.pop("top_k", 0)
+        cache = None
         try:
             check_settings(max_tokens=settings.get("max_tokens", 256), temp=temp,
                            top_p=top_p, min_p=min_p, top_k=top_k)
@@ -186,12 +187,14 @@ class Engine:
             text = TextStream(self.tokenizer, len(job.ids), stops)
             cache, text.reused, text.source = self.prompt_cache.take_with_source(job.ids)
             seq, first = decoder.add(job.ids, sampler=sampler, cache=cache, **settings)
-        except SpecstreamError as e:
-            job.emit(Done(str(e), 400))
-            return
-        except Exception:
-            log.exception("generation failed")
-            job.emit(Done("internal error during generation", 500))
+        except Exception as e:
+            if cache is not None:  # back to the prompt cache (its committed tokens)
+                self.prompt_cache.put(job.ids, cache)
+            if isinstance(e, SpecstreamError):
+                job.emit(Done(str(e), 400))
+            else:
+                log.exception("generation failed")
+                job.emit(Done("internal error during generation", 500))
             return
         entry = Live(job, seq, text)
         if self._deliver(decoder, entry, [first]):
