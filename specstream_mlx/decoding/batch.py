@@ -218,6 +218,7 @@ class BatchKVCache:
         self.lengths = self.lengths + np.array([len(p) for p in paths], dtype=np.int64)
 
     def state(self) -> list[mx.array]:
+        """Every stored array (for mx.eval)."""
         return [a for a in self.keys + self.values if a is not None]
 
 
@@ -380,7 +381,8 @@ class BatchDecoder:
         self._draft_head = None
         self._head_ready = False
 
-    def draft_head(self):
+    def draft_head(self) -> mx.array | None:
+        """The model's draft head (V_d, hidden), gathered once (None without one)."""
         if not self._head_ready:
             self._draft_head = self.model.draft_head() if self.model.stream_args else None
             self._head_ready = True
