@@ -9,7 +9,8 @@ pass-cost curve; a busy machine gets them wrong):
 
     python experiments/batch_serve_bench.py                    # embedded SmolLM2-135M
     python experiments/batch_serve_bench.py --clients 4 --max-tokens 64 --rounds 3 \
-        [--temp 0.7] [--max-batch 4] [--model path/to/folder] [--url http://host:port]
+        [--temp 0.7] [--max-batch 4] [--model path/to/folder] [--url http://host:port] \
+        [--baseline single]     # one after another on a --max-batch 1 server instead
 
 Target (this repository's 2-core CPU): concurrent >= 1.3x faster than one after another.
 """
@@ -17,6 +18,7 @@ Target (this repository's 2-core CPU): concurrent >= 1.3x faster than one after 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -36,14 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path: str | None, max_batch: int):
+def start_server(model, tokenizer, max_batch: int):
     """uvicorn with the app in a thread; returns its URL and a stop function."""
     import uvicorn
 
-    from specstream_mlx.loader import load
     from specstream_mlx.serve.app import ServeConfig, create_app
 
-    model, tokenizer = load(model_path)
     # No prompt cache: every round prefills, as a first request would.
     app = create_app(model, tokenizer, ServeConfig(max_batch=max_batch, max_queue=64,
                                                    prompt_cache_bytes=0))
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--baseline", choices=("same", "single"), default="same",
+                   help="one after another on the same server (same), or on a second one "
+                   "with --max-batch 1 (single: the single-sequence decoder)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                    help="JSONL prompt set; the first --clients chat prompts, else any")
     args = p.parse_args(argv)
@@ -90,16 +93,30 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [r["prompt"] for r in (chat + records)[: args.clients]]
     if len(prompts) < args.clients:
         sys.exit(f"need {args.clients} prompts, {args.prompts} has {len(prompts)}")
-    url, stop = (args.url, lambda: None) if args.url else start_server(args.model,
-                                                                       args.max_batch)
+    stops = []
+    if args.url:
+        url = base_url = args.url
+    else:
+        from specstream_mlx.loader import load
+
+        model, tokenizer = load(args.model)
+        url, stop = start_server(model, tokenizer, args.max_batch)
+        stops.append(stop)
+        base_url = url
+        if args.baseline == "single":
+            base_url, stop = start_server(model, tokenizer, 1)
+            stops.append(stop)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
                            timeout=600)
+    base = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0,
+                         timeout=600)
     try:
-        ask(client, "Hello!", 8, 0.0, 0)  # warm-up (the first passes compile and measure)
+        for c in {id(client): client, id(base): base}.values():
+            ask(c, "Hello!", 8, 0.0, 0)  # warm-up (the first passes compile and measure)
 
         def one_after_another() -> tuple[float, list[str]]:
             tic = time.perf_counter()
-            out = [ask(client, q, args.max_tokens, args.temp, 1000 + i)
+            out = [ask(base, q, args.max_tokens, args.temp, 1000 + i)
                    for i, q in enumerate(prompts)]
             return time.perf_counter() - tic, out
 
@@ -119,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ratios, same = [], True
         print(f"{args.clients} clients x {args.max_tokens} tokens, temp {args.temp}, "
-              f"max batch {args.max_batch}")
+              f"max batch {args.max_batch}, one after another on "
+              f"{'a --max-batch 1 server' if base is not client else 'the same server'}")
         for r in range(args.rounds):
             # Interleaved, the order alternating: drift hits both sides alike.
             runs = [one_after_another, concurrent] if r % 2 == 0 else [concurrent,
@@ -137,8 +155,14 @@ def main(argv: list[str] | None = None) -> int:
               f"answers {'identical' if same else 'NOT identical'}")
         return 0 if same else 1
     finally:
-        stop()
+        for stop in stops:
+            stop()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: with the servers' threads gone it aborts in MLX's
+    # destructors ("terminate called without an active exception"), --max-batch 1 too.
+    os._exit(code)
