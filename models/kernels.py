@@ -102,7 +102,8 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float,
     group's query heads folded into rows: MLX's fallback makes one BLAS call per query
     head, each paying the library's threading overhead) and a softmax whose exp is
     `_exp_shifted`: a few rows under a 2-D mask (SmolLM2, 16 rows: 25 ms a pass instead
-    of 30+), and one row over a long prefix (30 layers, 1,000 keys: 10.9 ms instead of
+    of 30+) or a 4-D one (B, 1, R, S) (batched decoding, one row or more), and one row
+    over a long prefix (30 layers, 1,000 keys: 10.9 ms instead of
     14.8; below ~512 keys MLX's own kernel is as fast). Many rows under "causal"
     (prefill, the frozen hidden states of training) attend in chunks of rows
     (`causal_chunks`)."""
@@ -111,15 +112,21 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float,
     if (isinstance(mask, str) and R >= 2 * CAUSAL_CHUNK and mx.default_device() == mx.cpu
             and q.dtype == mx.float32):
         return causal_chunks(q, keys, values, scale)
-    few_rows = 1 < R <= 64 and isinstance(mask, mx.array) and mask.ndim == 2
+    few_rows = R <= 64 and isinstance(mask, mx.array) and (
+        (mask.ndim == 2 and R > 1) or (mask.ndim == 4 and mask.shape[1] == 1))
     long_row = R == 1 and mask is None and S >= LONG_PREFIX
     if (not (few_rows or long_row) or mx.default_device() != mx.cpu
             or q.dtype != mx.float32):
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     g = H // Hk
     s = (q * scale).reshape(B, Hk, g * R, D) @ keys.swapaxes(-1, -2)
-    if few_rows:
+    if few_rows and mask.ndim == 2:
         s = mx.where(mask, s.reshape(B, Hk, g, R, -1), mx.array(-float("inf"), s.dtype))
+    elif few_rows:  # (B, 1, R, S): one mask per batch entry, shared by its heads
+        # The lowest finite score, not -inf: a row that sees nothing (left padding) then
+        # averages every value as MLX's kernel does, instead of giving NaN.
+        s = mx.where(mask[:, :, None], s.reshape(B, Hk, g, R, -1),
+                     mx.array(mx.finfo(s.dtype).min, s.dtype))
     e = _exp_shifted(s, mx.max(s, axis=-1, keepdims=True))
     p = (e / mx.sum(e, axis=-1, keepdims=True)).reshape(B, Hk, g * R, -1)
     return (p @ values).reshape(B, H, R, D)

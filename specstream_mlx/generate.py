@@ -13,7 +13,7 @@ from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.drafter import TreeBuilder
 from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.decoding.sampling import PositionSampler
-from specstream_mlx.decoding.step import generate_step
+from specstream_mlx.decoding.step import TokenEvent, generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.settings import check_settings, check_text, check_token_ids
 
@@ -131,22 +131,16 @@ def stream_generate(
     """
     check_settings(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p,
                    top_k=top_k)
-    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
-        raise InputError("stop must be a list of strings")
-    stops = [s for s in stop or () if s]  # "" would match everywhere: ignored
+    stops = check_stops(stop)
     ids = encode_prompt(tokenizer, prompt, chat)
     sampler = PositionSampler.drawn(temp, top_p, min_p, top_k) if temp > 0 else None
-    eos = set(tokenizer.eos_token_ids)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    held, drafted, n = "", 0, 0  # held: text not yet yielded, as it may begin a stop
-    hit = None  # the stop string found
-    tic = time.perf_counter()
-    reused, source, generated = 0, None, []
+    text = TextStream(tokenizer, len(ids), stops)
+    reused, source = 0, None
     if prompt_cache is not None:
         if cache is not None:
             raise InputError("pass cache or prompt_cache, not both")
         cache, reused, source = prompt_cache.take_with_source(ids)
+    text.reused, text.source = reused, source
     steps = generate_step(
         model,
         ids,
@@ -162,62 +156,98 @@ def stream_generate(
         cache=cache,
         adaptive=adaptive,
     )
-    prompt_tps = gen_tic = 0.0
     try:
         for event in steps:
-            if n == 0:
-                gen_tic = time.perf_counter()
-                prompt_tps = (len(ids) - reused) / (gen_tic - tic)
-            n += 1
-            generated.append(event.token)
-            drafted += event.from_draft
-            finish = "stop" if event.token in eos else ("length" if event.final else None)
-            if event.token not in eos:
-                detok.add_token(event.token)
-            piece = detok.last_segment  # reading it consumes it
-            if finish:
-                detok.finalize()
-                piece += detok.last_segment
-            if stops:
-                # A stop completed by this piece starts within held + piece: held is the
-                # longest tail of the text so far that begins a stop, so scanning this
-                # window (under max(len(stop)) + len(piece)) finds every new occurrence.
-                window = held + piece
-                hits = [(i, s) for s in stops if (i := window.find(s)) >= 0]
-                if hits:
-                    at = min(i for i, _ in hits)
-                    hit = next(s for i, s in hits if i == at)  # the first listed there
-                    piece, held, finish = window[:at], "", "stop"
-                elif finish:
-                    piece, held = window, ""
-                else:
-                    cut = len(window) - held_back(window, stops)
-                    piece, held = window[:cut], window[cut:]
-            elapsed = time.perf_counter() - gen_tic
-            yield GenerationResponse(
-                text=piece,
-                token=event.token,
-                from_draft=event.from_draft,
-                prompt_tokens=len(ids),
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                # The first token comes from the prefill; rate the tokens after it.
-                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-                passes=event.passes,
-                tokens_per_pass=n / event.passes,
-                drafted_tokens=drafted,
-                peak_memory=peak_memory_gb(),
-                finish_reason=finish,
-                prompt_cached_tokens=reused,
-                prompt_cache_source=source,
-                stop_string=hit,
-            )
-            if finish:
+            response = text.feed(event)
+            yield response
+            if response.finish_reason:
                 break
     finally:
         steps.close()  # its own cleanup first: the cache then holds the yielded tokens
         if prompt_cache is not None:
-            prompt_cache.put(ids + generated[:-1], cache)
+            prompt_cache.put(ids + text.generated[:-1], cache)
+
+
+def check_stops(stop: list[str] | None) -> list[str]:
+    """The stop strings that count (empty ones would match everywhere: ignored); refuses
+    anything but a list of strings."""
+    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+        raise InputError("stop must be a list of strings")
+    return [s for s in stop or () if s]
+
+
+class TextStream:
+    """One generation's tokens to GenerationResponses: detokenizing, end-of-sequence,
+    stop strings (text that could still begin one held back), running statistics.
+    `feed` takes the TokenEvents of generate_step (or of a batched decoder) in order and
+    returns one response each; the caller stops at the first with a finish_reason.
+    `generated` lists the tokens fed so far. Timing starts at construction (the prompt's
+    rate is measured up to the first token)."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, stops: list[str],
+                 reused: int = 0, source: str | None = None):
+        self.eos = set(tokenizer.eos_token_ids)
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.prompt_tokens, self.stops = prompt_tokens, stops
+        self.reused, self.source = reused, source
+        self.held, self.drafted = "", 0  # held: text not yet yielded, as it may begin a stop
+        self.hit: str | None = None  # the stop string found
+        self.generated: list[int] = []
+        self.tic = time.perf_counter()
+        self.prompt_tps = self.gen_tic = 0.0
+
+    def feed(self, event: TokenEvent) -> GenerationResponse:
+        """The response of the next token `event`."""
+        n = len(self.generated)
+        if n == 0:
+            self.gen_tic = time.perf_counter()
+            self.prompt_tps = (self.prompt_tokens - self.reused) / (self.gen_tic - self.tic)
+        n += 1
+        self.generated.append(event.token)
+        self.drafted += event.from_draft
+        eos, detok, stops = self.eos, self.detok, self.stops
+        finish = "stop" if event.token in eos else ("length" if event.final else None)
+        if event.token not in eos:
+            detok.add_token(event.token)
+        piece = detok.last_segment  # reading it consumes it
+        if finish:
+            detok.finalize()
+            piece += detok.last_segment
+        if stops:
+            # A stop completed by this piece starts within held + piece: held is the
+            # longest tail of the text so far that begins a stop, so scanning this
+            # window (under max(len(stop)) + len(piece)) finds every new occurrence.
+            window = self.held + piece
+            hits = [(i, s) for s in stops if (i := window.find(s)) >= 0]
+            if hits:
+                at = min(i for i, _ in hits)
+                self.hit = next(s for i, s in hits if i == at)  # the first listed there
+                piece, self.held, finish = window[:at], "", "stop"
+            elif finish:
+                piece, self.held = window, ""
+            else:
+                cut = len(window) - held_back(window, stops)
+                piece, self.held = window[:cut], window[cut:]
+        elapsed = time.perf_counter() - self.gen_tic
+        return GenerationResponse(
+            text=piece,
+            token=event.token,
+            from_draft=event.from_draft,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tps,
+            generation_tokens=n,
+            # The first token comes from the prefill; rate the tokens after it.
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            passes=event.passes,
+            tokens_per_pass=n / event.passes,
+            drafted_tokens=self.drafted,
+            peak_memory=peak_memory_gb(),
+            finish_reason=finish,
+            prompt_cached_tokens=self.reused,
+            prompt_cache_source=self.source,
+            stop_string=self.hit,
+        )
 
 
 def generate(model, tokenizer, prompt: str | list[int], *, verbose: bool = False,

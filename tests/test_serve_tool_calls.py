@@ -57,8 +57,9 @@ def tools_loaded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tools_server(tools_loaded):
     model, tok = tools_loaded
+    # One job at a time: the `script` fixture replaces that worker's generation.
     app = create_app(model, tok, ServeConfig(model_name="tiny", api_key=KEY,
-                                             max_tokens_limit=64))
+                                             max_tokens_limit=64, max_batch=1))
     s = Server(app)
     s.app = app
     yield s

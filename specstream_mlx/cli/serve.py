@@ -21,6 +21,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "every endpoint but /health")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for the model; one more gets 429")
+    parser.add_argument("--max-batch", type=int, default=4,
+                        help="requests decoding together, speculation on (continuous "
+                        "batching; 1: one at a time)")
     parser.add_argument("--max-tokens-limit", type=int, default=4096,
                         help="the most tokens one request may ask for")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,
@@ -32,7 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kv-mb", type=int, default=None,
                         help="KV cache one request may take; a request whose prompt and "
                         "max_tokens need more gets 400 (default: the whole context's, at "
-                        "most half the memory left beside the weights)")
+                        "most half the memory left beside the weights, divided by "
+                        "--max-batch)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("serve needs its extra: pip install 'specstream-mlx[serve]'") from None
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
-    for flag in ("max_queue", "max_tokens_limit", "prompt_cache_mb", "prompt_cache_disk_mb",
-                 "max_kv_mb"):
+    for flag in ("max_queue", "max_batch", "max_tokens_limit", "prompt_cache_mb",
+                 "prompt_cache_disk_mb", "max_kv_mb"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.api_key is not None and not args.api_key.strip():
@@ -54,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"[{describe_model(model)}]", file=sys.stderr)
     config = ServeConfig(model_name=args.model or "smollm2-135m-instruct",
                          api_key=args.api_key, max_queue=args.max_queue,
+                         max_batch=args.max_batch,
                          max_tokens_limit=args.max_tokens_limit,
                          prompt_cache_bytes=args.prompt_cache_mb << 20,
                          prompt_cache_dir=args.prompt_cache_dir,

@@ -50,6 +50,7 @@ class ServeConfig:
     prompt_cache_dir: str | None = None  # KV of conversations kept on disk across restarts
     prompt_cache_disk_bytes: int = 2 << 30
     max_kv_bytes: int | None = None  # one request's KV cache; None: from the memory (memory.py)
+    max_batch: int = 4  # requests decoding together (continuous batching); 1: one at a time
 
 
 class ApiError(Exception):
@@ -165,8 +166,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     if config.prompt_cache_dir is not None:
         disk = DiskPromptStore(config.prompt_cache_dir, model, config.prompt_cache_disk_bytes)
     engine = Engine(model, tokenizer, config.max_queue,
-                    prompt_cache=PromptCache(model, config.prompt_cache_bytes, disk))
-    budget = kv_budget(model, config.max_kv_bytes, config.prompt_cache_bytes)
+                    prompt_cache=PromptCache(model, config.prompt_cache_bytes, disk),
+                    max_batch=config.max_batch)
+    budget = kv_budget(model, config.max_kv_bytes, config.prompt_cache_bytes,
+                       config.max_batch)
     metrics = Metrics(lambda: engine.waiting)
 
     @asynccontextmanager

@@ -4,7 +4,8 @@ A request's cache holds its prompt, its answer and, during a pass, the draft row
 them, in slots that grow KVCache.step at a time. The server refuses, before any work,
 a request whose prompt plus max_tokens exceeds the model's context or whose cache would
 exceed the budget: `--max-kv-mb`, by default the whole context's cache, capped at half
-of the memory left beside the weights and the in-memory prompt cache.
+of the memory left beside the weights and the in-memory prompt cache, divided by
+`--max-batch` (the requests whose caches may be held together).
 """
 
 from __future__ import annotations
@@ -74,10 +75,13 @@ class KVBudget:
         return None
 
 
-def kv_budget(model, max_bytes: int | None = None, reserved: int = 0) -> KVBudget:
+def kv_budget(model, max_bytes: int | None = None, reserved: int = 0,
+              batch: int = 1) -> KVBudget:
     """The budget of `model`: `max_bytes`, or by default the whole context's cache capped
     at half the device memory left beside the weights and `reserved` bytes (the prompt
-    cache), and never under one slot step."""
+    cache), shared by the `batch` requests that may decode together (a batch's cache
+    gives each of them as many slots as its longest needs), and never under one slot
+    step."""
     budget = KVBudget(model.args.max_position_embeddings, kv_bytes_per_token(model),
                       draft_rows(model), 0)
     if max_bytes is None:
@@ -85,7 +89,7 @@ def kv_budget(model, max_bytes: int | None = None, reserved: int = 0) -> KVBudge
         memory = device_memory_bytes()
         if memory is not None:
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-            free = (memory - weights - reserved) // 2
+            free = (memory - weights - reserved) // 2 // max(batch, 1)
             max_bytes = min(max_bytes, max(free, KVCache.step * budget.per_token))
     budget.max_bytes = max_bytes
     return budget
