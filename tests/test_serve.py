@@ -33,6 +33,7 @@ class Server:
     """uvicorn in a thread, stopped at the end of the module."""
 
     def __init__(self, app):
+        self.app = app
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
@@ -226,10 +227,26 @@ def test_api_key(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
 
 
-def test_load_of_concurrent_and_disconnecting_clients(loaded, server, client):
+@pytest.mark.parametrize("max_batch", [4, 1])
+def test_load_of_concurrent_and_disconnecting_clients(loaded, server, client, max_batch):
     """8 clients, 3 requests each, mixed streaming, some hanging up early: every request
     answered or refused cleanly, greedy answers equal single-client runs, the server
-    healthy afterwards."""
+    healthy afterwards; batched (the default, 4) and one at a time."""
+    if max_batch != server.app.state.engine.max_batch:
+        model, tok = loaded
+        one = Server(create_app(model, tok, ServeConfig(
+            model_name="tiny", api_key=KEY, max_queue=32, max_tokens_limit=64,
+            max_batch=max_batch)))
+        try:
+            client = openai.OpenAI(base_url=one.url + "/v1", api_key=KEY, max_retries=0)
+            check_load(loaded, one, client)
+        finally:
+            one.stop()
+    else:
+        check_load(loaded, server, client)
+
+
+def check_load(loaded, server, client):
     prompts = [f"question {i} about letters" for i in range(4)]
     want = {p: api_answer(loaded, [{"role": "user", "content": p}], max_tokens=16)
             for p in prompts}

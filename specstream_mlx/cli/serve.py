@@ -21,11 +21,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "every endpoint but /health")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for the model; one more gets 429")
-    # 1 until batching's speed is measured on a real model (issue 39): one request at a
-    # time runs stream_generate exactly as before.
-    parser.add_argument("--max-batch", type=int, default=1,
+    parser.add_argument("--max-batch", type=int, default=4,
                         help="requests decoding together, speculation on (continuous "
-                        "batching; default 1: one at a time)")
+                        "batching; 1: one at a time)")
     parser.add_argument("--max-tokens-limit", type=int, default=4096,
                         help="the most tokens one request may ask for")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,

@@ -50,7 +50,7 @@ class ServeConfig:
     prompt_cache_dir: str | None = None  # KV of conversations kept on disk across restarts
     prompt_cache_disk_bytes: int = 2 << 30
     max_kv_bytes: int | None = None  # one request's KV cache; None: from the memory (memory.py)
-    max_batch: int = 1  # requests decoding together (continuous batching); 1: one at a time
+    max_batch: int = 4  # requests decoding together (continuous batching); 1: one at a time
 
 
 class ApiError(Exception):
