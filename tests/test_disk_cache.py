@@ -136,6 +136,31 @@ def test_fingerprint_follows_weights_and_precision(loaded):
     assert model_fingerprint(b) != model_fingerprint(a)
 
 
+def test_fingerprint_is_the_base_models_whatever_its_streams(loaded, tmp_path):
+    """Streams never change a committed token's K/V: retrained or retuned streams (or
+    none) keep the files usable, and a prefix cached under one set is reused under
+    another with the answer of a fresh prefill."""
+    from specstream_mlx.models.config import StreamArgs
+
+    plain = tiny_model("llama", seed=1)
+    one = tiny_model("llama", seed=1, streams=StreamArgs(num_streams=3, msa_layers=2))
+    mx.random.seed(7)
+    two = tiny_model("llama", seed=1, streams=StreamArgs(num_streams=2, msa_layers=1,
+                                                         next_token_rank=4))
+    assert model_fingerprint(plain) == model_fingerprint(one) == model_fingerprint(two)
+    assert model_fingerprint(tiny_model("llama", seed=2)) != model_fingerprint(plain)
+    tok = loaded[1]
+    ids = list(range(5, 45))
+    first = PromptCache(one, disk=DiskPromptStore(tmp_path, one, min_tokens=8))
+    list(stream_generate(one, tok, ids, max_tokens=6, prompt_cache=first))
+    first.disk.flush()
+    again = PromptCache(two, disk=DiskPromptStore(tmp_path, two, min_tokens=8))
+    got = list(stream_generate(two, tok, ids + [50, 51], max_tokens=6, prompt_cache=again))
+    fresh = list(stream_generate(two, tok, ids + [50, 51], max_tokens=6))
+    assert got[-1].prompt_cached_tokens > 0
+    assert [r.token for r in got] == [r.token for r in fresh]
+
+
 def test_lru_by_bytes_and_the_order_survives_a_restart(loaded, tmp_path):
     tok = loaded[1]
     texts = [f"conversation number {i} about boats and rivers" for i in range(3)]

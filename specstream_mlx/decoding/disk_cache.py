@@ -5,8 +5,9 @@ A `DiskPromptStore` is a folder of safetensors files, one per entry: the token i
 for those tokens. The header's metadata says what the file is for and what it holds:
 
     format       "specstream-prompt-cache/1"
-    fingerprint  the model's (model_fingerprint: config, a sample of every weight, the
-                 streams, the KV layout and dtype); another model's files are skipped
+    fingerprint  the base model's (model_fingerprint: config, a sample of every base
+                 weight, the KV layout and dtype; not the streams, which never change
+                 a committed token's K/V); another model's files are skipped
     tokens, layers, dtype, data_bytes, sha256 (of everything after the header)
 
 A file is written to a temporary name, flushed to disk and renamed, so a final name
@@ -62,16 +63,18 @@ class BadEntry(Exception):
 
 def model_fingerprint(model) -> str:
     """What a cache file must match to be used with `model`: its config, the names,
-    shapes, dtypes and SAMPLES evenly spaced values of every weight (streams included:
-    a fine-tune changes nearly every value, so samples tell models apart without
-    reading gigabytes), the stream config and the KV layout and dtype."""
+    shapes, dtypes and SAMPLES evenly spaced values of every base weight (a fine-tune
+    changes nearly every value, so samples tell models apart without reading
+    gigabytes), and the KV layout and dtype. Not the streams: main rows never see them
+    (a task-mode fine-tune is fused into the base weights), so the cache of a prompt is
+    the same with any streams or none, and `specstream tune --write` or new streams keep
+    the files usable."""
     h = hashlib.sha256()
-    stream_args = getattr(model, "stream_args", None)
     h.update(json.dumps({"config": vars(model.args),
-                         "streams": vars(stream_args) if stream_args else None,
                          "kv_layout": kv_layout(model), "kv_dtype": str(kv_dtype(model))},
                         sort_keys=True, default=str).encode())
-    params = sorted(tree_flatten(model.parameters()), key=lambda p: p[0])
+    params = sorted(((name, v) for name, v in tree_flatten(model.parameters())
+                     if not name.startswith("streams.")), key=lambda p: p[0])
     samples = []
     for name, v in params:
         h.update(f"{name} {v.shape} {v.dtype}\n".encode())
