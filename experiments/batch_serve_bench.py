@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import openai
 
-    records = read_prompts(args.prompts)
+    records = read_prompts(args.prompts, turns=False)  # clients send one message each
     chat = [r for r in records if r.get("task") == "chat"] or records
     prompts = [r["prompt"] for r in (chat + records)[: args.clients]]
     if len(prompts) < args.clients:

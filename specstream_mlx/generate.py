@@ -69,6 +69,31 @@ def encode_messages(tokenizer, messages: list[dict],
     return list(tokenizer.encode("\n\n".join(m["content"] for m in messages)))
 
 
+def encode_turns(model, tokenizer, turns: list[str], max_tokens: int) -> list[int]:
+    """The prompt tokens of the last of a conversation's user `turns`, the earlier ones
+    answered by the model itself (greedy, plain decoding, up to `max_tokens` tokens
+    each): [user 1, assistant 1, ..., user n] through encode_messages, ready for the
+    assistant's turn. Deterministic, so both sides of a comparison get the same ids."""
+    messages = []
+    for text in turns[:-1]:
+        messages.append({"role": "user", "content": text})
+        # The answer goes back as text, as a chat client would send it.
+        answer = generate(model, tokenizer, encode_messages(tokenizer, messages),
+                          max_tokens=max_tokens, speculative=False)
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": turns[-1]})
+    return encode_messages(tokenizer, messages)
+
+
+def encode_record(model, tokenizer, record: dict, max_tokens: int) -> list[int]:
+    """The prompt tokens a record of jsonl.read_prompts is measured at: its 'prompt' as a
+    chat turn, or the last of its 'turns' after the model's answers to the others
+    (encode_turns, `max_tokens` each)."""
+    if "turns" in record:
+        return encode_turns(model, tokenizer, record["turns"], max_tokens)
+    return encode_prompt(tokenizer, record["prompt"], chat=True)
+
+
 def peak_memory_gb() -> float:
     """Peak memory MLX allocated so far, in GB."""
     return mx.get_peak_memory() / 1e9

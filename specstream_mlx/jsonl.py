@@ -35,14 +35,45 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The first `limit` records (all: None) of a prompt file; each must be an object with
-    a 'prompt' text, and there must be at least one."""
+def read_prompts(path: str | Path, limit: int | None = None,
+                 turns: bool = True) -> list[dict]:
+    """The first `limit` records (all: None) of a prompt file; there must be at least one,
+    and each must be an object with either a 'prompt' text or (with `turns`) 'turns', the
+    user's messages of a conversation in order (a non-empty list of non-empty texts).
+    `turns=False` is for callers that take single prompts: they refuse a 'turns' record
+    by name rather than measure its first message unnoticed."""
     records = read_jsonl(path)[:limit]
-    if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
-                              for r in records):
-        raise InputError(f"{path}: need records with a 'prompt' field")
+    wanted = "a 'prompt' field" + (" or 'turns'" if turns else "")
+    if not records:
+        raise InputError(f"{path}: need records with {wanted}")
+    for i, r in enumerate(records, start=1):
+        if not isinstance(r, dict) or not ("turns" in r or isinstance(r.get("prompt"), str)):
+            raise InputError(f"{path}: need records with {wanted} (record {i} is not one)")
+        if "turns" not in r:
+            continue
+        if "prompt" in r:
+            raise InputError(f"{path}: record {i} has both 'prompt' and 'turns': give one")
+        if not turns:
+            raise InputError(f"{path}: record {i} is multi-turn ('turns'): this tool takes "
+                             "records with a 'prompt' field only")
+        t = r["turns"]
+        if not (isinstance(t, list) and t and all(isinstance(m, str) and m for m in t)):
+            raise InputError(f"{path}: record {i}: 'turns' must be a non-empty list of "
+                             "non-empty texts (the user's messages in order)")
     return records
+
+
+def user_turns(record: dict) -> list[str]:
+    """The user's messages of a read_prompts record: its 'turns', or its one 'prompt'."""
+    return record["turns"] if "turns" in record else [record["prompt"]]
+
+
+def prompt_id(record: dict, index: int) -> str:
+    """A record's name in reports: its 'id' (else its index), with '#turnN' for a
+    conversation of N > 1 turns, measured at its last."""
+    name = str(record.get("id", index))
+    n = len(record.get("turns") or ())
+    return f"{name}#turn{n}" if n > 1 else name
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:

@@ -17,8 +17,10 @@ from tiny_folder import make_tiny_folder, save_model
 from specstream_mlx import load
 from specstream_mlx.cli import main
 from specstream_mlx.decoding import pass_curve
+from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
-from specstream_mlx.jsonl import write_jsonl
+from specstream_mlx.generate import encode_messages, encode_turns
+from specstream_mlx.jsonl import prompt_id, read_prompts, user_turns, write_jsonl
 from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.tools.bench import (
     BenchArgs,
@@ -199,6 +201,78 @@ def test_prompts_without_prompt_field(folder, tmp_path, records):
     with pytest.raises(InputError, match="need records with a 'prompt' field"):
         bench(BenchArgs(prompts=str(path), model=str(folder), mlx_lm=False),
               log=lambda _: None)
+
+
+def test_read_prompts_takes_turns(tmp_path):
+    """A record has a 'prompt' or 'turns' (the user's messages); reports name a
+    conversation by its id and the turn measured."""
+    records = [PROMPTS[0], {"id": "conv", "task": "chat", "turns": ["hi", "and then?"]},
+               {"turns": ["just one"]}]
+    write_jsonl(tmp_path / "p.jsonl", records)
+    assert read_prompts(tmp_path / "p.jsonl") == records
+    assert [user_turns(r) for r in records] == [["hi"], ["hi", "and then?"], ["just one"]]
+    assert [prompt_id(r, i) for i, r in enumerate(records)] == ["greet", "conv#turn2", "2"]
+    with pytest.raises(InputError, match=r"record 2 is multi-turn \('turns'\)"):
+        read_prompts(tmp_path / "p.jsonl", turns=False)  # a caller of single prompts
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"turns": "hi"}, "'turns' must be a non-empty list of non-empty texts"),
+    ({"turns": []}, "'turns' must be a non-empty list"),
+    ({"turns": ["hi", ""]}, "'turns' must be a non-empty list of non-empty texts"),
+    ({"turns": ["hi", 3]}, "'turns' must be a non-empty list of non-empty texts"),
+    ({"turns": None}, "'turns' must be a non-empty list"),
+    ({"prompt": "hi", "turns": ["hi"]}, "record 2 has both 'prompt' and 'turns'"),
+    ({"prompt": ["hi"]}, r"need records with a 'prompt' field or 'turns' \(record 2 is"),
+    ("hi", r"need records with a 'prompt' field or 'turns' \(record 2 is not one\)"),
+])
+def test_read_prompts_refuses_bad_turns(tmp_path, record, message):
+    write_jsonl(tmp_path / "p.jsonl", [PROMPTS[0], record])
+    with pytest.raises(InputError, match=message):
+        read_prompts(tmp_path / "p.jsonl")
+
+
+def test_bench_measures_the_last_turn(folder, tmp_path, monkeypatch):
+    """A 2-turn record is measured at its second turn, after the model's own plain greedy
+    answer to the first: every run (speculative and plain) gets the same ids, and the
+    outputs are identical."""
+    import specstream_mlx.tools.bench as bench_module
+
+    seen: list[tuple[list[int], bool]] = []
+    real = bench_module.timed_run
+
+    def spy(model, tokenizer, ids, args, speculative, seed=0):
+        seen.append((list(ids), speculative))
+        return real(model, tokenizer, ids, args, speculative, seed)
+
+    monkeypatch.setattr(bench_module, "timed_run", spy)
+    t1, t2 = "Tell me a story.", "Shorter, please."
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "conv", "task": "chat", "turns": [t1, t2]},
+                                       PROMPTS[0]])
+    logs: list[str] = []
+    report = bench(BenchArgs(prompts=str(tmp_path / "p.jsonl"), model=str(folder),
+                             max_tokens=8, rows=[1], mlx_lm=False, repeats=2), log=logs.append)
+    rows = report["per_prompt"]
+    assert [r["id"] for r in rows] == ["conv#turn2", "greet"]
+    assert all(r["identical"] for r in rows)
+    assert any(line.startswith("conv#turn2 ") for line in logs)
+    # The ids of turn 2: the first turn's prompt, the model's greedy answer to it (cut
+    # at the end token), the end of that turn, then the second turn's prompt.
+    model, tokenizer = load(folder)
+    first = encode_messages(tokenizer, [{"role": "user", "content": t1}])
+    answer = []
+    for e in generate_step(model, first, max_tokens=8, speculative=False):
+        if e.token in tokenizer.eos_token_ids:
+            break
+        answer.append(e.token)
+    assert answer  # the test needs an answer in the history to see it
+    second = encode_messages(tokenizer, [{"role": "user", "content": t2}])
+    expected = first + answer + list(tokenizer.encode("<|im_end|>\n")) + second
+    assert encode_turns(model, tokenizer, [t1, t2], 8) == expected
+    # Warm-up on record 0, then 2 pairs of it: speculative and plain alike.
+    runs = [(ids, s) for ids, s in seen if ids[: len(first)] == first]
+    assert len(runs) == 6 and {s for _, s in runs} == {True, False}
+    assert all(ids == expected for ids, _ in runs)
 
 
 def test_missing_prompts_file(folder, tmp_path):

@@ -361,6 +361,44 @@ def test_cli_tune_sampled_writes_only_the_sampling_fields(tmp_path, capsys):
     assert "temp must be >= 0" in capsys.readouterr().err
 
 
+def test_cli_tune_on_a_two_turn_file(tmp_path, capsys):
+    """`specstream tune` on 'turns' records: each is traced at its last turn, after the
+    model's own greedy answer to the first (the prompt bench measures), with the answer
+    generated here even when a 'completion' is given; the report names them."""
+    from tiny_folder import make_tiny_folder
+
+    from specstream_mlx import load
+    from specstream_mlx.cli import main
+    from specstream_mlx.generate import encode_messages, encode_turns
+    from specstream_mlx.jsonl import write_jsonl
+
+    folder = make_tiny_folder(tmp_path / "tiny", streams=STREAMS)[0]
+    records = [{"id": "a", "task": "chat", "turns": ["hi", "Tell me more."]},
+               {"id": "b", "task": "chat", "turns": ["Hello!", "Why?"], "completion": "zz"},
+               {"id": "c", "task": "code", "prompt": "def f(x):"}]
+    write_jsonl(tmp_path / "p.jsonl", records)
+    rc = main(["tune", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(folder),
+               "--max-tokens", "8", "--budgets", "0,2", "--lookup-depths", "0",
+               "--min-draft-probs", "0", "--rows", "1,2", "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 records multi-turn, replayed at their last turn" in out
+    assert "a#turn2, b#turn2" in out and "chat: 2 prompts" in out
+    assert json.loads((tmp_path / "t.json").read_text())["multi_turn"] == ["a#turn2", "b#turn2"]
+    model, tokenizer = load(folder)
+    traces = load_traces(model, tokenizer, records, 3, 8, progress=False)
+    for rec, tr in zip(records[:2], traces, strict=False):
+        prompt = encode_turns(model, tokenizer, rec["turns"], 8)
+        first = encode_messages(tokenizer, [{"role": "user", "content": rec["turns"][0]}])
+        assert tr.tokens[: tr.start] == prompt and len(prompt) > len(first) + 2
+        assert prompt[: len(first)] == first
+        # the model's own first answer follows the first turn's prompt
+        assert prompt[len(first)] == next(generate_step(model, first, max_tokens=1,
+                                                        speculative=False)).token
+        own = [e.token for e in generate_step(model, prompt, max_tokens=8, speculative=False)]
+        assert tr.tokens[tr.start :] == own[: len(tr.tokens) - tr.start]  # not "zz"
+
+
 def test_cli_tune_bad_prompts(tmp_path, capsys):
     from specstream_mlx.cli import main
 

@@ -10,7 +10,9 @@ from specstream_mlx.tools.bench import BenchArgs, bench, compare
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", required=True, help="JSONL with 'prompt' (and 'task')")
+    parser.add_argument("--prompts", required=True,
+                        help="JSONL with 'prompt', or 'turns' (a conversation's user "
+                        "messages: its last turn is measured), and 'task'")
     parser.add_argument("--model", default=None, help="model folder (default: embedded)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--tree-budget", type=int, default=None)

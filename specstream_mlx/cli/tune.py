@@ -14,7 +14,8 @@ def _ints(text: str) -> list[int]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True,
-                        help="JSONL with 'prompt' (and 'completion': a distilled answer)")
+                        help="JSONL with 'prompt' (and 'completion': a distilled answer), or "
+                        "'turns' (a conversation's user messages: its last turn is replayed)")
     parser.add_argument("--model", default=None, help="model folder (default: embedded)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")

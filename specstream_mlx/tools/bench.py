@@ -22,8 +22,8 @@ from specstream_mlx.decoding.costs import costs_for
 from specstream_mlx.decoding.pass_curve import pass_cost
 from specstream_mlx.decoding.prompt_cache import PromptCache
 from specstream_mlx.errors import InputError
-from specstream_mlx.generate import encode_messages, encode_prompt, stream_generate
-from specstream_mlx.jsonl import read_prompts
+from specstream_mlx.generate import encode_messages, encode_record, stream_generate
+from specstream_mlx.jsonl import prompt_id, read_prompts, user_turns
 from specstream_mlx.loader import describe_model, load, resolve_path, set_precision
 from specstream_mlx.settings import check_output_path, check_rows, check_settings
 
@@ -98,7 +98,7 @@ def paired_row(record: dict, index: int, pairs: list[tuple[dict, dict]],
     spec = pairs[0][0]
     ratios = [s["tps"] / p["tps"] for s, p in pairs if p["tps"]]
     windows = [window_speedups(s["stamps"], p["stamps"], window) for s, p in pairs]
-    row = {"id": record.get("id", str(index)), "task": record.get("task", "all"),
+    row = {"id": prompt_id(record, index), "task": record.get("task", "all"),
            "tokens": spec["n"], "passes": spec["passes"],
            "tokens_per_pass": round(spec["n"] / spec["passes"], 3),
            "spec_tps": round(float(np.median([s["tps"] for s, _ in pairs])), 2),
@@ -186,7 +186,7 @@ def compare_row(record: dict, index: int, runs: dict[str, list[dict]]) -> dict:
     round; seconds are medians of (n - 1) / tokens/s; tokens per pass the first run's;
     `identical` holds when every run of every arm emitted the same tokens."""
     first = runs["plain"][0]
-    row = {"id": record.get("id", str(index)), "task": record.get("task", "all"),
+    row = {"id": prompt_id(record, index), "task": record.get("task", "all"),
            "tokens": first["n"],
            "identical": all(r["tokens"] == first["tokens"] for a in ARMS for r in runs[a])}
     for arm in ARMS:
@@ -235,7 +235,8 @@ def compare(args: BenchArgs, other: str, log=print) -> dict:
     for name, (m, _) in zip("AB", models, strict=True):
         log(f"[{name}: {describe_model(m)}]")
     tokenizer = models[0][1]
-    prompts = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
+    # Plain decoding answers earlier turns: the same base model in both folders.
+    prompts = [encode_record(models[0][0], tokenizer, r, args.max_tokens) for r in records]
     for arm in ARMS:  # warm-up, not reported
         timed_run(*models[arm == "B"], prompts[0], args, arm != "plain")
     rows = []
@@ -323,7 +324,9 @@ def check_bench_args(args: BenchArgs) -> None:
 
 
 def bench(args: BenchArgs, log=print) -> dict:
-    """Run the benchmark; returns the report (also written as JSON when asked)."""
+    """Run the benchmark; returns the report (also written as JSON when asked). A 'turns'
+    record is measured at its last turn (generate.encode_record), its id suffixed
+    '#turnN'."""
     check_bench_args(args)
     records = read_prompts(args.prompts, args.limit)
     path = resolve_path(args.model)
@@ -337,7 +340,9 @@ def bench(args: BenchArgs, log=print) -> dict:
 
         ref, _ = mlx_lm_load(str(path))
         ref_precision = set_precision(ref, args.mlx_lm_precision)
-    prompts = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in records]
+    # Once per record: a conversation's earlier turns answered here, the same ids for
+    # every run of it.
+    prompts = [encode_record(model, tokenizer, r, args.max_tokens) for r in records]
     timed_run(model, tokenizer, prompts[0], args, True)  # warm-up, not reported
     timed_run(model, tokenizer, prompts[0], args, False)
     sampled = args.temp > 0
@@ -374,7 +379,8 @@ def bench(args: BenchArgs, log=print) -> dict:
     }
     log(format_report(report))
     if args.conversation:
-        questions = [records[i % len(records)]["prompt"] for i in range(args.conversation)]
+        texts = [t for r in records for t in user_turns(r)]
+        questions = [texts[i % len(texts)] for i in range(args.conversation)]
         log(f"conversation of {args.conversation} turns, KV reuse vs fresh prefill:")
         report["conversation"] = conversation_ttft(model, tokenizer, questions,
                                                    min(args.max_tokens, 64), log)

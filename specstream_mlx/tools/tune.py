@@ -329,16 +329,19 @@ def load_traces(model, tokenizer, records: list[dict], top_k: int, max_tokens: i
     'completion' when present (distilled data), else the model's greedy answer generated
     here; temp > 0, the model's answer sampled here by a PositionSampler seeded seed + i
     for the i-th record (a distilled completion is greedy, so it is not used). An answer
-    generated here ends before its first end token, as a distilled completion does."""
+    generated here ends before its first end token, as a distilled completion does.
+    A 'turns' record is traced at its last turn, after the model's own greedy answers
+    to the earlier ones (generate.encode_record, `max_tokens` each); its answer is always
+    generated here (a 'completion' followed some other history)."""
     from specstream_mlx.decoding.step import generate_step
-    from specstream_mlx.generate import encode_prompt
+    from specstream_mlx.generate import encode_record
 
     eos = set(tokenizer.eos_token_ids)
     traces = []
     for n, rec in enumerate(records, start=1):
-        prompt = encode_prompt(tokenizer, rec["prompt"], chat=True)
+        prompt = encode_record(model, tokenizer, rec, max_tokens)
         sampler = PositionSampler(temp, seed=(seed + n - 1) % 2**32) if temp > 0 else None
-        if rec.get("completion") and sampler is None:
+        if rec.get("completion") and sampler is None and "turns" not in rec:
             answer = list(tokenizer.encode(rec["completion"], add_special_tokens=False))
         else:
             # Up to the end token, where decoding stops, as a distilled completion ends:
@@ -422,7 +425,7 @@ def check_tune_args(args: TuneArgs) -> None:
 def tune(args: TuneArgs, log=print) -> dict:
     """Replay every setting of the grid on the prompts, predict speed-ups from this
     machine's measured pass costs, print the best settings (and store the best)."""
-    from specstream_mlx.jsonl import read_prompts
+    from specstream_mlx.jsonl import prompt_id, read_prompts, user_turns
     from specstream_mlx.loader import describe_model, load, resolve_path
 
     check_tune_args(args)
@@ -461,6 +464,10 @@ def tune(args: TuneArgs, log=print) -> dict:
         + ", ".join(f"{k}: {v:.1f}" for k, v in drafting_ms.items())
         + "; plain: " + ", ".join(f"{k}: {v:.1f}" for k, v in plain_ms.items()))
     priors = model_priors(model).of(sampled)
+    multi_turn = [prompt_id(r, i) for i, r in enumerate(records) if len(user_turns(r)) > 1]
+    if multi_turn:
+        log(f"{len(multi_turn)} of {len(records)} records multi-turn, replayed at their last "
+            "turn after the model's greedy answers to the others: " + ", ".join(multi_turn))
     traces = load_traces(model, tokenizer, records, top_k, args.max_tokens,
                          temp=args.temp, seed=args.seed)
     by_task: dict[str, list[Trace]] = {}
@@ -494,6 +501,7 @@ def tune(args: TuneArgs, log=print) -> dict:
     report = {"model": str(path), "temp": args.temp, "seed": args.seed, "top_k": top_k,
               "pass_cost_ms": drafting_ms, "plain_pass_cost_ms": plain_ms,
               "best": asdict(best), "priors": priors_json(measured),
+              "multi_turn": multi_turn,
               "results": {t: report_rows(v) for t, v in results.items()}}
     if args.write:
         old = read_priors(path)
