@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_model
 from test_decode import assert_cache_matches, perfect_drafter, plain, with_draft_vocab
 
-from specstream_mlx.decoding.batch import BatchDecoder, BatchKVCache, last_accepted_batch
+from specstream_mlx.decoding.batch import BatchDecoder, BatchKVCache
 from specstream_mlx.decoding.cache import KVCache
 from specstream_mlx.decoding.sampling import PositionSampler
 from specstream_mlx.decoding.step import generate_step, last_accepted
@@ -241,7 +241,9 @@ def test_batch_cache_commit_moves_each_rows_path():
     assert len(cache) == 0 and cache.capacity == 0
 
 
-def test_last_accepted_batch_agrees_with_single():
+def test_last_accepted_of_a_batch_and_of_one_tree_agree_with_the_host():
+    """step.last_accepted on the device, one tree or a padded batch, equals the last node
+    of DraftTree.accept's path (the host's walk)."""
     rng = np.random.default_rng(0)
     trees = [DraftTree([5, 6, 7, 8], [0, 1, 0, 3]), DraftTree([1, 2], [0, 0]), DraftTree()]
     R = 5
@@ -251,16 +253,18 @@ def test_last_accepted_batch_agrees_with_single():
             targets = rng.integers(0, 9, size=len(t)).tolist()
             targets[0] = t.tokens[0] if t.tokens and rng.random() < 0.7 else targets[0]
             rows.append(targets)
-        want = [int(last_accepted(mx.array([0] + t.tokens), mx.array(tg),
-                                  mx.array([0] + t.parents), mx.array(t.mask),
-                                  mx.array(t.depths)).item())
-                for t, tg in zip(trees, rows, strict=True)]
+        want = [t.accept(tg)[0][-1] for t, tg in zip(trees, rows, strict=True)]
+        one = [int(last_accepted(mx.array([0] + t.tokens), mx.array(tg),
+                                 mx.array([0] + t.parents), mx.array(t.mask),
+                                 mx.array(t.depths)).item())
+               for t, tg in zip(trees, rows, strict=True)]
+        assert one == want
         pad = lambda xs, fill=0: [list(x) + [fill] * (R - len(x)) for x in xs]  # noqa: E731
         mask = np.zeros((3, R, R), dtype=bool)
         for b, t in enumerate(trees):
             mask[b, : len(t), : len(t)] = t.mask
             mask[b, np.arange(len(t), R), np.arange(len(t), R)] = True
-        got = last_accepted_batch(
+        got = last_accepted(
             mx.array(pad([[0] + t.tokens for t in trees])), mx.array(pad(rows)),
             mx.array(pad([[0] + t.parents for t in trees])), mx.array(mask),
             mx.array(pad([t.depths.tolist() for t in trees], -1)))

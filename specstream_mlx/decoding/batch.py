@@ -59,6 +59,7 @@ from specstream_mlx.decoding.step import (
     choose,
     conditioned,
     coupled_noise,
+    last_accepted,
     prefill,
     root_streams,
     sampler_candidates,
@@ -540,7 +541,7 @@ class BatchDecoder:
         targets = self._choose(logits, seqs, positions)
         outputs = [targets]
         if draft:
-            last = last_accepted_batch(tok, targets, mx.array(parents), mx.array(tree_mask),
+            last = last_accepted(tok, targets, mx.array(parents), mx.array(tree_mask),
                                        mx.array(depths))
             at = last[:, None]
             h_last = mx.take_along_axis(h_low, at[..., None], axis=1)  # (n, 1, hidden)
@@ -607,15 +608,3 @@ class BatchDecoder:
         order = mx.argsort(-vals, axis=-1)
         idx = mx.take_along_axis(idx, order, axis=-1)
         return model.draft_tokens(idx), mx.take_along_axis(vals, order, axis=-1)
-
-
-def last_accepted_batch(tokens: mx.array, targets: mx.array, parents: mx.array,
-                        mask: mx.array, depths: mx.array) -> mx.array:
-    """step.last_accepted of each sequence: tokens, targets, parents, depths (n, R) (depth
-    -1 on padding rows), mask (n, R, R) ancestors-and-self -> (n,) the deepest node whose
-    whole path matches the targets."""
-    ok = (tokens == mx.take_along_axis(targets, parents, axis=1)) | (
-        mx.arange(tokens.shape[1])[None] == 0)
-    bad = (~ok).astype(mx.float32)[..., None]  # (n, R, 1)
-    path_ok = (mask.astype(mx.float32) @ bad)[..., 0] == 0
-    return mx.argmax(mx.where(path_ok & (depths >= 0), depths, -1), axis=1)

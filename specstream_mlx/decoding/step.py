@@ -122,11 +122,18 @@ def sampler_candidates(model, hs: mx.array, k: int, draft_head: mx.array | None,
 def last_accepted(tokens, targets, parents, mask, depths) -> mx.array:
     """Deepest node whose whole path matches the targets, computed on the device.
 
-    tokens, targets, parents, depths: (L,); mask: (L, L) ancestors-and-self.
+    One tree: tokens, targets, parents, depths (L,), mask (L, L) ancestors-and-self ->
+    a 0-d index. A batch (decoding/batch.py): the same with a leading (n,) axis, depth -1
+    on padding rows -> (n,).
     """
-    ok = (tokens == targets[parents]) | (mx.arange(tokens.shape[0]) == 0)
-    path_ok = (mask.astype(mx.float32) @ (~ok).astype(mx.float32)) == 0
-    return mx.argmax(mx.where(path_ok, depths, -1))
+    if tokens.ndim == 1:
+        return last_accepted(tokens[None], targets[None], parents[None], mask[None],
+                             depths[None])[0]
+    ok = (tokens == mx.take_along_axis(targets, parents, axis=1)) | (
+        mx.arange(tokens.shape[1])[None] == 0)
+    bad = (~ok).astype(mx.float32)[..., None]  # (n, L, 1)
+    path_ok = (mask.astype(mx.float32) @ bad)[..., 0] == 0
+    return mx.argmax(mx.where(path_ok & (depths >= 0), depths, -1), axis=1)
 
 
 def conditioned(model) -> bool:
