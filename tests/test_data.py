@@ -19,12 +19,16 @@ from specstream_mlx.decoding.sampling import PositionSampler, sample_rows
 from specstream_mlx.decoding.step import generate_step
 from specstream_mlx.errors import InputError
 from specstream_mlx.generate import encode_messages
+from specstream_mlx.jsonl import read_prompts
 from specstream_mlx.models.config import StreamArgs
 from specstream_mlx.training.data import (
+    PYDOCS_KINDS,
     Example,
     batch_generate,
     build_prompt_sets,
     chitchat_prompts,
+    chitchat_turns_prompts,
+    corpus_documents,
     distill,
     encode_record,
     evals_prompts,
@@ -32,7 +36,11 @@ from specstream_mlx.training.data import (
     humaneval_prompts,
     library_prompts,
     load_examples,
+    pydocs_prompts,
+    pydocs_texts,
     read_jsonl,
+    record_examples,
+    record_texts,
     split_record,
     stdlib_prompts,
     write_jsonl,
@@ -579,3 +587,225 @@ def test_distill_samples_with_a_seed_per_record(folder, tmp_path):
             distill(folder, records, temp=bad, progress=False)
     with pytest.raises(InputError, match="seed"):
         distill(folder, records, temp=0.7, seed=2**32, progress=False)
+
+
+# --- requests about a given text and two-turn conversations (issue 38) ---------------
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_pydocs_prompts_many_kinds_within_limits_and_apart_from_stdlib():
+    prompts, texts = pydocs_prompts(), pydocs_texts()
+    assert len(prompts) == len(texts) > 300
+    assert pydocs_prompts() == prompts  # deterministic
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    assert len({t.lower() for _, t in texts}) == len(texts)  # each text once
+    kinds = {}
+    for p, (name, text) in zip(prompts, texts, strict=True):
+        assert p["id"] == f"pydocs/{name}#{p['kind']}" and p["task"] == "chat"
+        assert 400 <= len(text) <= 1500 and text in p["prompt"]
+        # Mostly prose: doctest lines are a small part where there are any.
+        doctest = [line for line in text.splitlines()
+                   if line.lstrip().startswith((">>>", "..."))]
+        assert sum(map(len, doctest)) < 0.25 * len(text)
+        assert len(p["prompt"]) <= len(text) + 250  # the instruction is short
+        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+    # Every kind, none dominating; the text sits before and after the instruction.
+    assert set(kinds) == set(PYDOCS_KINDS) and max(kinds.values()) < 0.15 * len(prompts)
+    assert sum(p["prompt"].startswith(t) or p["prompt"].startswith(f'"{t}')
+               for p, (_, t) in zip(prompts, texts, strict=True)) > 0.1 * len(prompts)
+    assert sum(p["prompt"].rstrip('`"\n').endswith(t)
+               for p, (_, t) in zip(prompts, texts, strict=True)) > 0.3 * len(prompts)
+    # Another seed pairs the texts with other requests.
+    other = pydocs_prompts(seed=1)
+    assert sum(a["prompt"] != b["prompt"] for a, b in zip(prompts, other, strict=True)) \
+        > 0.8 * len(prompts)
+    # No docstring of stdlib's code prompts is a pydocs text (mimetypes has one twice).
+    code = " | ".join(flat(p["prompt"]) for p in stdlib_prompts())
+    assert not [name for name, text in texts if flat(text) in code]
+
+
+def test_chitchat_turns_prompts():
+    prompts = chitchat_turns_prompts()
+    assert len(prompts) > 1000
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    first = {p["id"].split("/", 1)[1]: p["prompt"] for p in chitchat_prompts()}
+    conversations = json.loads((data_module.package_dir("chitchat_dataset")
+                                / "dataset.json").read_text())
+    for p in prompts:
+        msgs = conversations[p["id"].split("/", 1)[1]]["messages"]
+        assert p["turns"] == [" ".join(m["text"].strip() for m in msgs[k]).strip()
+                              for k in (0, 2)]  # messages 1 and 3, one speaker's
+        assert {m["sender"] for m in msgs[0]} == {m["sender"] for m in msgs[2]}
+        assert p["task"] == "chat" and p["id"].startswith("chitchat-turns/")
+        assert "prompt" not in p and len(p["turns"]) == 2
+        assert all(8 <= len(t) <= 400 and t == t.strip() for t in p["turns"])
+        # Message 1 of the conversation is its chitchat opening turn.
+        assert first.get(p["id"].split("/", 1)[1], p["turns"][0]) == p["turns"][0]
+    assert chitchat_turns_prompts() == prompts
+
+
+NEW_SOURCES = ["chitchat", "humaneval", "stdlib", "pydocs", "chitchat-turns"]
+
+
+def test_new_sources_hold_out_their_own_and_never_train_on_a_held_out_text():
+    base = build_prompt_sets(chat=20, code=30, heldout=6, seed=0)
+    # Every prompt of every pool in training: nothing held out may be there.
+    sets = build_prompt_sets(chat=100_000, code=100_000, heldout=6, seed=0,
+                             sources=NEW_SOURCES)
+    assert sets["heldout"][:12] == base["heldout"]  # the default split is kept
+    extra = sets["heldout"][12:]
+    assert [p["id"].split("/")[0] for p in extra] == ["pydocs"] * 6 + ["chitchat-turns"] * 6
+    train, held = sets["train"], sets["heldout"]
+    assert not {p["id"] for p in train} & {p["id"] for p in held}
+    held_texts = {t.lower() for p in held for t in record_texts(p)}
+    assert not [p["id"] for p in train if any(t.lower() in held_texts for t in
+                                              record_texts(p))]
+    # Nor a held-out pydocs text inside a training request (another kind of request).
+    docs = dict(pydocs_texts())
+    held_docs = [docs[p["id"][len("pydocs/"):].split("#")[0]] for p in extra[:6]]
+    assert not [p["id"] for p in train for d in held_docs if d in p.get("prompt", "")]
+    counts = {}
+    for p in train:
+        counts[p["id"].split("/")[0]] = counts.get(p["id"].split("/")[0], 0) + 1
+    assert counts["pydocs"] == len(docs) - 6 and counts["chitchat-turns"] > 1000
+    small = build_prompt_sets(chat=20, code=30, heldout=6, seed=0, sources=NEW_SOURCES)
+    assert small == build_prompt_sets(chat=20, code=30, heldout=6, seed=0,
+                                      sources=NEW_SOURCES)
+    assert small["heldout"] == held and len(small["train"]) == 50
+
+
+TWO_TURNS = [{"id": "t", "task": "chat", "turns": ["hi", "and then what?"]},
+             {"id": "a", "task": "chat", "prompt": "hi"},
+             {"id": "u", "turns": ["Hello there, how are you?", "ok", "tell me more"]},
+             {"id": "b", "task": "code", "prompt": "def f(x):"}]
+
+
+def test_distill_answers_each_turn_after_the_models_own_answers(folder):
+    with pytest.warns(UserWarning):
+        out = distill(folder, TWO_TURNS, max_tokens=8, batch_size=2, progress=False)
+        model, tokenizer = load(folder, precision="float32")
+    assert [r["id"] for r in out] == ["t", "a", "u", "b"]
+    eos = set(tokenizer.eos_token_ids)
+    for record, result in zip(TWO_TURNS, out, strict=True):
+        if "prompt" in record:
+            assert result == {**record, "completion": result["completion"]}
+            continue
+        msgs = result["messages"]
+        assert result == {**record, "messages": msgs}
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * len(record["turns"])
+        assert [m["content"] for m in msgs[::2]] == record["turns"]
+        for k in range(1, len(msgs), 2):  # each answer is plain greedy decoding's
+            want = plain_greedy(model, encode_messages(tokenizer, msgs[:k]), 8, eos)
+            assert msgs[k]["content"] == tokenizer.decode(want)
+    # a1 is the model's own answer to turn 1 alone (record "a" asks the same).
+    assert out[0]["messages"][1]["content"] == out[1]["completion"] != ""
+    # Sampled: each turn drawn with the record's seed.
+    with pytest.warns(UserWarning):
+        sampled = distill(folder, TWO_TURNS[:1], max_tokens=8, temp=1.5, seed=5,
+                          progress=False)
+    msgs = sampled[0]["messages"]
+    assert sampled[0]["seed"] == 5 and msgs != out[0]["messages"]
+    for k in (1, 3):
+        want = plain_greedy(model, encode_messages(tokenizer, msgs[:k]), 8, eos,
+                            PositionSampler(1.5, seed=5))
+        assert msgs[k]["content"] == tokenizer.decode(want)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"id": "x", "prompt": "hi", "turns": ["hi"]}, "one of the two"),
+    ({"id": "x"}, "one of the two"),
+    ({"id": "x", "turns": []}, "non-empty list"),
+    ({"id": "x", "turns": ["hi", 3]}, "non-empty list"),
+    ({"id": "x", "prompt": 3}, "must be text"),
+])
+def test_distill_refuses_bad_records(folder, record, message):
+    with pytest.raises(InputError, match=f"record 1 \\(x\\).*{message}"):
+        distill(folder, [TWO_TURNS[1], record], progress=False)
+
+
+def test_distill_resume_skips_finished_multi_turn_records(folder, tmp_path):
+    out_path = tmp_path / "turns.jsonl"
+    with pytest.warns(UserWarning):
+        full = distill(folder, TWO_TURNS, max_tokens=6, batch_size=2, progress=False,
+                       out_path=out_path)
+    by_id = {r["id"]: r for r in full}
+    # An interrupted run: "t" finished (marked, to see that it is kept, not redone), "u"
+    # cut short, then a torn line.
+    kept = {**by_id["t"], "messages": [*by_id["t"]["messages"][:3],
+                                       {"role": "assistant", "content": "KEPT"}]}
+    short = {**by_id["u"], "messages": by_id["u"]["messages"][:2]}
+    out_path.write_text(json.dumps(kept) + "\n" + json.dumps(short) + "\n"
+                        + json.dumps(by_id["a"])[:15])
+    with pytest.warns(UserWarning):
+        again = distill(folder, TWO_TURNS, max_tokens=6, batch_size=2, progress=False,
+                        out_path=out_path, resume=True)
+    assert again == [kept, by_id["a"], by_id["u"], by_id["b"]]
+    assert read_jsonl(out_path) == again
+    # Everything finished: nothing to load (the model path is never read) or run.
+    assert distill(tmp_path / "no-model", TWO_TURNS, max_tokens=6, out_path=out_path,
+                   resume=True, progress=False) == again
+    # Other turns are another record: redone.
+    other = [{**TWO_TURNS[0], "turns": ["hi", "and now?"]}]
+    with pytest.warns(UserWarning):
+        redone = distill(folder, other, max_tokens=6, out_path=out_path, resume=True,
+                         progress=False)
+    assert redone[0]["messages"][3]["content"] != "KEPT"
+
+
+def test_multi_turn_record_trains_on_every_own_answer(tokenizer, tmp_path):
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "last"}]
+    record = {"id": "t", "turns": ["q1", "q2"], "messages": msgs}
+    first = turn("user", "q1") + GEN_PROMPT
+    second = turn("user", "q1") + turn("assistant", "a1") + turn("user", "q2") + GEN_PROMPT
+    want = [Example(first + char_ids("a1") + [EOS_ID], len(first)),
+            Example(second + char_ids("last") + [EOS_ID], len(second))]
+    assert record_examples(tokenizer, record, 512) == want
+    # Messages of unknown origin (no "turns"): the last assistant turn only, as before.
+    assert record_examples(tokenizer, {"messages": msgs}, 512) == want[1:]
+    # A length limit drops the example that no longer fits.
+    assert record_examples(tokenizer, record, len(first) + 3) == [
+        Example(first + char_ids("a1") + [EOS_ID], len(first))]
+    write_jsonl(tmp_path / "d.jsonl", [record, {"prompt": "x", "completion": "yy"}])
+    assert load_examples(tmp_path / "d.jsonl", tokenizer) == want + [
+        encode_record(tokenizer, {"prompt": "x", "completion": "yy"}, 512)]
+
+
+def test_corpus_documents_take_every_assistant_turn(tokenizer):
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "bb"}]
+    records = [{"id": "t", "turns": ["q1", "q2"], "messages": msgs},
+               {"id": "t", "turns": ["q1", "q2"], "messages": msgs},  # once per record
+               {"id": "p", "prompt": "q", "completion": "cc"}]
+    assert corpus_documents(tokenizer, records) == [char_ids("a1"), char_ids("bb"),
+                                                    char_ids("cc")]
+    with pytest.raises(InputError, match="record 1: need a distilled 'completion'"):
+        corpus_documents(tokenizer, [{"id": "t", "turns": ["q1"], "messages": msgs[:1]}])
+
+
+def test_data_cli_with_the_new_sources(folder, tokenizer, tmp_path):
+    """`data --sources ...,pydocs,chitchat-turns`: multi-turn records distilled into
+    train/valid as messages, held out as turns (what bench and tune read), and a file
+    `train` loads."""
+    with pytest.warns(UserWarning):
+        assert cli_main(["data", "--model", str(folder), "--chat", "12", "--code", "2",
+                         "--valid", "2", "--heldout", "2", "--max-tokens", "3",
+                         "--batch-size", "4", "--sources", ",".join(NEW_SOURCES),
+                         "--out", str(tmp_path)]) == 0
+    held = read_jsonl(tmp_path / "heldout.jsonl")
+    assert [r["id"].split("/")[0] for r in held[4:]] == ["pydocs"] * 2 + ["chitchat-turns"] * 2
+    assert all(len(r["turns"]) == 2 for r in held[6:])
+    # bench and tune read the held-out and validation files (multi-turn at the last turn).
+    assert read_prompts(tmp_path / "heldout.jsonl") == held
+    assert read_prompts(tmp_path / "valid.jsonl") == read_jsonl(tmp_path / "valid.jsonl")
+    records = read_jsonl(tmp_path / "train.jsonl") + read_jsonl(tmp_path / "valid.jsonl")
+    turns = [r for r in records if "turns" in r]
+    assert turns and all(len(r["messages"]) == 4 for r in turns)
+    assert any(r["id"].startswith("pydocs/") and "kind" in r for r in records)
+    train = read_jsonl(tmp_path / "train.jsonl")
+    assert any("turns" in r for r in train)
+    # Two examples a two-turn record: more examples than records.
+    assert len(load_examples(tmp_path / "train.jsonl", tokenizer, 4096)) > len(train)

@@ -171,6 +171,9 @@ def test_two_processes_distil_the_file_of_one(setup):
     records = [{"id": str(i), "prompt": p} for i, p in enumerate(
         ["hi", "def f(x):", "Hello there, how are you?", "count from a", "ok", "why?",
          "a longer prompt than the others, with words"])]
+    # Multi-turn records: a later turn's batches need the answers of every rank.
+    records += [{"id": f"t{i}", "turns": t} for i, t in enumerate(
+        [["hi", "and then?"], ["ok", "why?", "go on"], ["a b c", "d e f"]])]
     write_jsonl(root / "prompts.jsonl", records)
     with pytest.warns(UserWarning, match="no speculative streams"):
         distill(folder, records, max_tokens=6, batch_size=2, out_path=root / "one.jsonl",

@@ -28,7 +28,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
                         help="comma-separated prompt sources: chitchat, humaneval, stdlib "
                              "(the default), and numpy, sympy, networkx (documented "
-                             "functions), evals (pip install --no-deps evals); each extra "
+                             "functions), evals (pip install --no-deps evals), pydocs "
+                             "(requests about the standard library's docstrings), "
+                             "chitchat-turns (two-turn conversations); each extra "
                              "source holds out --heldout prompts of its own")
     parser.add_argument("--exclude", default="",
                         help="comma-separated JSONL files (an earlier stage's train and "
@@ -73,8 +75,9 @@ def main(args: argparse.Namespace) -> int:
         records = read_jsonl(args.prompts)
         if not records:
             raise InputError(f"--prompts {args.prompts} holds no records")
-        if any(not isinstance(r.get("prompt"), str) for r in records):
-            raise InputError(f"--prompts {args.prompts}: every record needs a 'prompt' text")
+        if any(not isinstance(r.get("prompt"), str) and "turns" not in r for r in records):
+            raise InputError(f"--prompts {args.prompts}: every record needs a 'prompt' text "
+                             "or 'turns'")
         path = out / "train.jsonl"
         done = distill(model, records, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        out_path=path, resume=args.resume, group=group,
